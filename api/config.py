@@ -1,0 +1,112 @@
+"""Every setting of the api, in one place. Nothing else in `api/` reads the environment.
+
+Each field is read from `TUNEPLANE_<NAME>` (or a `.env` file). Secrets have no defaults: the
+embedded local mode makes its own signing key in the data directory (see `signing_key`), and
+any other mode refuses to start without one. README's configuration table is checked against
+this class by tests/test_readme.py.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from trainer.spec import GpuType
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TUNEPLANE_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # -- storage ---------------------------------------------------------------------------
+    data_dir: Path = Field(
+        Path(".tuneplane"), description="local state: SQLite file, logs, artifacts, signing key"
+    )
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default: SQLite file `DATA_DIR/tuneplane.db`"
+    )
+
+    # -- serving ---------------------------------------------------------------------------
+    public_url: str = Field(
+        "http://127.0.0.1:8000",
+        description="the api's URL as trainers and browsers reach it (callbacks, links)",
+    )
+    run_worker: bool = Field(True, description="run the dispatch worker inside the api process")
+
+    # -- dispatch --------------------------------------------------------------------------
+    dispatcher: Literal["local", "cloudrun"] = Field(
+        "local", description="`local`: trainer subprocesses; `cloudrun`: Cloud Run Jobs"
+    )
+    max_concurrency: int = Field(1, ge=1, le=1000, description="runs active at the same time")
+    worker_poll_seconds: float = Field(1.0, gt=0, le=60, description="dispatch loop period")
+    reconcile_seconds: float = Field(5.0, gt=0, le=600, description="execution polling period")
+    claim_lease_seconds: int = Field(
+        120, ge=5, le=3600, description="how long a worker's claim on a run lasts"
+    )
+    callback_signing_key: SecretStr | None = Field(
+        None, description="HMAC key of per-run callback tokens (required unless dispatcher=local)"
+    )
+    callback_token_ttl_hours: float = Field(
+        24.0, gt=0, le=24 * 14, description="lifetime of a per-run callback token"
+    )
+    trainer_python: str | None = Field(
+        None, description="python that runs `-m trainer` locally; default: the api's own"
+    )
+    trainer_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="device the local trainer uses"
+    )
+
+    # -- Google Cloud (dispatcher=cloudrun) -----------------------------------------------
+    gcp_project: str | None = Field(None, description="Google Cloud project id")
+    gcp_region: str = Field("us-central1", description="Cloud Run region")
+    cloud_run_job: str = Field("tuneplane-trainer", description="name of the trainer Job")
+    cloud_run_endpoint: str | None = Field(
+        None, description="`host:port` of a plaintext Cloud Run API (emulators, tests)"
+    )
+    trainer_image: str | None = Field(None, description="trainer container image")
+    bucket: str | None = Field(None, description="Cloud Storage bucket for artifacts/checkpoints")
+    trainer_service_account: str | None = Field(None, description="service account of the Job")
+    hf_token_secret: str | None = Field(
+        None, description="Secret Manager secret holding HF_TOKEN (`projects/P/secrets/S`)"
+    )
+    default_gpu_type: GpuType = Field("nvidia-l4", description="GPU of runs that name none")
+
+    @model_validator(mode="after")
+    def _secrets_outside_local_mode(self) -> Settings:
+        if self.dispatcher != "local" and self.callback_signing_key is None:
+            raise ValueError(
+                "TUNEPLANE_CALLBACK_SIGNING_KEY is required when TUNEPLANE_DISPATCHER is not "
+                "'local' (generate one with: python -c 'import secrets; print(secrets.token_hex(32))')"
+            )
+        return self
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'tuneplane.db'}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @cached_property
+    def signing_key(self) -> bytes:
+        """The callback signing key. In local mode without one, a random key is kept in the data
+        directory so that tokens survive an api restart (a trainer may outlive the api)."""
+        if self.callback_signing_key is not None:
+            return self.callback_signing_key.get_secret_value().encode()
+        path = self.data_dir / "signing.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+        return path.read_text().strip().encode()

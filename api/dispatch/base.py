@@ -1,0 +1,60 @@
+"""The small interface every dispatcher implements, and the errors the worker reacts to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from trainer.execution import ExecutionEnv
+from trainer.spec import RunSpec
+
+ExecutionStateName = Literal["pending", "running", "succeeded", "failed", "cancelled", "unknown"]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One execution (segment) to start. `env` already holds run id, callback URL, token,
+    segment and deadline; the dispatcher adds the artifact and checkpoint locations it owns."""
+
+    run_id: str
+    spec: RunSpec
+    env: ExecutionEnv
+
+
+@dataclass(frozen=True)
+class Execution:
+    name: str  # the dispatcher's handle: a Cloud Run execution name, or "local:<run>:<segment>"
+    log_uri: str | None = None
+    artifact_uri: str | None = None
+    checkpoint_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class ExecutionStatus:
+    state: ExecutionStateName
+    # The platform's own words when it ended badly: exit code and log tail, "Task timed out", ...
+    message: str | None = None
+
+
+class DispatchError(Exception):
+    """`transient`: retry soon with backoff; `quota`: leave the run queued and retry later;
+    `permanent`: fail the run with this message (it says what to fix)."""
+
+    def __init__(self, kind: Literal["transient", "quota", "permanent"], message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class Dispatcher(Protocol):
+    def start(self, launch: Launch) -> Execution:
+        """Start the execution and return its handle at once; never wait for it to end."""
+        ...
+
+    def cancel(self, execution_name: str) -> None:
+        """Ask the execution to stop (SIGTERM first, so it can checkpoint)."""
+        ...
+
+    def status(self, execution_name: str) -> ExecutionStatus: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,47 @@
+"""The app factory. `tuneplane serve` migrates the database, then serves `create_app()`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api import errors
+from api.config import Settings
+from api.db import make_engine
+from api.routes import api_router, health
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    engine = make_engine(settings.db_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The dispatch worker lives with the app unless it runs alone (`tuneplane worker`).
+        worker = None
+        if settings.run_worker:
+            from api.worker import Worker
+
+            worker = Worker(settings, engine)
+            worker.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                worker.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="tuneplane",
+        summary="Fine-tuning runs of vision-language models on serverless GPUs",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(api_router)
+    return app

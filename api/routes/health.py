@@ -1,0 +1,5 @@
+"""Liveness and readiness probes."""
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["health"])

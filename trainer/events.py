@@ -1,0 +1,207 @@
+"""The callback events: the other half of the api <-> trainer contract (DESIGN.md).
+
+The trainer posts these to `POST /api/v1/runs/{id}/events`; the api validates them with the same
+models. Every event has a unique `id` (a retried post is stored once) and a per-run `seq` (so the
+api can order them even when they arrive out of order). Sizes are bounded so one bad payload
+cannot fill the database. Imports nothing heavier than pydantic.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+# A request body larger than this is refused with 413 before it is parsed.
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+MAX_CLASSES = 2_000
+MAX_PREDICTIONS = 50_000
+MAX_TEXT = 2_000
+
+Phase = Literal["loading", "baseline_eval", "training", "final_eval", "uploading"]
+Stage = Literal["baseline", "final"]
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClassMetrics(_Strict):
+    label: Text
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class Prediction(_Strict):
+    """One evaluation sample: the paired quality gate compares runs sample by sample."""
+
+    sample_id: Text
+    true_label: Text
+    predicted_label: Text | None  # None: no label found in the answer
+    raw_answer: Annotated[str, Field(max_length=500)]
+    correct: bool
+
+
+class Metrics(_Strict):
+    """What one evaluation pass measured."""
+
+    accuracy: float = Field(ge=0, le=1)
+    macro_f1: float = Field(ge=0, le=1)
+    unknown_rate: float = Field(ge=0, le=1)
+    num_samples: int = Field(ge=0)
+    labels: Annotated[list[Text], Field(max_length=MAX_CLASSES)]
+    per_class: Annotated[list[ClassMetrics], Field(max_length=MAX_CLASSES)]
+    # confusion_matrix[i][j]: samples of labels[i] predicted as labels[j]; an extra last column
+    # counts answers with no label in them (they are wrong, but not a class of their own).
+    confusion_matrix: Annotated[list[list[int]], Field(max_length=MAX_CLASSES)]
+    predictions: Annotated[list[Prediction], Field(max_length=MAX_PREDICTIONS)]
+    samples_per_second: float | None = None
+    seconds: float | None = None
+
+
+# ---- payloads, one per event type -----------------------------------------------------------
+
+
+class Started(_Strict):
+    segment: int = Field(0, ge=0)
+    attempt: int = Field(0, ge=0)
+    resumed_from_step: int | None = None
+    device: Text = ""
+    host: Text = ""
+
+
+class PhaseChange(_Strict):
+    phase: Phase
+
+
+class Progress(_Strict):
+    step: int = Field(ge=0)
+    total_steps: int = Field(ge=0)
+    epoch: float = Field(ge=0)
+    loss: float | None = None
+    learning_rate: float | None = None
+    samples_per_second: float | None = None
+    gpu_memory_gb: float | None = None
+
+
+class Evaluation(Metrics):
+    stage: Stage
+
+
+class Checkpoint(_Strict):
+    step: int = Field(ge=0)
+    uri: Text
+
+
+class Artifact(_Strict):
+    kind: Literal["adapter", "processor", "results", "output_dir", "log"]
+    uri: Text
+
+
+class SegmentDone(_Strict):
+    step: int = Field(ge=0)
+    checkpoint_uri: Text
+
+
+class Completed(_Strict):
+    step: int = Field(0, ge=0)
+    results_uri: Text | None = None
+
+
+class Failed(_Strict):
+    error: Text
+    traceback_tail: Annotated[str, Field(max_length=20_000)] = ""
+
+
+# ---- the envelope ---------------------------------------------------------------------------
+
+
+class _Envelope(_Strict):
+    id: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        default_factory=lambda: uuid.uuid4().hex
+    )
+    run_id: Annotated[str, Field(min_length=1, max_length=64)]
+    seq: int = Field(ge=0, description="per-run order; the trainer counts up from 0 per execution")
+    segment: int = Field(0, ge=0, description="which execution of a segmented run sent it")
+    time: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+class StartedEvent(_Envelope):
+    type: Literal["started"] = "started"
+    data: Started = Field(default_factory=Started)
+
+
+class PhaseEvent(_Envelope):
+    type: Literal["phase"] = "phase"
+    data: PhaseChange
+
+
+class ProgressEvent(_Envelope):
+    type: Literal["progress"] = "progress"
+    data: Progress
+
+
+class EvaluationEvent(_Envelope):
+    type: Literal["evaluation"] = "evaluation"
+    data: Evaluation
+
+
+class CheckpointEvent(_Envelope):
+    type: Literal["checkpoint"] = "checkpoint"
+    data: Checkpoint
+
+
+class ArtifactEvent(_Envelope):
+    type: Literal["artifact"] = "artifact"
+    data: Artifact
+
+
+class SegmentDoneEvent(_Envelope):
+    type: Literal["segment_done"] = "segment_done"
+    data: SegmentDone
+
+
+class CompletedEvent(_Envelope):
+    type: Literal["completed"] = "completed"
+    data: Completed = Field(default_factory=Completed)
+
+
+class FailedEvent(_Envelope):
+    type: Literal["failed"] = "failed"
+    data: Failed
+
+
+Event = Annotated[
+    StartedEvent
+    | PhaseEvent
+    | ProgressEvent
+    | EvaluationEvent
+    | CheckpointEvent
+    | ArtifactEvent
+    | SegmentDoneEvent
+    | CompletedEvent
+    | FailedEvent,
+    Field(discriminator="type"),
+]
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+EventType = Literal[
+    "started",
+    "phase",
+    "progress",
+    "evaluation",
+    "checkpoint",
+    "artifact",
+    "segment_done",
+    "completed",
+    "failed",
+]
+FINAL_TYPES = frozenset({"completed", "failed", "segment_done"})
+
+
+def parse_event(raw: bytes | str) -> Event:
+    return EVENT_ADAPTER.validate_json(raw)
