@@ -39,6 +39,27 @@ class Settings(BaseSettings):
     )
     run_worker: bool = Field(True, description="run the dispatch worker inside the api process")
 
+    # -- access (api/auth.py) --------------------------------------------------------------
+    auth_enabled: bool = Field(
+        False, description="require API tokens on /api/v1 and a login on the dashboard"
+    )
+    allow_open_network: bool = Field(
+        False,
+        description="let `serve` bind a non-loopback address with auth off (e.g. behind an "
+        "authenticating proxy)",
+    )
+    session_hours: float = Field(12.0, gt=0, le=24 * 30, description="dashboard login lifetime")
+
+    # -- outgoing notifications (api/notify.py) --------------------------------------------
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC key of template webhooks that do not set their own `secret`"
+    )
+    webhook_max_attempts: int = Field(6, ge=1, le=50, description="posts before giving up")
+    webhook_backoff_seconds: float = Field(
+        2.0, gt=0, le=3600, description="wait before the first retry; doubles each time"
+    )
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=120, description="per post")
+
     # -- dispatch --------------------------------------------------------------------------
     dispatcher: Literal["local", "cloudrun"] = Field(
         "local", description="`local`: trainer subprocesses; `cloudrun`: Cloud Run Jobs"
@@ -76,13 +97,40 @@ class Settings(BaseSettings):
         None, description="Secret Manager secret holding HF_TOKEN (`projects/P/secrets/S`)"
     )
     default_gpu_type: GpuType = Field("nvidia-l4", description="GPU of runs that name none")
+    cloud_run_max_retries: int = Field(
+        3, ge=0, le=10, description="platform retries of a task; a retry resumes from a checkpoint"
+    )
+    cloud_run_timeout_margin_minutes: int = Field(
+        5, ge=1, le=60, description="task timeout beyond the time budget (final save, upload)"
+    )
+    vpc_network: str | None = Field(None, description="VPC network of the trainer (Direct VPC)")
+    vpc_subnet: str | None = Field(None, description="subnetwork of the trainer (Direct VPC)")
+    vpc_egress: Literal["all-traffic", "private-ranges-only"] = Field(
+        "private-ranges-only", description="which trainer traffic goes through the VPC"
+    )
+    callback_auth: Literal["token", "oidc"] = Field(
+        "token", description="trainer callbacks: `token` (HMAC in the env) or `oidc` (ID token)"
+    )
+    oidc_certs_url: str = Field(
+        "https://www.googleapis.com/oauth2/v1/certs", description="Google's ID-token certificates"
+    )
+    secret_manager_endpoint: str | None = Field(
+        None, description="`host:port` of a plaintext Secret Manager API (emulators, tests)"
+    )
+    signed_url_minutes: int = Field(
+        60, ge=1, le=7 * 24 * 60, description="lifetime of signed artifact download URLs"
+    )
+    segment_seconds_max: int | None = Field(
+        None, ge=10, le=720 * 60, description="cap on each segment's length (demos, tests)"
+    )
 
     @model_validator(mode="after")
     def _secrets_outside_local_mode(self) -> Settings:
         if self.dispatcher != "local" and self.callback_signing_key is None:
             raise ValueError(
                 "TUNEPLANE_CALLBACK_SIGNING_KEY is required when TUNEPLANE_DISPATCHER is not "
-                "'local' (generate one with: python -c 'import secrets; print(secrets.token_hex(32))')"
+                "'local' (generate one with: "
+                "python -c 'import secrets; print(secrets.token_hex(32))')"
             )
         return self
 
@@ -110,3 +158,13 @@ class Settings(BaseSettings):
             path.write_text(secrets.token_hex(32))
             path.chmod(0o600)
         return path.read_text().strip().encode()
+
+
+class ClientSettings(BaseSettings):
+    """What the HTTP clients (`tuneplane retrain`, `tuneplane runs`) need: where the api is and
+    the token to show it. Separate from `Settings` because a CI job has none of the server's."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNEPLANE_", extra="ignore", frozen=True)
+
+    url: str = Field("http://127.0.0.1:8000", description="the api's base URL (clients)")
+    token: SecretStr | None = Field(None, description="API token the clients send (`tp_...`)")

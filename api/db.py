@@ -3,7 +3,8 @@
 Where commits happen (the one rule): the service functions in `api/services/` commit their own
 unit of work; routes, models and the dispatch worker's loop never call `commit()` themselves.
 Routes get a session only through `api.deps.SessionDep`; background loops open one with
-`session_scope(engine)`. A session is closed (and anything uncommitted rolled back) when either ends.
+`session_scope(engine)`. A session is closed (and anything uncommitted rolled back) when either
+ends.
 """
 
 from __future__ import annotations

@@ -5,32 +5,40 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from api import errors
+from api.auth import dashboard_access
 from api.config import Settings
 from api.db import make_engine
-from api.routes import api_router, health
+from api.routes import api_router, dashboard, health, login, template_pages
+from api.secrets import resolve_secrets
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    # `sm://` settings become their Secret Manager values before anything reads them.
+    settings = resolve_secrets(settings or Settings())
     engine = make_engine(settings.db_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The dispatch worker lives with the app unless it runs alone (`tuneplane worker`).
-        worker = None
+        worker = notifier = None
         if settings.run_worker:
+            from api.notify import Notifier
             from api.worker import Worker
 
             worker = Worker(settings, engine)
             worker.start()
+            notifier = Notifier(settings, engine)  # webhooks of finished runs (api/notify.py)
+            notifier.start()
         try:
             yield
         finally:
             if worker is not None:
                 worker.stop()
+            if notifier is not None:
+                notifier.stop()
             engine.dispose()
 
     app = FastAPI(
@@ -42,6 +50,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     errors.install(app)
+    login.install(app)  # /login, /logout, and the redirect of LoginRequired
     app.include_router(health.router)
     app.include_router(api_router)
+    # With auth on, every page needs a login session (api/auth.py); static files do not.
+    app.include_router(dashboard.router, dependencies=[Depends(dashboard_access)])
+    app.include_router(template_pages.router, dependencies=[Depends(dashboard_access)])
+    app.mount("/static", dashboard.static_files(), name="static")
     return app

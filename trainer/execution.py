@@ -65,7 +65,9 @@ class ExecutionEnv(BaseModel):
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> ExecutionEnv:
         env = os.environ if environ is None else environ
         values: dict[str, str] = {
-            name: env[PREFIX + name.upper()] for name in OWN_FIELDS if env.get(PREFIX + name.upper())
+            name: env[PREFIX + name.upper()]
+            for name in OWN_FIELDS
+            if env.get(PREFIX + name.upper())
         }
         if env.get(CLOUD_RUN_TASK_ATTEMPT):
             values["task_attempt"] = env[CLOUD_RUN_TASK_ATTEMPT]

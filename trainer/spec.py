@@ -18,8 +18,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 GpuType = Literal["nvidia-l4", "nvidia-rtx-pro-6000"]
 GPU_TYPES: tuple[str, ...] = ("nvidia-l4", "nvidia-rtx-pro-6000")
 
-# The language model's attention and MLP projections (Gemma, Llama, Qwen and most VLMs name them so).
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The language model's attention and MLP projections (Gemma, Llama, Qwen and most VLMs call
+# them so).
+DEFAULT_TARGET_MODULES = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]
 
 DATASET_KINDS = ("oxford-iiit-pet", "imagefolder", "digits")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -47,7 +56,7 @@ class Dataset(BaseModel):
             raise ValueError("'imagefolder' needs a directory: 'imagefolder:/path/to/dir'")
         if sep and not path:
             raise ValueError(f"'{kind}:' needs a directory after the colon")
-        return cls(kind=kind, path=path or None)  # type: ignore[arg-type]
+        return cls(kind=kind, path=path or None)
 
 
 def _bounded(default: Any, ge: float | None = None, le: float | None = None, **kw: Any) -> Any:
@@ -55,7 +64,8 @@ def _bounded(default: Any, ge: float | None = None, le: float | None = None, **k
 
 
 class RunSpec(BaseModel):
-    """What to fine-tune, on what, and how. Every field but `model_id` and `dataset` has a default."""
+    """What to fine-tune, on what, and how. Every field but `model_id` and `dataset` has a
+    default."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -138,6 +148,9 @@ class RunSpec(BaseModel):
                 flags.append(flag if value else "--no-" + flag[2:])
             elif isinstance(value, list):
                 flags += [flag, ",".join(value)]
+            elif isinstance(value, str) and value.startswith("-"):
+                # argparse would read "--model-id -x" as a flag with no value.
+                flags.append(f"{flag}={value}")
             else:
                 flags += [flag, repr(value) if isinstance(value, float) else str(value)]
         return flags
@@ -190,6 +203,9 @@ def field_bounds(name: str) -> tuple[float | None, float | None]:
     return lo, hi
 
 
+_RANGE_ERRORS = frozenset({"greater_than_equal", "less_than_equal"})
+
+
 def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
     """Turn pydantic's errors into `{"field", "message"}` pairs a person can act on: the field's
     path and, for a number out of range, the whole allowed range (pydantic names one side)."""
@@ -198,10 +214,7 @@ def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
         loc = [str(p) for p in err["loc"]]
         field = ".".join(loc) or "(body)"
         message = err["msg"].removeprefix("Value error, ")
-        if loc and loc[0] in RunSpec.model_fields and err["type"] in {
-            "greater_than_equal",
-            "less_than_equal",
-        }:
+        if loc and loc[0] in RunSpec.model_fields and err["type"] in _RANGE_ERRORS:
             lo, hi = field_bounds(loc[0])
             message = f"must be between {_num(lo)} and {_num(hi)} (got {err['input']!r})"
         elif err["type"] == "extra_forbidden":

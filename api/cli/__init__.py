@@ -9,12 +9,13 @@ import sys
 from collections.abc import Sequence
 
 # One line per subcommand module; each defines `register(subparsers)`.
-COMMANDS = ["serve"]
+COMMANDS = ["serve", "tokens", "retrain", "runs", "worker", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tuneplane", description="Fine-tuning runs of vision-language models on serverless GPUs"
+        prog="tuneplane",
+        description="Fine-tuning runs of vision-language models on serverless GPUs",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import uvicorn
 
 from api.config import Settings
 from api.db import make_engine, migrate
 from api.main import create_app
+from api.secrets import SecretReferenceError, resolve_secrets
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -19,7 +21,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = Settings()
+    try:
+        settings = resolve_secrets(Settings())
+    except SecretReferenceError as exc:
+        print(f"tuneplane: {exc}", file=sys.stderr)
+        return 2
+    from api.auth import ExposureRefused, check_exposure
+
+    try:
+        check_exposure(args.host, settings)  # no open api on a network (api/auth.py)
+    except ExposureRefused as exc:
+        print(f"tuneplane: {exc}", file=sys.stderr)
+        return 2
     engine = make_engine(settings.db_url)
     migrate(engine)
     engine.dispose()

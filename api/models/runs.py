@@ -7,7 +7,8 @@ import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field as PField, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import Field as PField
 from sqlalchemy import JSON, Column, String
 from sqlmodel import Field, SQLModel
 
@@ -59,6 +60,15 @@ class Run(RunBase, table=True):
     not_before: datetime | None = Field(default=None, sa_type=UTCDateTime)
     claimed_by: str | None = Field(default=None, max_length=100)
     claim_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # Runs started from a template (CI retrains): which version, from where, and its quality
+    # gate. No foreign key: templates are never deleted, only hidden (api/models/templates.py).
+    template_name: str | None = Field(default=None, max_length=100, index=True)
+    template_version: int | None = None
+    ci: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # passed | failed | not_applicable once the run has ended; null while it has not.
+    gate_status: str | None = Field(default=None, max_length=20)
+    # [{"check", "outcome", "reason", ...figures}], the reasons in words (api/gates.py).
+    gate_reasons: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
 
     @property
     def run_spec(self) -> RunSpec:
@@ -128,6 +138,11 @@ class RunPublic(RunBase):
     final_accuracy: float | None
     final_macro_f1: float | None
     estimate: dict[str, Any] | None
+    template_name: str | None = None
+    template_version: int | None = None
+    ci: dict[str, Any] | None = None
+    gate_status: str | None = None
+    gate_reasons: list[dict[str, Any]] | None = None
 
 
 class RunsPage(BaseModel):

@@ -24,3 +24,9 @@ def set_status(session: Session, run: Run, new: RunStatus, reason: str | None = 
         run.claimed_by = run.claim_expires_at = None
     run.updated_at = now
     session.add(run)
+    if status in TERMINAL:
+        # Every end of a run passes here: its quality gate and notifications go in the same unit
+        # of work (imported late: that module imports the services that import this one).
+        from api.services.run_finished import on_run_finished
+
+        on_run_finished(session, run)

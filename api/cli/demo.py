@@ -1,0 +1,438 @@
+"""`tuneplane demo`: the whole loop on this machine, in one command and a few minutes.
+
+It serves the api and the dashboard on SQLite with the local dispatcher and the worker, builds
+the tiny offline Gemma 3 into the data directory if it is not there, submits a digits run
+through the REST API (over HTTP, as any client would), shows the run's progress, prints the
+baseline and final accuracy and macro F1, and keeps serving until Ctrl-C (`--exit`: stop when
+the run ends; the exit status says whether it succeeded).
+
+What can go wrong before anything starts is checked first and said in one line: a data
+directory that cannot be written, another demo using it (a lock file), a port in use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+import httpx
+import uvicorn
+
+from api.config import Settings
+from api.db import make_engine, migrate, session_scope
+
+# The tiny model learns digits with these (shared/notes/tiny-gemma3.md: lr ~3e-3, batch 16,
+# ~4 epochs over ~1,500 images reach 0.8-0.96 accuracy from a baseline near 0). One-token
+# labels need few new tokens, which keeps the random model's baseline evaluation short.
+DEMO_SPEC: dict[str, Any] = {
+    "dataset": "digits",
+    "train_size": 1500,
+    "eval_size": 250,
+    "num_epochs": 4,
+    "learning_rate": 3e-3,
+    "batch_size": 16,
+    "gradient_accumulation_steps": 1,
+    "eval_batch_size": 64,
+    "max_new_tokens": 4,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.0,
+    "gradient_checkpointing": False,
+    "save_steps": 200,
+    "seed": 42,
+    "time_budget_minutes": 30,
+}
+POLL_SECONDS = 0.5
+LOCK_NAME = "demo.lock"
+
+
+class DemoError(Exception):
+    """Something a person must fix before the demo can run; the message says what."""
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the whole loop locally: api + worker + a tiny model fine-tuned on digits",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".tuneplane"),
+        help="where the database, model, logs and outputs go (default: .tuneplane)",
+    )
+    p.add_argument("--port", type=int, default=8000, help="port of the api and dashboard")
+    p.add_argument(
+        "--exit",
+        action="store_true",
+        help="stop when the run ends (exit status 0 only if it succeeded); for scripts",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    started = time.monotonic()
+    try:
+        data_dir = args.data_dir.expanduser().resolve()
+        lock = _lock_data_dir(data_dir)
+        sock = _bind("127.0.0.1", args.port)
+    except DemoError as exc:
+        print(f"tuneplane demo: {exc}", file=sys.stderr)
+        return 2
+    # The tiny model's tensors are too small for intra-op threads to pay, and on a busy machine
+    # OpenMP's spinning threads slow training ten-fold: one thread per trainer (it inherits
+    # this process's environment, as a container inherits its image's).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with lock, sock:
+        url = f"http://127.0.0.1:{args.port}"
+        settings = Settings(
+            data_dir=data_dir,
+            database_url=f"sqlite:///{data_dir / 'tuneplane.db'}",
+            dispatcher="local",
+            run_worker=True,
+            public_url=url,
+            max_concurrency=1,
+            auth_enabled=False,
+        )
+        try:
+            model_dir = _tiny_model(settings, out)
+        except DemoError as exc:
+            print(f"tuneplane demo: {exc}", file=sys.stderr)
+            return 1
+        engine = make_engine(settings.db_url)
+        migrate(engine)
+        engine.dispose()
+
+        from api.main import create_app
+
+        server = DemoServer(
+            uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
+        )
+        monitor = Monitor(server, url, model_dir, exit_when_done=args.exit, out=out)
+        server.monitor = monitor
+        threading.Thread(target=monitor.run, name="tuneplane-demo", daemon=True).start()
+        print(f"tuneplane demo: api and dashboard at {url} (data in {data_dir})", file=out)
+        # After a second Ctrl-C uvicorn stops at once and raises the signal again; SIGTERM too
+        # becomes KeyboardInterrupt then, so that the cleanup below runs.
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            server.run(sockets=[sock])  # returns when the monitor says so, or on Ctrl-C
+        except KeyboardInterrupt:
+            server.interrupted = True
+        interrupted = server.interrupted
+        if monitor.run_id and not monitor.finished:
+            # The api is gone (a second Ctrl-C, or the cancel did not finish): stop the
+            # trainer from here.
+            _cancel_unfinished(settings, monitor.run_id, out)
+        print(f"tuneplane demo: stopped after {time.monotonic() - started:.0f} s", file=out)
+        if monitor.error:
+            print(f"tuneplane demo: {monitor.error}", file=sys.stderr)
+            return 1
+        if not args.exit:
+            return 0  # Ctrl-C is how a serving demo ends
+        if interrupted:
+            return 130
+        return 0 if monitor.status == "succeeded" else 1
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+class DemoServer(uvicorn.Server):
+    """On the first Ctrl-C (or SIGTERM), cancel the demo's run while the api and its worker are
+    still up, so that the trainer saves, reports and stops; then shut down. A second one stops
+    at once."""
+
+    monitor: Monitor | None = None
+    interrupted = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.interrupted or self.monitor is None:
+            super().handle_exit(sig, frame)
+            return
+        self.interrupted = True
+        monitor = self.monitor
+
+        def stop() -> None:
+            try:
+                monitor.cancel_run()
+            finally:
+                self.should_exit = True
+
+        threading.Thread(target=stop, name="tuneplane-demo-stop", daemon=True).start()
+
+
+# -- checks before anything starts ---------------------------------------------------------------
+
+
+class _Lock:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> _Lock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)  # closing releases the lock; the file stays (harmless)
+
+
+def _lock_data_dir(data_dir: Path) -> _Lock:
+    """Create the data directory if needed and lock it for this demo, or say why not."""
+    path = data_dir / LOCK_NAME
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise DemoError(
+            f"cannot write to the data directory {data_dir} ({exc.strerror}); "
+            "choose a writable one with --data-dir"
+        ) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DemoError(
+            f"another demo (pid {holder}) is using {data_dir}; stop it first, or give this one "
+            "its own --data-dir"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        # A probe, because root ignores permission bits and only a real write tells.
+        probe = data_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        os.close(fd)
+        raise DemoError(
+            f"cannot write to the data directory {data_dir} ({exc.strerror}); "
+            "choose a writable one with --data-dir"
+        ) from exc
+    return _Lock(fd)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (98, 48):  # EADDRINUSE on Linux, macOS
+            raise DemoError(
+                f"port {port} is already in use (another server?); choose another with --port"
+            ) from None
+        raise DemoError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(128)
+    return sock
+
+
+def _tiny_model(settings: Settings, out: TextIO) -> Path:
+    """The tiny model's directory, built once by the trainer's own Python (the api never
+    imports torch)."""
+    path = settings.data_dir / "models" / "tiny-gemma3"
+    if (path / "tiny-gemma3.json").is_file():
+        return path
+    print("tuneplane demo: building the tiny offline Gemma 3 (once)…", file=out, flush=True)
+    python = settings.trainer_python or sys.executable
+    result = subprocess.run(
+        [python, "-m", "trainer.tiny", str(path)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+        raise DemoError(
+            f"building the tiny model failed (is the trainer installed? pip install -e "
+            f"'.[trainer]'):\n{tail}"
+        )
+    return path
+
+
+def _cancel_unfinished(settings: Settings, run_id: str, out: TextIO) -> None:
+    """Ctrl-C while the run is going: stop its trainer too, rather than leave it running."""
+    from api.services.runs import cancel_run
+    from api.worker import Worker
+
+    print(f"tuneplane demo: cancelling {run_id} (Ctrl-C again to leave it)…", file=out, flush=True)
+    engine = make_engine(settings.db_url)
+    try:
+        with session_scope(engine) as session:
+            cancel_run(session, settings, run_id, reason="the demo was stopped")
+        worker = Worker(settings, engine, cancel_reask_seconds=5)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            worker.finish_cancels()
+            with session_scope(engine) as session:
+                from api.models import Run
+
+                run = session.get(Run, run_id)
+                if run is None or run.status not in ("cancelling", "queued"):
+                    break
+            time.sleep(0.3)
+        worker.dispatcher.close()
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # the run may have ended meanwhile (a 409): nothing to do
+        print(f"tuneplane demo: {exc}", file=out)
+    finally:
+        engine.dispose()
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+class Monitor:
+    """Submits the demo's run over HTTP and follows it in the terminal."""
+
+    def __init__(
+        self,
+        server: uvicorn.Server,
+        url: str,
+        model_dir: Path,
+        *,
+        exit_when_done: bool,
+        out: TextIO,
+    ) -> None:
+        self.server, self.url, self.model_dir = server, url, model_dir
+        self.exit_when_done = exit_when_done
+        self.out = out
+        self.tty = out.isatty()
+        self.run_id: str | None = None
+        self.status: str | None = None
+        self.finished = False
+        self.error: str | None = None
+        self._last_line = ""
+        self._decile = -1
+
+    def run(self) -> None:
+        try:
+            self._follow()
+        except Exception as exc:  # the demo must say what broke, then stop
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.server.should_exit = True
+
+    def _follow(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if self.server.should_exit or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            spec = {"model_id": str(self.model_dir), **DEMO_SPEC}
+            r = client.post(
+                "/api/v1/runs",
+                json={"spec": spec, "name": "demo: tiny Gemma 3 on digits", "tags": ["demo"]},
+            )
+            if r.status_code != 201:
+                raise RuntimeError(f"submitting the run failed ({r.status_code}): {r.text}")
+            run = r.json()
+            self.run_id = run["id"]
+            self._say(
+                f"run {self.run_id} submitted: the tiny Gemma 3 on scikit-learn's digits, "
+                f"{spec['num_epochs']} epochs, batch {spec['batch_size']}, learning rate "
+                f"{spec['learning_rate']:g}"
+            )
+            started = time.monotonic()
+            phase = None
+            while True:
+                if self.server.should_exit or getattr(self.server, "interrupted", False):
+                    return  # Ctrl-C: cancel_run() says how the run ended
+                run = client.get(f"/api/v1/runs/{self.run_id}").json()
+                metrics = client.get(
+                    f"/api/v1/runs/{self.run_id}/metrics",
+                    params={"since_step": max(0, run["last_step"] - 1)},
+                ).json()
+                if metrics["phase"] != phase and metrics["phase"] is not None:
+                    phase = metrics["phase"]
+                    if not self.tty:
+                        self._say(f"phase: {phase}")
+                self._progress(run, metrics, phase)
+                if run["status"] in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(POLL_SECONDS)
+            self.status = run["status"]
+            self.finished = True
+            self._end_line()
+            self._report(run, metrics, time.monotonic() - started)
+        if self.exit_when_done:
+            self.server.should_exit = True
+        else:
+            print("Serving until Ctrl-C.", file=self.out, flush=True)
+
+    def cancel_run(self, timeout: float = 30) -> None:
+        """Cancel the run if it is still going, and wait until it has stopped."""
+        if self.run_id is None or self.finished:
+            return
+        self._say(f"tuneplane demo: cancelling {self.run_id} (Ctrl-C again to stop at once)…")
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            r = client.post(f"/api/v1/runs/{self.run_id}/cancel")
+            if r.status_code not in (200, 409):  # 409: it finished meanwhile
+                self._say(f"tuneplane demo: the cancel failed ({r.status_code}): {r.text}")
+                return
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                run = client.get(f"/api/v1/runs/{self.run_id}").json()
+                if run["status"] in ("succeeded", "failed", "cancelled"):
+                    self.finished = True
+                    self._say(f"run {self.run_id} {run['status']}: {run['status_reason']}")
+                    return
+                time.sleep(0.3)
+
+    def _progress(self, run: dict[str, Any], metrics: dict[str, Any], phase: str | None) -> None:
+        total = run.get("total_steps") or 0
+        step = run.get("last_step") or 0
+        loss = metrics["progress"][-1]["loss"] if metrics["progress"] else None
+        label = phase or run["status"]
+        if total:
+            width = 30
+            filled = int(width * step / total)
+            bar = "█" * filled + "░" * (width - filled)
+            loss_text = f"  loss {loss:.3f}" if loss is not None else ""
+            line = f"  {label:<13} [{bar}] {step}/{total} steps{loss_text}"
+        else:
+            line = f"  {label:<13} …"
+        if self.tty:
+            print("\r" + line.ljust(len(self._last_line)), end="", file=self.out, flush=True)
+            self._last_line = line
+        elif total and (decile := step * 10 // total) > self._decile:
+            # Not a terminal (a CI log): one line per tenth of the steps.
+            self._decile = decile
+            print(line, file=self.out, flush=True)
+
+    def _end_line(self) -> None:
+        if self.tty and self._last_line:
+            print(file=self.out)
+
+    def _report(self, run: dict[str, Any], metrics: dict[str, Any], seconds: float) -> None:
+        status = run["status"]
+        self._say(f"run {self.run_id} {status} in {seconds:.0f} s")
+        if status != "succeeded":
+            self._say(f"reason: {run.get('status_reason')}")
+            if run.get("log_uri"):
+                self._say(f"trainer log: {run['log_uri']}")
+        rows = [("baseline", metrics.get("baseline")), ("final", metrics.get("final"))]
+        if any(m for _, m in rows):
+            print(f"  {'':<10}{'accuracy':>10}{'macro F1':>10}", file=self.out)
+            for name, m in rows:
+                if m:
+                    print(
+                        f"  {name:<10}{m['accuracy']:>10.3f}{m['macro_f1']:>10.3f}", file=self.out
+                    )
+        print(f"Dashboard: {self.url}/runs/{self.run_id}", file=self.out, flush=True)
+
+    def _say(self, text: str) -> None:
+        self._end_line()
+        self._last_line = ""
+        print(text, file=self.out, flush=True)

@@ -1,0 +1,242 @@
+"""The trainer's Cloud Run Job, built from settings, and the per-run overrides of one execution.
+
+One Job per GPU type (`<cloud_run_job>-l4`, `<cloud_run_job>-rtx-pro-6000`): the accelerator, CPU
+and memory are part of the Job's template and `run_job` overrides cannot change them. Everything
+per run (the spec's flags, run id, callback, artifact and checkpoint locations, deadline, task
+timeout) travels as overrides. `deploy/deploy.sh` creates the same Job with gcloud;
+tests/cloud/test_deploy.py checks that the two agree on every field `managed_view` compares.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from google.cloud import run_v2
+from google.protobuf import duration_pb2
+
+from api.config import Settings
+from trainer.execution import ExecutionEnv
+from trainer.spec import GPU_TYPES, RunSpec
+
+CONTAINER = "trainer"
+BUCKET_VOLUME = "bucket"
+# The bucket is mounted read-only: models can be read from it without the Hub; the trainer writes
+# artifacts and checkpoints through the Cloud Storage API, whose writes are atomic per object.
+BUCKET_MOUNT = "/mnt/bucket"
+# Where the trainer keeps its working copy inside the container (in-memory disk on Cloud Run).
+LOCAL_OUTPUT_DIR = "/tmp/tuneplane/output"
+MANAGED_LABEL = ("managed-by", "tuneplane")
+
+# Cloud Run's minimum CPU and memory for one GPU of each type.
+GPU_RESOURCES: dict[str, tuple[str, str]] = {
+    "nvidia-l4": ("4", "16Gi"),
+    "nvidia-rtx-pro-6000": ("20", "80Gi"),
+}
+GPU_JOB_SUFFIX: dict[str, str] = {"nvidia-l4": "l4", "nvidia-rtx-pro-6000": "rtx-pro-6000"}
+assert set(GPU_RESOURCES) == set(GPU_TYPES) == set(GPU_JOB_SUFFIX)
+
+# Execution names add ~6 characters to the Job's; Cloud Run caps names at 63.
+_JOB_ID = re.compile(r"^[a-z](?:[a-z0-9-]{0,47}[a-z0-9])?$")
+_SECRET = re.compile(
+    r"^(?:projects/[^/]+/secrets/)?([A-Za-z0-9_-]+)(?:/versions/([A-Za-z0-9_-]+))?$"
+)
+
+
+class CloudRunConfigError(ValueError):
+    """The settings cannot describe a Cloud Run Job; the message names what to set."""
+
+
+def check_settings(settings: Settings) -> None:
+    missing = [
+        f"TUNEPLANE_{name.upper()}"
+        for name in ("gcp_project", "trainer_image", "bucket")
+        if not getattr(settings, name)
+    ]
+    if missing:
+        raise CloudRunConfigError(
+            f"TUNEPLANE_DISPATCHER=cloudrun needs {', '.join(missing)} (`deploy/deploy.sh` "
+            "creates the project's pieces and sets them on the api service)"
+        )
+    for gpu in GPU_TYPES:
+        job_id(settings, gpu)
+    if settings.hf_token_secret and not _SECRET.match(settings.hf_token_secret):
+        raise CloudRunConfigError(
+            f"TUNEPLANE_HF_TOKEN_SECRET={settings.hf_token_secret!r} is not a secret name: use "
+            "'NAME', 'projects/P/secrets/NAME' or 'projects/P/secrets/NAME/versions/V'"
+        )
+    if settings.vpc_subnet and not settings.vpc_network:
+        raise CloudRunConfigError("TUNEPLANE_VPC_SUBNET needs TUNEPLANE_VPC_NETWORK as well")
+
+
+def job_id(settings: Settings, gpu_type: str) -> str:
+    value = f"{settings.cloud_run_job}-{GPU_JOB_SUFFIX[gpu_type]}"
+    if not _JOB_ID.match(value):
+        raise CloudRunConfigError(
+            f"TUNEPLANE_CLOUD_RUN_JOB={settings.cloud_run_job!r} gives the Job name {value!r}: "
+            "use lowercase letters, digits and hyphens, start with a letter, at most 36 characters"
+        )
+    return value
+
+
+def location(settings: Settings) -> str:
+    return f"projects/{settings.gcp_project}/locations/{settings.gcp_region}"
+
+
+def job_name(settings: Settings, gpu_type: str) -> str:
+    return f"{location(settings)}/jobs/{job_id(settings, gpu_type)}"
+
+
+def run_prefix(settings: Settings, run_id: str) -> str:
+    """`gs://BUCKET/runs/RUN_ID`: the run's artifacts; its checkpoints live under `/checkpoints`."""
+    return f"gs://{settings.bucket}/runs/{run_id}"
+
+
+def task_timeout_seconds(settings: Settings, time_budget_minutes: int) -> int:
+    # The trainer stops at its deadline (the time budget); the margin covers the final
+    # checkpoint and the upload, so a segment ends by itself before Cloud Run kills it.
+    return (time_budget_minutes + settings.cloud_run_timeout_margin_minutes) * 60
+
+
+def build_job(settings: Settings, gpu_type: str) -> run_v2.Job:
+    """The Job's desired state (no name: create_job takes the id, update_job gets it set)."""
+    check_settings(settings)
+    cpu, memory = GPU_RESOURCES[gpu_type]
+    env: list[run_v2.EnvVar] = []
+    if settings.hf_token_secret:
+        match = _SECRET.match(settings.hf_token_secret)
+        assert match is not None  # check_settings said so
+        secret = settings.hf_token_secret.split("/versions/")[0]
+        env.append(
+            run_v2.EnvVar(
+                name="HF_TOKEN",
+                value_source=run_v2.EnvVarSource(
+                    secret_key_ref=run_v2.SecretKeySelector(
+                        secret=secret, version=match.group(2) or "latest"
+                    )
+                ),
+            )
+        )
+    container = run_v2.Container(
+        name=CONTAINER,
+        image=settings.trainer_image,
+        env=env,
+        resources=run_v2.ResourceRequirements(
+            limits={"cpu": cpu, "memory": memory, "nvidia.com/gpu": "1"}
+        ),
+        volume_mounts=[run_v2.VolumeMount(name=BUCKET_VOLUME, mount_path=BUCKET_MOUNT)],
+    )
+    task = run_v2.TaskTemplate(
+        containers=[container],
+        volumes=[
+            run_v2.Volume(
+                name=BUCKET_VOLUME,
+                gcs=run_v2.GCSVolumeSource(bucket=settings.bucket, read_only=True),
+            )
+        ],
+        max_retries=settings.cloud_run_max_retries,
+        timeout=duration_pb2.Duration(
+            seconds=task_timeout_seconds(
+                settings, RunSpec.model_fields["time_budget_minutes"].default
+            )
+        ),
+        node_selector=run_v2.NodeSelector(accelerator=gpu_type),
+        # Zonal redundancy reserves spare GPUs in other zones (and costs for it); a killed task
+        # is retried and resumes from its checkpoint instead.
+        gpu_zonal_redundancy_disabled=True,
+    )
+    if settings.trainer_service_account:
+        task.service_account = settings.trainer_service_account
+    if settings.vpc_network:
+        egress = run_v2.VpcAccess.VpcEgress
+        task.vpc_access = run_v2.VpcAccess(
+            network_interfaces=[
+                run_v2.VpcAccess.NetworkInterface(
+                    network=settings.vpc_network, subnetwork=settings.vpc_subnet or ""
+                )
+            ],
+            egress=egress.ALL_TRAFFIC
+            if settings.vpc_egress == "all-traffic"
+            else egress.PRIVATE_RANGES_ONLY,
+        )
+    return run_v2.Job(
+        labels=dict([MANAGED_LABEL]),
+        template=run_v2.ExecutionTemplate(task_count=1, parallelism=1, template=task),
+    )
+
+
+def trainer_args(spec: RunSpec, settings: Settings, run_id: str) -> list[str]:
+    """The trainer's command line: the spec's flags plus where its output goes (the same flags
+    the original script took, so the container also runs by hand)."""
+    return [
+        *spec.to_flags(),
+        "--output-dir",
+        LOCAL_OUTPUT_DIR,
+        "--gcs-output-path",
+        run_prefix(settings, run_id),
+    ]
+
+
+def build_overrides(
+    spec: RunSpec, settings: Settings, env: ExecutionEnv
+) -> run_v2.RunJobRequest.Overrides:
+    assert env.run_id is not None
+    return run_v2.RunJobRequest.Overrides(
+        container_overrides=[
+            run_v2.RunJobRequest.Overrides.ContainerOverride(
+                name=CONTAINER,
+                args=trainer_args(spec, settings, env.run_id),
+                env=[run_v2.EnvVar(name=k, value=v) for k, v in sorted(env.as_environ().items())],
+            )
+        ],
+        task_count=1,
+        timeout=duration_pb2.Duration(
+            seconds=task_timeout_seconds(settings, spec.time_budget_minutes)
+        ),
+    )
+
+
+def managed_view(job: run_v2.Job) -> dict[str, Any]:
+    """The fields this module sets, normalised, so that a Job read back from Cloud Run (with the
+    server's defaults and output-only fields filled in) compares equal to the one we built."""
+    task = job.template.template
+    container = task.containers[0] if task.containers else run_v2.Container()
+    limits = dict(container.resources.limits)
+    vpc = None
+    if task.vpc_access.network_interfaces:
+        nic = task.vpc_access.network_interfaces[0]
+        vpc = (nic.network, nic.subnetwork, run_v2.VpcAccess.VpcEgress(task.vpc_access.egress).name)
+    return {
+        "image": container.image,
+        "cpu": limits.get("cpu"),
+        "memory": limits.get("memory"),
+        "gpus": limits.get("nvidia.com/gpu"),
+        "accelerator": task.node_selector.accelerator,
+        "gpu_zonal_redundancy_disabled": task.gpu_zonal_redundancy_disabled,
+        "timeout_seconds": task.timeout.seconds,
+        "max_retries": task.max_retries,
+        # An unset service account becomes the project's default one on the server.
+        "service_account": task.service_account or None,
+        "env": sorted(
+            (
+                e.name,
+                e.value,
+                e.value_source.secret_key_ref.secret.split("/")[-1],
+                e.value_source.secret_key_ref.version,
+            )
+            for e in container.env
+        ),
+        "volumes": sorted((v.name, v.gcs.bucket, v.gcs.read_only) for v in task.volumes),
+        "mounts": sorted((m.name, m.mount_path) for m in container.volume_mounts),
+        "vpc": vpc,
+        "task_count": job.template.task_count,
+        "label": job.labels.get(MANAGED_LABEL[0]),
+    }
+
+
+def same_template(live: run_v2.Job, desired: run_v2.Job) -> bool:
+    want = managed_view(desired)
+    have = managed_view(live)
+    if want["service_account"] is None:
+        have["service_account"] = None
+    return have == want

@@ -1,0 +1,361 @@
+"""LocalDispatcher: each execution is a `python -m trainer` process on this machine.
+
+The trainer gets exactly what a Cloud Run execution gets: the spec's flags plus `--output-dir`,
+and the `TUNEPLANE_*` variables of `ExecutionEnv.as_environ()` (none of the api's own
+`TUNEPLANE_*` settings, such as the database URL or the signing key, leak into it).
+
+Each trainer runs under a small supervisor (`_SUPERVISOR`, plain Python) in a session of its
+own, so it outlives an api restart and a Ctrl-C in the api's terminal. The supervisor writes the
+trainer's pid to `<run>-<segment>.pid` and, when the trainer ends, its exit code to
+`<run>-<segment>.exit`, both next to the log in `settings.logs_dir`. The execution's name,
+`local:<run>:<segment>:<supervisor pid>`, plus those files, are all `status` needs: an api
+restarted while a trainer ran still learns how it ended, including a SIGKILL (exit code -9).
+
+Cancel: SIGTERM to the trainer (it saves a checkpoint and stops, as on Cloud Run), then SIGKILL
+to its process group after `grace_seconds`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from api.config import Settings
+from api.dispatch.base import DispatchError, Execution, ExecutionStatus, Launch
+from trainer.execution import PREFIX
+from trainer.report_http import spool_file
+
+log = logging.getLogger(__name__)
+
+NAME_PREFIX = "local"
+LOG_TAIL_LINES = 25
+LOG_TAIL_CHARS = 2500
+
+# Runs the trainer in a process group of its own (so SIGKILL to that group spares the
+# supervisor), forwards SIGTERM/SIGINT to it, and records how it ended. Written to be run by
+# any Python 3, without the api installed.
+_SUPERVISOR = r"""
+import os, signal, subprocess, sys
+exit_path, pid_path = sys.argv[1], sys.argv[2]
+cmd = sys.argv[3:]
+pending = []
+child = None
+def forward(signum, frame):
+    if child is None:
+        pending.append(signum)
+    else:
+        try:
+            os.kill(child.pid, signum)
+        except ProcessLookupError:
+            pass
+signal.signal(signal.SIGTERM, forward)
+signal.signal(signal.SIGINT, forward)
+def write(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+try:
+    child = subprocess.Popen(cmd, process_group=0)
+except OSError as exc:
+    print("tuneplane: cannot start the trainer: %s" % exc, flush=True)
+    write(exit_path, "127")
+    sys.exit(127)
+write(pid_path, str(child.pid))
+for signum in pending:
+    os.kill(child.pid, signum)
+code = child.wait()
+write(exit_path, str(code))
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES, chars: int = LOG_TAIL_CHARS) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    tail = "\n".join(text.splitlines()[-lines:])
+    return tail[-chars:]
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the trainer was killed by {name} (exit code {code})"
+    if code == 127:
+        return "the trainer could not be started (exit code 127)"
+    return f"the trainer exited with code {code}"
+
+
+class LocalDispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        trainer_command: Sequence[str] | None = None,
+        grace_seconds: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        # What runs the trainer; the spec's flags and --output-dir are appended.
+        self.trainer_command = list(
+            trainer_command or [settings.trainer_python or sys.executable, "-m", "trainer"]
+        )
+        self.grace_seconds = grace_seconds
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._kill_timers: dict[str, threading.Timer] = {}
+        self._lock = threading.Lock()
+
+    # -- files of one execution ------------------------------------------------------------
+
+    def _paths(self, run_id: str, segment: int) -> dict[str, Path]:
+        base = self.settings.logs_dir.resolve() / f"{run_id}-{segment}"
+        return {
+            "log": base.with_suffix(".log"),
+            "exit": base.with_suffix(".exit"),
+            "pid": base.with_suffix(".pid"),
+            "cancel": base.with_suffix(".cancel"),
+        }
+
+    def spool_dir(self) -> Path:
+        return self.settings.data_dir.resolve() / "spool"
+
+    @staticmethod
+    def parse_name(name: str) -> tuple[str, int, int]:
+        """(run id, segment, supervisor pid) of a `local:<run>:<segment>:<pid>` name."""
+        parts = name.split(":")
+        if len(parts) != 4 or parts[0] != NAME_PREFIX:
+            raise ValueError(f"not a local execution name: {name!r}")
+        return parts[1], int(parts[2]), int(parts[3])
+
+    # -- Dispatcher ------------------------------------------------------------------------
+
+    def start(self, launch: Launch) -> Execution:
+        run_id, segment = launch.run_id, launch.env.segment
+        paths = self._paths(run_id, segment)
+        run_dir = self.settings.runs_dir.resolve() / run_id
+        output_dir, checkpoint_dir = run_dir / "output", run_dir / "checkpoints"
+        try:
+            for d in (paths["log"].parent, output_dir, checkpoint_dir, self.spool_dir()):
+                d.mkdir(parents=True, exist_ok=True)
+            # Files of an earlier attempt at this segment would make this one look finished.
+            for key in ("exit", "pid", "cancel"):
+                paths[key].unlink(missing_ok=True)
+            log_file = paths["log"].open("ab")
+        except OSError as exc:
+            raise DispatchError(
+                "permanent", f"cannot prepare {run_dir} or {paths['log'].parent}: {exc}"
+            ) from exc
+
+        env = launch.env.model_copy(
+            update={
+                "run_id": run_id,
+                "artifact_uri": str(output_dir),
+                "checkpoint_uri": str(checkpoint_dir),
+                "spool_dir": str(self.spool_dir()),
+            }
+        )
+        # The process environment minus the api's own settings, plus the execution's contract.
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
+        environ.update(env.as_environ())
+        environ["PYTHONUNBUFFERED"] = "1"  # the log follows the trainer live
+        if self.settings.trainer_device == "cpu":
+            environ["CUDA_VISIBLE_DEVICES"] = ""
+        command = [
+            *self.trainer_command,
+            *launch.spec.to_flags(),
+            "--output-dir",
+            str(output_dir),
+        ]
+        with log_file:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log_file.write(f"[tuneplane {stamp}] segment {segment}: {' '.join(command)}\n".encode())
+            log_file.flush()
+            try:
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        _SUPERVISOR,
+                        str(paths["exit"]),
+                        str(paths["pid"]),
+                        *command,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=environ,
+                    cwd=run_dir,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise DispatchError("permanent", f"cannot start the trainer: {exc}") from exc
+        name = f"{NAME_PREFIX}:{run_id}:{segment}:{proc.pid}"
+        with self._lock:
+            self._procs[name] = proc
+        return Execution(
+            name=name,
+            log_uri=paths["log"].as_uri(),
+            artifact_uri=str(output_dir),
+            checkpoint_uri=str(checkpoint_dir),
+        )
+
+    def status(self, execution_name: str) -> ExecutionStatus:
+        try:
+            run_id, segment, supervisor = self.parse_name(execution_name)
+        except ValueError as exc:
+            return ExecutionStatus("unknown", str(exc))
+        paths = self._paths(run_id, segment)
+        proc = self._procs.get(execution_name)
+        if proc is not None:
+            proc.poll()  # reap it, so a finished supervisor is not a zombie
+        code = self._exit_code(paths["exit"])
+        if code is None:
+            if self._alive(supervisor, paths["exit"], proc):
+                return ExecutionStatus("running")
+            # The supervisor died without writing (killed, or the machine restarted). The
+            # exit file may have appeared in between: look once more.
+            code = self._exit_code(paths["exit"])
+            if code is None:
+                return ExecutionStatus(
+                    "failed",
+                    self._with_tail(
+                        "the trainer's supervisor ended without recording an exit code "
+                        "(killed, or the machine restarted)",
+                        paths["log"],
+                    ),
+                )
+        if paths["cancel"].exists():
+            return ExecutionStatus("cancelled", describe_exit(code))
+        if code == 0:
+            return ExecutionStatus("succeeded")
+        return ExecutionStatus("failed", self._with_tail(describe_exit(code), paths["log"]))
+
+    def cancel(self, execution_name: str) -> None:
+        run_id, segment, supervisor = self.parse_name(execution_name)
+        paths = self._paths(run_id, segment)
+        # Recorded on disk, so that an api restarted mid-cancel still reports it as cancelled.
+        paths["cancel"].touch()
+        if self._exit_code(paths["exit"]) is not None:
+            return
+        with self._lock:
+            if execution_name in self._kill_timers:
+                return  # SIGTERM sent already; the SIGKILL is scheduled
+            trainer = self._trainer_pid(paths["pid"])
+            target = trainer if trainer is not None else supervisor  # it forwards SIGTERM
+            _signal(target, signal.SIGTERM)
+            timer = threading.Timer(self.grace_seconds, self._kill, (execution_name,))
+            timer.daemon = True
+            self._kill_timers[execution_name] = timer
+            timer.start()
+
+    def close(self) -> None:
+        """Stop the pending SIGKILL timers. Trainers keep running: an api restart must not end
+        them (the next api's worker finds them by their names)."""
+        with self._lock:
+            for timer in self._kill_timers.values():
+                timer.cancel()
+            self._kill_timers.clear()
+
+    # -- extras the worker and the tests use ---------------------------------------------------
+
+    def trainer_pid(self, execution_name: str) -> int | None:
+        run_id, segment, _ = self.parse_name(execution_name)
+        return self._trainer_pid(self._paths(run_id, segment)["pid"])
+
+    def leftover_events(self, execution_name: str) -> list[str]:
+        """Events the trainer of a finished execution could not deliver (its reporter's spool):
+        the api reads them from the shared disk, so an api outage near a trainer's end loses
+        nothing. Call only once the execution has ended."""
+        run_id, _, _ = self.parse_name(execution_name)
+        path = spool_file(self.spool_dir(), run_id)
+        try:
+            return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def clear_leftover_events(self, execution_name: str) -> None:
+        run_id, _, _ = self.parse_name(execution_name)
+        spool_file(self.spool_dir(), run_id).unlink(missing_ok=True)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _kill(self, execution_name: str) -> None:
+        run_id, segment, _ = self.parse_name(execution_name)
+        paths = self._paths(run_id, segment)
+        if self._exit_code(paths["exit"]) is None:
+            trainer = self._trainer_pid(paths["pid"])
+            if trainer is not None:
+                log.warning(
+                    "%s did not stop %ss after SIGTERM; sending SIGKILL",
+                    execution_name,
+                    self.grace_seconds,
+                )
+                # Its process group: the trainer and anything it started (data loaders).
+                try:
+                    os.killpg(trainer, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    _signal(trainer, signal.SIGKILL)
+        with self._lock:
+            self._kill_timers.pop(execution_name, None)
+
+    @staticmethod
+    def _exit_code(path: Path) -> int | None:
+        try:
+            return int(path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    @staticmethod
+    def _trainer_pid(path: Path) -> int | None:
+        try:
+            return int(path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    @staticmethod
+    def _alive(pid: int, exit_path: Path, proc: subprocess.Popen[bytes] | None) -> bool:
+        if proc is not None:
+            return proc.poll() is None
+        # Started by an earlier api process: check that the pid is still our supervisor (the
+        # kernel reuses pids) and not a zombie.
+        proc_dir = Path(f"/proc/{pid}")
+        if proc_dir.exists():
+            try:
+                cmdline = (proc_dir / "cmdline").read_bytes()
+                state = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return False
+            return str(exit_path).encode() in cmdline and state != "Z"
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return sys.platform != "linux"  # no /proc entry on Linux means it is gone
+
+    @staticmethod
+    def _with_tail(message: str, log_path: Path) -> str:
+        tail = log_tail(log_path)
+        if not tail:
+            return f"{message}; its log ({log_path}) is empty"
+        return f"{message}; last lines of its log ({log_path}):\n{tail}"
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)

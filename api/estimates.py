@@ -1,0 +1,311 @@
+"""Estimate a run's GPU memory, time and cost from its spec, before anything is dispatched
+(DESIGN.md step 1). A spec whose estimate does not fit its GPU is refused at submission, which
+is far cheaper than an out-of-memory kill twenty minutes into a Cloud Run execution.
+
+The model's size comes from its id: the Gemma 3 sizes are known exactly (their configs are public);
+any other id that names its size (`...-7B-...`, `...-256M-...`) gets a generic decoder
+architecture inferred from the parameter count; an id that names no size (a local directory)
+gets no estimate and is never refused.
+
+The memory model is the QLoRA set-up the trainer uses on CUDA: 4-bit NF4 weights with double
+quantization, embeddings and the vision tower in bf16, LoRA adapters with AdamW in fp32,
+activations (with or without gradient checkpointing) and the logits, which for Gemma's
+262k-token vocabulary are often the largest single item. Time is calibrated on the published
+Gemma 3 27B figures on one RTX PRO 6000 (1,000 / 2,500 / 3,600 samples in 1.1 / 2.3 / 3.3 h,
+500 evaluation samples each side); the L4 figures are scaled by its peak bf16 throughput and
+memory bandwidth. Prices are Cloud Run list prices (us-central1, no zonal redundancy) at the
+time of writing; they go stale: check https://cloud.google.com/run/pricing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field
+
+from trainer.spec import RunSpec
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Gpu:
+    label: str
+    memory_gib: float  # what a process can allocate, not the marketing figure
+    train_tflops: float  # effective for QLoRA training (calibrated, not the peak)
+    bandwidth_gbs: float  # memory bandwidth, GB/s: bounds token-by-token generation
+    vcpu: int  # Cloud Run's minimum CPU and memory for this GPU (DESIGN.md)
+    memory_gib_host: int
+    gpu_usd_per_second: float
+
+
+# CPU and memory prices of a Cloud Run instance with a GPU (instance-based billing).
+VCPU_USD_PER_SECOND = 0.000018
+HOST_GIB_USD_PER_SECOND = 0.000002
+
+GPUS: dict[str, Gpu] = {
+    # 24 GB card; nvidia-smi shows 23,034 MiB of which the driver keeps a little.
+    "nvidia-l4": Gpu("NVIDIA L4 (24 GB)", 22.0, 14.0, 300, 4, 16, 0.0001867),
+    # 96 GB card; 97,887 MiB visible.
+    "nvidia-rtx-pro-6000": Gpu("NVIDIA RTX PRO 6000 (96 GB)", 94.0, 37.5, 1792, 20, 80, 0.00055),
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the memory and time model needs to know about a model."""
+
+    name: str
+    exact: bool  # a known config, or inferred from the parameter count
+    hidden: int
+    intermediate: int
+    layers: int
+    q_dim: int  # attention heads x head dim
+    kv_dim: int
+    vocab: int
+    vision_params: int
+
+    @property
+    def layer_params(self) -> int:
+        h = self.hidden
+        return h * self.q_dim * 2 + h * self.kv_dim * 2 + 3 * h * self.intermediate
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.embed_params + self.vision_params
+
+
+_SIGLIP = 417_000_000  # Gemma 3's SigLIP-400M vision tower plus the multi-modal projector
+_GEMMA_VOCAB = 262_208
+
+KNOWN: dict[str, Arch] = {
+    "gemma-3-4b": Arch(
+        "gemma-3-4b", True, 2560, 10240, 34, 8 * 256, 4 * 256, _GEMMA_VOCAB, _SIGLIP
+    ),
+    "gemma-3-12b": Arch(
+        "gemma-3-12b", True, 3840, 15360, 48, 16 * 256, 8 * 256, _GEMMA_VOCAB, _SIGLIP
+    ),
+    "gemma-3-27b": Arch(
+        "gemma-3-27b", True, 5376, 21504, 62, 32 * 128, 16 * 128, _GEMMA_VOCAB, _SIGLIP
+    ),
+}
+
+# "gemma-3-27b", "Qwen2.5-VL-7B", "SmolVLM-256M": a number and B or M, not glued to other
+# letters or digits (so "A3B" in "30B-A3B" and "8x7b" are not read as sizes).
+_SIZE = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)([bm])(?![a-z0-9])")
+
+
+def model_size(model_id: str) -> tuple[int | None, Arch | None]:
+    """(parameter count, architecture) from a model id; (None, None) when it names no size."""
+    lowered = model_id.lower()
+    for key, arch in KNOWN.items():
+        if key in lowered:
+            return arch.params, arch
+    match = _SIZE.search(lowered.rsplit("/", 1)[-1])
+    if not match:
+        return None, None
+    params = int(float(match.group(1)) * (1e9 if match.group(2) == "b" else 1e6))
+    if params <= 0:
+        return None, None
+    return params, _generic_arch(params)
+
+
+def _generic_arch(params: int) -> Arch:
+    # A dense decoder has ~12·L·h² parameters and, across common models, L ≈ h / 128.
+    hidden = max(256, round((params * 128 / 12) ** (1 / 3) / 128) * 128)
+    layers = max(1, round(params / (12 * hidden * hidden)))
+    return Arch("inferred", False, hidden, 4 * hidden, layers, hidden, hidden // 4, 150_000, 0)
+
+
+class MemoryEstimate(BaseModel):
+    weights_gib: float = Field(description="4-bit language model, bf16 embeddings and vision tower")
+    adapters_gib: float = Field(description="LoRA weights, gradients and AdamW state (fp32)")
+    activations_gib: float
+    logits_gib: float = Field(description="bf16 logits and their fp32 copy for the loss")
+    overhead_gib: float = Field(description="CUDA context, allocator fragmentation")
+    total_gib: float
+    gpu_gib: float = Field(description="what the GPU can allocate")
+
+
+class TimeEstimate(BaseModel):
+    load_seconds: float = Field(description="download and quantize the model, per segment")
+    train_seconds: float
+    eval_seconds: float = Field(description="baseline and final evaluation")
+    segments: int = Field(description="executions needed with the spec's time budget")
+    total_seconds: float
+
+
+class Estimate(BaseModel):
+    model_id: str
+    gpu_type: str
+    parameters: int | None = Field(description="null: the model id names no size")
+    architecture: str | None = Field(
+        description="a known config, or `inferred` from the parameter count"
+    )
+    trainable_parameters: int | None
+    memory: MemoryEstimate | None
+    time: TimeEstimate | None
+    cost_usd: float | None = Field(description="GPU, CPU and memory of all segments")
+    usd_per_hour: float
+    fits: bool | None = Field(description="null when unknown; false refuses the run")
+    notes: list[str]
+
+
+def estimate(spec: RunSpec) -> Estimate:
+    gpu = GPUS[spec.gpu_type]
+    usd_per_second = (
+        gpu.gpu_usd_per_second
+        + gpu.vcpu * VCPU_USD_PER_SECOND
+        + gpu.memory_gib_host * HOST_GIB_USD_PER_SECOND
+    )
+    params, arch = model_size(spec.model_id)
+    if params is None or arch is None:
+        return Estimate(
+            model_id=spec.model_id,
+            gpu_type=spec.gpu_type,
+            parameters=None,
+            architecture=None,
+            trainable_parameters=None,
+            memory=None,
+            time=None,
+            cost_usd=None,
+            usd_per_hour=round(usd_per_second * 3600, 2),
+            fits=None,
+            notes=[
+                "the model id names no size, so memory, time and cost are unknown; "
+                "a Hub id like 'google/gemma-3-4b-it' gets an estimate"
+            ],
+        )
+    memory, trainable = _memory(spec, arch, gpu)
+    time = _time(spec, arch, gpu, params)
+    notes = []
+    if not arch.exact:
+        notes.append("architecture inferred from the parameter count: a rough estimate")
+    if time.segments > 1:
+        notes.append(
+            f"needs {time.segments} executions of at most {spec.time_budget_minutes} min; "
+            "each resumes from the previous one's checkpoint and reloads the model"
+        )
+    fits = memory.total_gib <= memory.gpu_gib
+    return Estimate(
+        model_id=spec.model_id,
+        gpu_type=spec.gpu_type,
+        parameters=params,
+        architecture=arch.name,
+        trainable_parameters=trainable,
+        memory=memory,
+        time=time,
+        cost_usd=round(time.total_seconds * usd_per_second, 2),
+        usd_per_hour=round(usd_per_second * 3600, 2),
+        fits=fits,
+        notes=notes,
+    )
+
+
+def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:
+    b, t, h = spec.batch_size, spec.max_length, arch.hidden
+    bf16 = 2
+    # NF4 is 4 bits per weight; double quantization adds ~0.127 bits of block constants.
+    weights = arch.layers * arch.layer_params * (4.127 / 8)
+    weights += (arch.embed_params + arch.vision_params) * bf16
+    trainable = _lora_params(spec, arch)
+    adapters = trainable * 16  # fp32 weight + gradient + two AdamW moments
+    if spec.gradient_checkpointing:
+        # Each layer keeps its input; one layer at a time is recomputed in full.
+        activations = arch.layers * b * t * h * bf16 + b * t * (4 * h + 3 * arch.intermediate) * 4
+    else:
+        activations = arch.layers * b * t * (12 * h + 4 * arch.intermediate) * bf16
+    logits = b * t * arch.vocab * (bf16 + 4 + 2)
+    subtotal = weights + adapters + activations + logits
+    overhead = 1.0 * GIB + 0.08 * subtotal
+    total = subtotal + overhead
+    memory = MemoryEstimate(
+        weights_gib=_gib(weights),
+        adapters_gib=_gib(adapters),
+        activations_gib=_gib(activations),
+        logits_gib=_gib(logits),
+        overhead_gib=_gib(overhead),
+        total_gib=_gib(total),
+        gpu_gib=gpu.memory_gib,
+    )
+    return memory, trainable
+
+
+def _lora_params(spec: RunSpec, arch: Arch) -> int:
+    h, i = arch.hidden, arch.intermediate
+    shapes = {
+        "q_proj": (h, arch.q_dim),
+        "k_proj": (h, arch.kv_dim),
+        "v_proj": (h, arch.kv_dim),
+        "o_proj": (arch.q_dim, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+    # A module name this table does not know is counted as a square h x h projection.
+    per_layer = sum(sum(shapes.get(m, (h, h))) for m in spec.lora_target_modules) * spec.lora_r
+    return per_layer * arch.layers
+
+
+def _time(spec: RunSpec, arch: Arch, gpu: Gpu, params: int) -> TimeEstimate:
+    flops_rate = gpu.train_tflops * 1e12
+    tokens = spec.max_length  # an upper bound: real examples are often shorter
+    passes = 8 if spec.gradient_checkpointing else 6  # forward, backward (+ recomputation)
+    train = passes * params * tokens * spec.train_size * spec.num_epochs / flops_rate
+    # Evaluation: the prompt in one pass, then the answer token by token, each step reading
+    # every weight (memory-bound; ~30% of peak bandwidth with 4-bit dequantization).
+    weight_bytes = params * 0.55
+    batches = math.ceil(spec.eval_size / spec.eval_batch_size)
+    step = weight_bytes / (gpu.bandwidth_gbs * 1e9 * 0.3)
+    one_eval = (
+        2 * params * tokens * spec.eval_size / flops_rate + batches * spec.max_new_tokens * step
+    )
+    evals = 2 * one_eval
+    # Downloading bf16 weights at ~500 MB/s, then quantizing them (~2 s per billion).
+    load = params * 2 / 500e6 + params / 1e9 * 2 + 20
+    work = train + evals
+    usable = spec.time_budget_minutes * 60 - load - 60  # a minute to checkpoint and upload
+    segments = max(1, math.ceil(work / usable)) if usable > 0 else 0
+    total = work + max(segments, 1) * load
+    return TimeEstimate(
+        load_seconds=round(load),
+        train_seconds=round(train),
+        eval_seconds=round(evals),
+        segments=segments,
+        total_seconds=round(total),
+    )
+
+
+def _gib(value: float) -> float:
+    return round(value / GIB, 1)
+
+
+def refusal_detail(spec: RunSpec, est: Estimate) -> str:
+    """Why a run does not fit, and what would make it fit."""
+    assert est.memory is not None
+    need, have = est.memory.total_gib, est.memory.gpu_gib
+    parts = [
+        f"{spec.model_id} on {spec.gpu_type} needs about {need:g} GiB of GPU memory; "
+        f"the GPU has {have:g} GiB"
+    ]
+    for bs in (bs for bs in (64, 32, 16, 8, 4, 2, 1) if bs < spec.batch_size):
+        smaller = spec.model_copy(update={"batch_size": bs})
+        if estimate(smaller).fits:
+            accum = math.ceil(spec.effective_batch_size / bs)
+            parts.append(
+                f"batch_size {bs} with gradient_accumulation_steps {accum} would fit "
+                "(same effective batch)"
+            )
+            break
+    for other in GPUS:
+        if other != spec.gpu_type and estimate(spec.model_copy(update={"gpu_type": other})).fits:
+            parts.append(f"gpu_type {other!r} would fit as it is")
+    if len(parts) == 1:
+        parts.append("no batch size or GPU makes it fit: lower max_length or pick a smaller model")
+    return "; ".join(parts)

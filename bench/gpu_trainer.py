@@ -1,0 +1,300 @@
+"""QLoRA speed and memory of the trainer on a Gemma-3-4B-architecture model, two settings.
+
+    pip install -e '.[trainer]'                # where the trainer's packages are missing
+    python bench/gpu_trainer.py                # NVIDIA GPU (H200: about 5 minutes), writes $OUT
+    python bench/gpu_trainer.py --config tiny  # the same flow on CPU, in a minute or two
+
+Builds a `Gemma3ForConditionalGeneration` with the 4B architecture (random weights; the Hub is
+out of reach), saves it locally in bf16 with a small word-level tokenizer and a Gemma3Processor
+at 896 pixels, and writes an image-folder data set of 37 classes (named like the pet breeds, so
+the prompt has the real length) of 500x375 JPEGs. Then it runs the trainer itself
+(`trainer.cli.main`: 4-bit NF4 load through `from_pretrained` -> baseline eval -> training ->
+final eval -> save) twice in this process:
+
+- "original": the original script's settings: batch 1, gradient accumulation 16, gradient
+  checkpointing, one sample per generation;
+- "tuneplane": batch 8, accumulation 2 (the same 16 samples per optimizer step), gradient
+  checkpointing, generation batches of 16;
+
+and prints samples/s for training and evaluation and peak GPU memory for each. Everything goes
+to `$OUT` when set (else WORK_DIR/out): `gpu_trainer.json`, `gpu_trainer.md`, and each run's
+results.json. Random weights mean accuracy is meaningless here; speed and memory are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PET_BREEDS = [
+    "Abyssinian", "American Bulldog", "American Pit Bull Terrier", "Basset Hound", "Beagle",
+    "Bengal", "Birman", "Bombay", "Boxer", "British Shorthair", "Chihuahua", "Egyptian Mau",
+    "English Cocker Spaniel", "English Setter", "German Shorthaired", "Great Pyrenees",
+    "Havanese", "Japanese Chin", "Keeshond", "Leonberger", "Maine Coon", "Miniature Pinscher",
+    "Newfoundland", "Persian", "Pomeranian", "Pug", "Ragdoll", "Russian Blue", "Saint Bernard",
+    "Samoyed", "Scottish Terrier", "Shiba Inu", "Siamese", "Sphynx",
+    "Staffordshire Bull Terrier", "Wheaten Terrier", "Yorkshire Terrier",
+]  # fmt: skip
+
+
+def gemma3_4b_configs() -> tuple[Any, Any, int, int]:
+    """google/gemma-3-4b-it's architecture: (text config, vision config, tokens per image,
+    image size)."""
+    from transformers import Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(
+        vocab_size=262_208,
+        hidden_size=2560,
+        intermediate_size=10_240,
+        num_hidden_layers=34,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=131_072,
+        rms_norm_eps=1e-6,
+        sliding_window=1024,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+    )
+    vision = SiglipVisionConfig(  # SigLIP so400m at 896 pixels
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        image_size=896,
+        patch_size=14,
+        layer_norm_eps=1e-6,
+        vision_use_head=False,
+    )
+    return text, vision, 256, 896
+
+
+def tiny_configs() -> tuple[Any, Any, int, int]:
+    from transformers import Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=256,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        vision_use_head=False,
+    )
+    return text, vision, 16, 32
+
+
+def build_model(path: Path, config_name: str) -> dict[str, Any]:
+    """Write a random-weight Gemma 3 checkpoint in bf16 with a tokenizer and processor."""
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    from trainer import tiny
+
+    if (path / "bench-model.json").exists():
+        return json.loads((path / "bench-model.json").read_text())
+    text, vision, tokens_per_image, image_size = (
+        gemma3_4b_configs() if config_name == "4b" else tiny_configs()
+    )
+    tokenizer = tiny.build_tokenizer(tiny.vocabulary(PET_BREEDS))
+    if len(tokenizer) > text.vocab_size:
+        raise SystemExit(f"tokenizer ({len(tokenizer)}) larger than the vocabulary")
+    processor = tiny.build_processor(tokenizer, image_size, tokens_per_image)
+    config = tiny.gemma3_config(tokenizer, text, vision, tokens_per_image)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    # Built directly on the GPU in bf16: on CPU in fp32 the 4B model takes minutes to
+    # initialise and 17 GB of memory.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Gemma3ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    tiny.init_projector(model)
+    model.generation_config = tiny.generation_config(tokenizer)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    info = {"parameters": params, "build_and_save_seconds": round(time.perf_counter() - t0, 1)}
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    (path / "bench-model.json").write_text(json.dumps(info))
+    return info
+
+
+def build_images(root: Path, per_class_train: int, per_class_test: int) -> Path:
+    """37 classes of 500x375 noise JPEGs (a typical Oxford-IIIT Pet photo size), so image
+    decoding and resizing cost what they cost on the real data."""
+    import numpy as np
+    from PIL import Image
+
+    if (root / "done").exists():
+        return root
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class_train), ("test", per_class_test)):
+        for label in PET_BREEDS:
+            folder = root / split / label.replace(" ", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=85)
+    (root / "done").write_text("")
+    return root
+
+
+SETTINGS = {
+    # The original script: batch 1, accumulation 16, checkpointing, one sample per generate().
+    "original": {"batch": 1, "accum": 16, "eval_batch": 1},
+    "tuneplane": {"batch": 8, "accum": 2, "eval_batch": 16},
+}
+
+
+def run_setting(
+    name: str, model_dir: Path, data_dir: Path, out: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    import torch
+
+    from trainer.cli import main as trainer_main
+
+    s = SETTINGS[name]
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    # The run's own output (adapter, checkpoints: hundreds of MB for 4B) stays in the work
+    # directory, fresh each time so that nothing is resumed; only results.json goes to `out`.
+    output_dir = args.work_dir / f"run-{name}"
+    shutil.rmtree(output_dir, ignore_errors=True)
+    argv = [
+        "--model-id", str(model_dir),
+        "--dataset", f"imagefolder:{data_dir}",
+        "--train-size", str(16 * args.steps),
+        "--eval-size", str(args.eval_size),
+        "--num-epochs", "1",
+        "--learning-rate", "2e-4",
+        "--batch-size", str(s["batch"]),
+        "--gradient-accumulation-steps", str(s["accum"]),
+        "--eval-batch-size", str(s["eval_batch"]),
+        "--max-new-tokens", str(args.max_new_tokens),
+        "--gradient-checkpointing",
+        "--save-steps", "1000000",
+        "--max-length", "1024",
+        "--output-dir", str(output_dir),
+        "--device", "cuda" if torch.cuda.is_available() else "cpu",
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    code = trainer_main(argv)
+    wall = time.perf_counter() - t0
+    results = json.loads((output_dir / "results.json").read_text())
+    shutil.copyfile(output_dir / "results.json", out / f"results-{name}.json")
+    if code != 0:
+        raise SystemExit(f"{name}: the trainer failed: {results.get('error')}")
+    tp = results["throughput"]
+    return {
+        "setting": name,
+        "batch_size": s["batch"],
+        "gradient_accumulation_steps": s["accum"],
+        "eval_batch_size": s["eval_batch"],
+        "train_samples_per_second": tp["train_samples_per_second"],
+        "eval_samples_per_second": tp["eval_samples_per_second"],
+        "peak_gpu_memory_gb": results["peak_gpu_memory_gb"],
+        "timings": results["timings"],
+        "steps": results["training"]["step"],
+        "wall_seconds": round(wall, 1),
+        "gpu": results["environment"]["gpu_name"],
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = [
+        "| setting | batch x accum | eval batch | train samples/s | eval samples/s | peak GPU GB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['setting']} | {r['batch_size']} x {r['gradient_accumulation_steps']} | "
+            f"{r['eval_batch_size']} | {num(r['train_samples_per_second'], '.2f')} | "
+            f"{num(r['eval_samples_per_second'], '.2f')} | "
+            f"{num(r['peak_gpu_memory_gb'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=["4b", "tiny"], default="4b")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps of 16 samples")
+    parser.add_argument("--eval-size", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/tuneplane-bench"))
+    args = parser.parse_args()
+
+    import torch
+
+    out = Path(os.environ.get("OUT") or args.work_dir / "out")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.config == "4b" and not torch.cuda.is_available():
+        raise SystemExit("the 4B configuration needs an NVIDIA GPU; use --config tiny on CPU")
+    t0 = time.perf_counter()
+    model_dir = args.work_dir / f"gemma3-{args.config}-random"
+    info = build_model(model_dir, args.config)
+    print(f"model: {info['parameters'] / 1e9:.2f} B parameters, built and saved in "
+          f"{info['build_and_save_seconds']} s", flush=True)  # fmt: skip
+    per_class_train = -(-16 * args.steps // len(PET_BREEDS))
+    per_class_test = -(-args.eval_size // len(PET_BREEDS))
+    data_dir = build_images(args.work_dir / "images", per_class_train, per_class_test)
+
+    rows = [run_setting(name, model_dir, data_dir, out, args) for name in SETTINGS]
+    report = {
+        "config": args.config,
+        "model": info,
+        "steps": args.steps,
+        "eval_size": args.eval_size,
+        "max_new_tokens": args.max_new_tokens,
+        "torch": torch.__version__,
+        "rows": rows,
+        "total_seconds": round(time.perf_counter() - t0, 1),
+    }
+    rendered = table(rows)
+    (out / "gpu_trainer.json").write_text(json.dumps(report, indent=1))
+    (out / "gpu_trainer.md").write_text(rendered + "\n")
+    print(rendered)
+    print(f"total {report['total_seconds']} s; written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""LocalDispatcher with real processes: a small stand-in trainer script (so these tests take
+seconds; tests/test_loop.py runs the real trainer) started, watched, cancelled and killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from api.config import Settings
+from api.dispatch import make_dispatcher
+from api.dispatch.base import ExecutionStatus, Launch
+from api.dispatch.local import LocalDispatcher
+from trainer.execution import ExecutionEnv
+from trainer.report_http import spool_file
+from trainer.spec import RunSpec
+
+FAKE_TRAINER = r"""
+import json, os, signal, sys, time
+mode, args = sys.argv[1], sys.argv[2:]
+seen = {
+    "argv": args,
+    "env": {k: v for k, v in os.environ.items() if k.startswith(("TUNEPLANE_", "CUDA_"))},
+    "cwd": os.getcwd(),
+}
+with open("seen.json", "w") as f:
+    json.dump(seen, f)
+print("fake trainer: started", flush=True)
+if mode == "ok":
+    sys.exit(0)
+if mode == "exit3":
+    print("Traceback (most recent call last):\nValueError: no such data set", flush=True)
+    sys.exit(3)
+if mode == "term":
+    def saved(*_):
+        print("fake trainer: SIGTERM, saving a checkpoint", flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, saved)
+if mode == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+while True:
+    time.sleep(0.05)
+"""
+
+SPEC = RunSpec(model_id="/models/tiny", dataset="digits", train_size=10, eval_size=5)
+
+
+@pytest.fixture
+def fake_trainer(tmp_path: Path) -> Path:
+    path = tmp_path / "fake_trainer.py"
+    path.write_text(FAKE_TRAINER)
+    return path
+
+
+@pytest.fixture
+def dispatcher_for(
+    make_settings: Callable[..., Settings], fake_trainer: Path
+) -> Callable[..., LocalDispatcher]:
+    made: list[LocalDispatcher] = []
+
+    def _make(mode: str, **settings: object) -> LocalDispatcher:
+        d = LocalDispatcher(
+            make_settings(**settings),
+            trainer_command=[sys.executable, str(fake_trainer), mode],
+            grace_seconds=0.5,
+        )
+        made.append(d)
+        return d
+
+    yield _make  # type: ignore[misc]
+    for d in made:  # leave no process behind
+        for name in list(d._procs):
+            pid = d.trainer_pid(name)
+            if pid and d.status(name).state == "running":
+                os.killpg(pid, signal.SIGKILL)
+        d.close()
+
+
+def launch(run_id: str = "run_abc", segment: int = 0) -> Launch:
+    env = ExecutionEnv(
+        run_id=run_id,
+        callback_url=f"http://127.0.0.1:1/api/v1/runs/{run_id}/events",
+        callback_token=SecretStr("tpr1.secret"),
+        deadline=datetime.now(UTC) + timedelta(minutes=5),
+        segment=segment,
+    )
+    return Launch(run_id=run_id, spec=SPEC, env=env)
+
+
+def wait_for(d: LocalDispatcher, name: str, timeout: float = 20) -> ExecutionStatus:
+    deadline = time.monotonic() + timeout
+    while (status := d.status(name)).state == "running":
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} still running")
+        time.sleep(0.05)
+    return status
+
+
+def wait_started(d: LocalDispatcher, name: str) -> int:
+    deadline = time.monotonic() + 20
+    while (pid := d.trainer_pid(name)) is None or not _log(d, name).count("started"):
+        assert time.monotonic() < deadline, "the trainer did not start"
+        time.sleep(0.05)
+    return pid
+
+
+def _log(d: LocalDispatcher, name: str) -> str:
+    run_id, segment, _ = d.parse_name(name)
+    return (d.settings.logs_dir / f"{run_id}-{segment}.log").read_text()
+
+
+def test_the_trainer_gets_the_flags_and_exactly_the_execution_env(
+    dispatcher_for: Callable[..., LocalDispatcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The api's own settings must not reach the trainer.
+    monkeypatch.setenv("TUNEPLANE_DATABASE_URL", "postgresql://secret@db/prod")
+    monkeypatch.setenv("TUNEPLANE_CALLBACK_SIGNING_KEY", "do-not-leak")
+    d = dispatcher_for("ok", trainer_device="cpu")
+    execution = d.start(launch(segment=2))
+    assert execution.name.startswith("local:run_abc:2:")
+    assert wait_for(d, execution.name) == ExecutionStatus("succeeded")
+
+    run_dir = d.settings.runs_dir.resolve() / "run_abc"
+    seen = json.loads((run_dir / "seen.json").read_text())
+    assert seen["argv"] == [*SPEC.to_flags(), "--output-dir", str(run_dir / "output")]
+    assert RunSpec.from_flags(seen["argv"][:-2]) == SPEC
+    expected = ExecutionEnv(
+        run_id="run_abc",
+        callback_url="http://127.0.0.1:1/api/v1/runs/run_abc/events",
+        callback_token=SecretStr("tpr1.secret"),
+        deadline=launch().env.deadline,
+        segment=2,
+        artifact_uri=str(run_dir / "output"),
+        checkpoint_uri=str(run_dir / "checkpoints"),
+        spool_dir=str(d.spool_dir()),
+    ).as_environ()
+    got = {k: v for k, v in seen["env"].items() if k != "TUNEPLANE_DEADLINE"}
+    assert got == {k: v for k, v in expected.items() if k != "TUNEPLANE_DEADLINE"} | {
+        "CUDA_VISIBLE_DEVICES": ""
+    }
+    assert seen["cwd"] == str(run_dir)
+    assert execution.artifact_uri == str(run_dir / "output")
+    assert execution.log_uri == (d.settings.logs_dir.resolve() / "run_abc-2.log").as_uri()
+    assert "fake trainer: started" in _log(d, execution.name)
+
+
+def test_a_failing_trainer_reports_its_exit_code_and_log_tail(
+    dispatcher_for: Callable[..., LocalDispatcher],
+) -> None:
+    d = dispatcher_for("exit3")
+    name = d.start(launch()).name
+    status = wait_for(d, name)
+    assert status.state == "failed"
+    assert status.message is not None
+    assert status.message.startswith("the trainer exited with code 3; last lines of its log")
+    assert "ValueError: no such data set" in status.message
+
+
+def test_sigkill_is_named_and_survives_an_api_restart(
+    dispatcher_for: Callable[..., LocalDispatcher],
+) -> None:
+    d = dispatcher_for("sleep")
+    name = d.start(launch()).name
+    trainer = wait_started(d, name)
+    # A new dispatcher (an api restart) knows the execution only by its name and files.
+    again = LocalDispatcher(d.settings)
+    assert again.status(name).state == "running"
+    os.kill(trainer, signal.SIGKILL)  # the kernel's OOM killer, say
+    status = wait_for(again, name)
+    assert status.state == "failed"
+    assert status.message is not None and "killed by SIGKILL (exit code -9)" in status.message
+    assert "fake trainer: started" in status.message
+
+
+def test_a_supervisor_gone_without_an_exit_code_fails(
+    dispatcher_for: Callable[..., LocalDispatcher],
+) -> None:
+    d = dispatcher_for("sleep")
+    name = d.start(launch()).name
+    trainer = wait_started(d, name)
+    _, _, supervisor = d.parse_name(name)
+    os.kill(supervisor, signal.SIGKILL)  # first, so it cannot record the trainer's end
+    os.killpg(trainer, signal.SIGKILL)
+    d._procs[name].wait()
+    status = LocalDispatcher(d.settings).status(name)  # no Popen: from /proc and the files
+    assert status.state == "failed"
+    assert "without recording an exit code" in (status.message or "")
+
+
+def test_cancel_sends_sigterm_and_the_trainer_stops_cleanly(
+    dispatcher_for: Callable[..., LocalDispatcher],
+) -> None:
+    d = dispatcher_for("term")
+    name = d.start(launch()).name
+    wait_started(d, name)
+    d.cancel(name)
+    status = wait_for(d, name)
+    assert status == ExecutionStatus("cancelled", "the trainer exited with code 0")
+    assert "SIGTERM, saving a checkpoint" in _log(d, name)
+
+
+def test_cancel_kills_a_trainer_that_ignores_sigterm(
+    dispatcher_for: Callable[..., LocalDispatcher],
+) -> None:
+    d = dispatcher_for("stubborn")
+    name = d.start(launch()).name
+    wait_started(d, name)
+    started = time.monotonic()
+    d.cancel(name)
+    d.cancel(name)  # asking again changes nothing
+    status = wait_for(d, name)
+    assert time.monotonic() - started >= 0.45  # the grace period
+    assert status.state == "cancelled"
+    assert "SIGKILL" in (status.message or "")
+
+
+def test_a_missing_trainer_command_fails_with_127(
+    make_settings: Callable[..., Settings],
+) -> None:
+    d = LocalDispatcher(make_settings(), trainer_command=["/nonexistent/python"])
+    name = d.start(launch()).name
+    status = wait_for(d, name)
+    assert status.state == "failed"
+    assert "could not be started" in (status.message or "")
+    assert "/nonexistent/python" in (status.message or "")
+
+
+def test_leftover_events_are_read_from_the_runs_spool(
+    make_settings: Callable[..., Settings],
+) -> None:
+    d = LocalDispatcher(make_settings())
+    name = "local:run_abc:0:1"
+    assert d.leftover_events(name) == []
+    path = spool_file(d.spool_dir(), "run_abc")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"a": 1}\n\n{"b": 2}\n')
+    assert d.leftover_events(name) == ['{"a": 1}', '{"b": 2}']
+    d.clear_leftover_events(name)
+    assert not path.exists()
+
+
+def test_names_and_factory(make_settings: Callable[..., Settings]) -> None:
+    assert isinstance(make_dispatcher(make_settings()), LocalDispatcher)
+    assert LocalDispatcher.parse_name("local:run_1:3:42") == ("run_1", 3, 42)
+    d = LocalDispatcher(make_settings())
+    assert d.status("projects/p/executions/e").state == "unknown"
+    with pytest.raises(ValueError, match="not a local execution"):
+        d.cancel("local:nope")

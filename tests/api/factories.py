@@ -1,0 +1,117 @@
+"""Runs and events for the callback and worker tests, built on the real models."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine
+
+from api.callback_auth import mint_token
+from api.config import Settings
+from api.db import session_scope
+from api.models import Run
+from api.states import RunStatus
+from trainer import events as ev
+from trainer.spec import RunSpec
+
+SPEC = RunSpec(model_id="google/gemma-3-4b-it", dataset="digits")
+
+
+def insert_runs(
+    engine: Engine,
+    n: int = 1,
+    *,
+    status: RunStatus = RunStatus.dispatched,
+    segment: int = 0,
+    **fields: Any,
+) -> list[str]:
+    """`n` runs in `status`, oldest first (the state a test starts from, set directly)."""
+    base = datetime.now(UTC) - timedelta(hours=1)
+    execution_name = fields.pop("execution_name", None)
+    runs = [
+        Run(
+            spec=SPEC.model_dump(mode="json"),
+            model_id=SPEC.model_id,
+            dataset=SPEC.dataset,
+            gpu_type=SPEC.gpu_type,
+            status=status,
+            segment=segment,
+            created_at=base + timedelta(milliseconds=i),
+            execution_name=execution_name or (f"fake:{i}" if status != RunStatus.queued else None),
+            **fields,
+        )
+        for i in range(n)
+    ]
+    with session_scope(engine) as session:
+        session.add_all(runs)
+        session.commit()
+        return [r.id for r in runs]
+
+
+def token_for(settings: Settings, run_id: str, hours: float = 1) -> str:
+    return mint_token(settings.signing_key, run_id, datetime.now(UTC) + timedelta(hours=hours))
+
+
+def evaluation(stage: str, accuracy: float, labels: tuple[str, ...] = ("zero", "one")) -> Any:
+    per_class = [
+        ev.ClassMetrics(label=label, precision=accuracy, recall=accuracy, f1=accuracy, support=5)
+        for label in labels
+    ]
+    return ev.Evaluation(
+        stage=stage,  # type: ignore[arg-type]
+        accuracy=accuracy,
+        macro_f1=accuracy - 0.01,
+        unknown_rate=0.0,
+        num_samples=5 * len(labels),
+        labels=list(labels),
+        per_class=per_class,
+        confusion_matrix=[
+            [5 if i == j else 0 for j in range(len(labels) + 1)] for i in range(len(labels))
+        ],
+        predictions=[
+            ev.Prediction(
+                sample_id=f"s{i}",
+                true_label="one",
+                predicted_label="one",
+                raw_answer="one",
+                correct=True,
+            )
+            for i in range(3)
+        ],
+    )
+
+
+def full_history(run_id: str, segment: int = 0, steps: int = 4) -> list[ev.Event]:
+    """What a trainer sends over one successful execution, in order."""
+    seq = iter(range(segment * 1_000_000, segment * 1_000_000 + 1000))
+
+    def make(kind: str, data: Any = None) -> ev.Event:
+        payload: dict[str, Any] = {
+            "type": kind,
+            "run_id": run_id,
+            "seq": next(seq),
+            "segment": segment,
+        }
+        if data is not None:
+            payload["data"] = data.model_dump() if hasattr(data, "model_dump") else data
+        return ev.EVENT_ADAPTER.validate_python(payload)
+
+    out = [make("started"), make("phase", {"phase": "baseline_eval"})]
+    out.append(make("evaluation", evaluation("baseline", 0.1)))
+    out.append(make("phase", {"phase": "training"}))
+    for step in range(1, steps + 1):
+        out.append(
+            make(
+                "progress",
+                ev.Progress(
+                    step=step, total_steps=steps, epoch=step / steps, loss=3.0 - step * 0.5
+                ),
+            )
+        )
+    out.append(make("checkpoint", ev.Checkpoint(step=steps, uri=f"/ck/{run_id}/step-{steps}")))
+    out.append(make("phase", {"phase": "final_eval"}))
+    out.append(make("evaluation", evaluation("final", 0.9)))
+    out.append(make("artifact", ev.Artifact(kind="output_dir", uri=f"/out/{run_id}")))
+    out.append(make("completed", ev.Completed(step=steps)))
+    return out

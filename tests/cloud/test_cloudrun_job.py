@@ -1,0 +1,170 @@
+"""The trainer Job and the per-run overrides, as built from settings and a run spec."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from google.cloud import run_v2
+
+from api.config import Settings
+from api.dispatch import cloudrun_job as cj
+from tests.cloud.conftest import TRAINER_SA, cloud_values
+from trainer.execution import ExecutionEnv
+from trainer.spec import RunSpec
+
+
+def settings(tmp_path: Path, **overrides: object) -> Settings:
+    return Settings(**cloud_values(data_dir=tmp_path, **overrides))
+
+
+@pytest.mark.parametrize(
+    ("gpu", "cpu", "memory", "job_id"),
+    [
+        ("nvidia-l4", "4", "16Gi", "tuneplane-trainer-l4"),
+        ("nvidia-rtx-pro-6000", "20", "80Gi", "tuneplane-trainer-rtx-pro-6000"),
+    ],
+)
+def test_job_has_one_gpu_with_its_minimum_cpu_and_memory(
+    tmp_path: Path, gpu: str, cpu: str, memory: str, job_id: str
+) -> None:
+    s = settings(tmp_path)
+    job = cj.build_job(s, gpu)
+    task = job.template.template
+    (container,) = task.containers
+    assert dict(container.resources.limits) == {
+        "cpu": cpu,
+        "memory": memory,
+        "nvidia.com/gpu": "1",
+    }
+    assert task.node_selector.accelerator == gpu
+    assert task.gpu_zonal_redundancy_disabled is True
+    assert container.image == s.trainer_image
+    assert cj.job_name(s, gpu) == f"projects/tp-test/locations/us-central1/jobs/{job_id}"
+    assert job.template.task_count == 1
+
+
+def test_job_template_carries_identity_secret_bucket_retries_and_timeout(tmp_path: Path) -> None:
+    s = settings(tmp_path, cloud_run_max_retries=5, cloud_run_timeout_margin_minutes=4)
+    task = cj.build_job(s, "nvidia-l4").template.template
+    (container,) = task.containers
+    assert task.service_account == TRAINER_SA
+    assert task.max_retries == 5
+    assert task.timeout.total_seconds() == (55 + 4) * 60
+    (hf,) = container.env
+    assert hf.name == "HF_TOKEN" and not hf.value
+    assert hf.value_source.secret_key_ref.secret == "hf-token"
+    assert hf.value_source.secret_key_ref.version == "latest"
+    (volume,) = task.volumes
+    assert (volume.name, volume.gcs.bucket, volume.gcs.read_only) == (
+        "bucket",
+        "tp-artifacts",
+        True,
+    )
+    assert [(m.name, m.mount_path) for m in container.volume_mounts] == [("bucket", "/mnt/bucket")]
+    assert not task.vpc_access.network_interfaces  # no VPC unless one is named
+
+
+def test_secret_in_another_project_with_a_pinned_version(tmp_path: Path) -> None:
+    s = settings(tmp_path, hf_token_secret="projects/other/secrets/hf/versions/3")
+    (hf,) = cj.build_job(s, "nvidia-l4").template.template.containers[0].env
+    assert hf.value_source.secret_key_ref.secret == "projects/other/secrets/hf"
+    assert hf.value_source.secret_key_ref.version == "3"
+
+
+def test_no_hf_token_secret_means_no_hf_token(tmp_path: Path) -> None:
+    s = settings(tmp_path, hf_token_secret=None)
+    assert not cj.build_job(s, "nvidia-l4").template.template.containers[0].env
+
+
+@pytest.mark.parametrize(
+    ("egress", "expected"),
+    [
+        ("all-traffic", run_v2.VpcAccess.VpcEgress.ALL_TRAFFIC),
+        ("private-ranges-only", run_v2.VpcAccess.VpcEgress.PRIVATE_RANGES_ONLY),
+    ],
+)
+def test_direct_vpc_egress(tmp_path: Path, egress: str, expected: object) -> None:
+    s = settings(tmp_path, vpc_network="default", vpc_subnet="default", vpc_egress=egress)
+    vpc = cj.build_job(s, "nvidia-l4").template.template.vpc_access
+    assert [(n.network, n.subnetwork) for n in vpc.network_interfaces] == [("default", "default")]
+    assert vpc.egress == expected
+
+
+def test_overrides_hold_the_spec_flags_the_env_and_the_segment_timeout(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    spec = RunSpec(model_id="google/gemma-3-4b-it", dataset="digits", time_budget_minutes=20)
+    deadline = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+    env = ExecutionEnv(
+        run_id="run_abc",
+        callback_url="https://api.example/api/v1/runs/run_abc/events",
+        callback_token="secret-token",
+        artifact_uri="gs://tp-artifacts/runs/run_abc",
+        checkpoint_uri="gs://tp-artifacts/runs/run_abc/checkpoints",
+        deadline=deadline,
+        segment=2,
+    )
+    overrides = cj.build_overrides(spec, s, env)
+    (container,) = overrides.container_overrides
+    assert container.name == "trainer"
+    args = list(container.args)
+    assert args[: len(spec.to_flags())] == spec.to_flags()
+    assert RunSpec.from_flags(args[: len(spec.to_flags())]) == spec
+    assert args[len(spec.to_flags()) :] == [
+        "--output-dir",
+        "/tmp/tuneplane/output",
+        "--gcs-output-path",
+        "gs://tp-artifacts/runs/run_abc",
+    ]
+    env_vars = {e.name: e.value for e in container.env}
+    assert env_vars == env.as_environ()
+    assert env_vars["TUNEPLANE_DEADLINE"] == deadline.isoformat()
+    assert env_vars["TUNEPLANE_SEGMENT"] == "2"
+    assert overrides.timeout.total_seconds() == (20 + 5) * 60
+    assert overrides.task_count == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"gcp_project": None}, "TUNEPLANE_GCP_PROJECT"),
+        ({"trainer_image": None, "bucket": None}, "TUNEPLANE_TRAINER_IMAGE, TUNEPLANE_BUCKET"),
+        ({"cloud_run_job": "Trainer_Job"}, "lowercase letters, digits and hyphens"),
+        ({"cloud_run_job": "t" * 40}, "at most 36 characters"),
+        ({"hf_token_secret": "sm://x/y"}, "is not a secret name"),
+        ({"vpc_subnet": "default"}, "TUNEPLANE_VPC_SUBNET needs TUNEPLANE_VPC_NETWORK"),
+    ],
+)
+def test_settings_that_cannot_make_a_job_say_what_to_set(
+    tmp_path: Path, overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(cj.CloudRunConfigError, match=message):
+        cj.check_settings(settings(tmp_path, **overrides))
+
+
+def test_a_job_read_back_with_server_defaults_counts_as_unchanged(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    desired = cj.build_job(s, "nvidia-l4")
+    live = run_v2.Job(desired)
+    # What the server adds: output-only fields, defaults, its own labels and annotations.
+    live.name = cj.job_name(s, "nvidia-l4")
+    live.generation = 7
+    live.labels["cloud.googleapis.com/location"] = "us-central1"
+    live.template.template.execution_environment = (
+        run_v2.ExecutionEnvironment.EXECUTION_ENVIRONMENT_GEN2
+    )
+    live.template.template.containers[0].env[
+        0
+    ].value_source.secret_key_ref.secret = "projects/123456/secrets/hf-token"
+    assert cj.same_template(live, desired)
+
+    changed = run_v2.Job(live)
+    changed.template.template.containers[0].image = "other:2"
+    assert not cj.same_template(changed, desired)
+    changed = run_v2.Job(live)
+    changed.template.template.containers[0].resources.limits["memory"] = "8Gi"
+    assert not cj.same_template(changed, desired)
+    changed = run_v2.Job(live)
+    changed.template.template.gpu_zonal_redundancy_disabled = False
+    assert not cj.same_template(changed, desired)

@@ -1,0 +1,269 @@
+"""The training loop: AdamW, linear warm-up and decay, gradient accumulation, bf16 autocast and
+gradient checkpointing on CUDA, checkpoints every `save_steps` optimizer steps.
+
+A plain PyTorch loop rather than TRL's SFTTrainer, on purpose. What this trainer must get exactly
+right is stopping and resuming: a checkpoint at a deadline or on SIGTERM, written in a known
+order with the manifest last, to Cloud Storage, holding the position in the data order so that
+the next segment continues with the very next micro-batch and the same step count. SFTTrainer's
+checkpoints are local directories resumed by name, its callbacks cannot save at an arbitrary
+point outside `save_steps`, and its collator and packing logic would have to be switched off
+piece by piece to keep our answer-only loss mask. The loop itself is short; the speed is the
+model's forward and backward passes, the same under either.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.checkpoints import CheckpointStore, Restored, TrainState, spec_digest
+from trainer.collator import TrainCollator
+from trainer.data import Sample
+from trainer.deadline import SegmentEnd, Stopper
+from trainer.evaluate import autocast, to_device
+from trainer.events import Progress
+from trainer.model import Loaded
+from trainer.spec import RunSpec
+
+WARMUP_FRACTION = 0.1
+MAX_GRAD_NORM = 1.0
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng.pt"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def plan(num_samples: int, spec: RunSpec) -> tuple[int, int]:
+    """(micro-batches per epoch, total optimizer steps) for a training set of `num_samples`."""
+    per_epoch = math.ceil(num_samples / spec.batch_size)
+    total_micro = max(1, math.ceil(per_epoch * spec.num_epochs))
+    return per_epoch, math.ceil(total_micro / spec.gradient_accumulation_steps)
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(num_samples))
+    # A string seed hashes the same way in every process (unlike hash() of a tuple).
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order
+
+
+class Trainer:
+    def __init__(
+        self,
+        loaded: Loaded,
+        spec: RunSpec,
+        labels: Sequence[str],
+        samples: Sequence[Sample],
+        store: CheckpointStore,
+        stopper: Stopper,
+        on_progress: Callable[[Progress], None],
+        on_checkpoint: Callable[[int, str], None],
+    ) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.spec = spec
+        self.samples = list(samples)
+        self.collator = TrainCollator(loaded.processor, labels, spec.max_length)
+        self.store = store
+        self.stopper = stopper
+        self.on_progress = on_progress
+        self.on_checkpoint = on_checkpoint
+        self.per_epoch, self.total_steps = plan(len(self.samples), spec)
+        self.total_micro = max(1, math.ceil(self.per_epoch * spec.num_epochs))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)
+        warmup = math.ceil(WARMUP_FRACTION * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _linear_warmup_decay(warmup, self.total_steps)
+        )
+        self.state = TrainState(total_steps=self.total_steps, spec_digest=spec_digest(spec))
+        self.history: list[dict[str, float]] = []  # (step, loss, lr) for results.json
+        self.last_checkpoint: tuple[int, str] | None = None
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def restore(self, restored: Restored) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        d = restored.directory
+        weights = load_file(str(d / ADAPTER_FILE), device=str(self.device))
+        result = set_peft_model_state_dict(self.model, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"checkpoint {restored.uri} does not fit this model's adapter")
+        # Our own files, just verified against the manifest's sha256: safe to unpickle.
+        self.optimizer.load_state_dict(torch.load(d / OPTIMIZER_FILE, weights_only=False))
+        self.scheduler.load_state_dict(torch.load(d / SCHEDULER_FILE, weights_only=False))
+        rng = torch.load(d / RNG_FILE, weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.state = restored.state
+        if self.state.total_steps != self.total_steps:
+            raise RuntimeError(
+                f"checkpoint {restored.uri} was made for {self.state.total_steps} steps, this "
+                f"run plans {self.total_steps}: the spec or the data changed between segments"
+            )
+        self.last_checkpoint = (self.state.step, restored.uri)
+
+    def save_checkpoint(self) -> str:
+        last = self.last_checkpoint
+        # Saved at this step already; saved again only to record that training is done.
+        if last and last[0] == self.state.step and not self.state.training_done:
+            return last[1]
+        uri = self.store.save(self.state, self._write_files)
+        self.stopper.save_seconds = self.store.last_save_seconds
+        self.last_checkpoint = (self.state.step, uri)
+        self.on_checkpoint(self.state.step, uri)
+        return uri
+
+    def _write_files(self, directory: Path) -> None:
+        # peft saves the LoRA weights and the `modules_to_save` (the projector) together.
+        self.model.save_pretrained(str(directory))
+        (directory / "README.md").unlink(missing_ok=True)
+        torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+        torch.save(self.scheduler.state_dict(), directory / SCHEDULER_FILE)
+        rng = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        torch.save(rng, directory / RNG_FILE)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def _micro_batches(self, start: int) -> Iterator[list[Sample]]:
+        order: list[int] = []
+        order_epoch = -1
+        for m in range(start, self.total_micro):
+            epoch, pos = divmod(m, self.per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(len(self.samples), self.spec.seed, epoch), epoch
+            idx = order[pos * self.spec.batch_size : (pos + 1) * self.spec.batch_size]
+            yield [self.samples[i] for i in idx]
+
+    def _batches(self, start: int) -> Generator[dict[str, Any], None, None]:
+        """Collated micro-batches; on CUDA the next one is prepared in a thread while the GPU
+        works on the current one (image decoding and resizing are CPU work)."""
+        source = self._micro_batches(start)
+        if self.device.type != "cuda":
+            for chunk in source:
+                yield self.collator(chunk)
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending: Future[Any] | None = None
+            for chunk in source:
+                nxt = pool.submit(self.collator, chunk)
+                if pending is not None:
+                    yield pending.result()
+                pending = nxt
+            if pending is not None:
+                yield pending.result()
+
+    def train(self) -> TrainState:
+        """Train until the planned steps are done; raises SegmentEnd when the segment must stop
+        first (the caller saves: `save_checkpoint` is the same for every place that stops)."""
+        spec, state, device = self.spec, self.state, self.device
+        if state.training_done or state.step >= self.total_steps:
+            state.training_done = True
+            return state
+        self.model.train()
+        float_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        log_every = max(1, min(10, self.total_steps // 20))
+        window_samples, window_t0 = 0, time.perf_counter()
+        step_seconds = 0.0
+        accum_loss, accum_n = 0.0, 0
+        step_t0 = time.perf_counter()
+        batches: Generator[dict[str, Any], None, None] = self._batches(state.micro_batches)
+        self.stopper.check()
+        try:
+            for batch in batches:
+                m = state.micro_batches
+                # The last step of a run may hold fewer micro-batches than the others.
+                step_end = min(
+                    (state.step + 1) * spec.gradient_accumulation_steps, self.total_micro
+                )
+                in_step = step_end - state.step * spec.gradient_accumulation_steps
+                inputs = to_device(batch, device, float_dtype)
+                with autocast(device):
+                    loss = self.model(**inputs).loss
+                (loss / in_step).backward()
+                accum_loss += float(loss.detach())
+                accum_n += 1
+                n = int(inputs["input_ids"].shape[0])
+                window_samples += n
+                state.train_samples += n
+                state.micro_batches = m + 1
+                if state.micro_batches < step_end:
+                    continue
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], MAX_GRAD_NORM
+                )
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                self.stopper.progressed = True
+                now = time.perf_counter()
+                step_seconds = now - step_t0
+                state.train_seconds += step_seconds
+                step_t0 = now
+                lr = float(self.scheduler.get_last_lr()[0])
+                step_loss = accum_loss / max(accum_n, 1)
+                accum_loss, accum_n = 0.0, 0
+                self.history.append({"step": state.step, "loss": step_loss, "learning_rate": lr})
+                done = state.step >= self.total_steps
+                if state.step % log_every == 0 or done:
+                    elapsed = now - window_t0
+                    self.on_progress(
+                        Progress(
+                            step=state.step,
+                            total_steps=self.total_steps,
+                            epoch=state.micro_batches / self.per_epoch,
+                            loss=step_loss,
+                            learning_rate=lr,
+                            samples_per_second=window_samples / elapsed if elapsed > 0 else None,
+                            gpu_memory_gb=gpu_memory_gb(),
+                        )
+                    )
+                    window_samples, window_t0 = 0, time.perf_counter()
+                if done:
+                    break
+                if state.step % spec.save_steps == 0:
+                    self.save_checkpoint()
+                    step_t0 = time.perf_counter()  # saving is not training time
+                reason = self.stopper.should_stop(step_seconds)
+                if reason:
+                    raise SegmentEnd(reason)
+        finally:
+            batches.close()
+        state.training_done = True
+        self.save_checkpoint()
+        return state
+
+
+def gpu_memory_gb() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def _linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
