@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from api import errors
-from api.auth import dashboard_access
 from api.config import Settings
 from api.db import make_engine
-from api.routes import api_router, dashboard, health, login, template_pages
+from api.routes import api_router, dashboard, health, login, pages_router
 from api.secrets import resolve_secrets
 
 
@@ -53,8 +52,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     login.install(app)  # /login, /logout, and the redirect of LoginRequired
     app.include_router(health.router)
     app.include_router(api_router)
-    # With auth on, every page needs a login session (api/auth.py); static files do not.
-    app.include_router(dashboard.router, dependencies=[Depends(dashboard_access)])
-    app.include_router(template_pages.router, dependencies=[Depends(dashboard_access)])
+    app.include_router(pages_router)  # the dashboard, behind a login with auth on
     app.mount("/static", dashboard.static_files(), name="static")
     return app

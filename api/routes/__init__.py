@@ -1,9 +1,22 @@
-"""HTTP routes: `api_router` is everything under /api/v1."""
+"""HTTP routes: `api_router` is everything under /api/v1; `pages_router` is the dashboard."""
 
 from fastapi import APIRouter, Depends
 
-from api.auth import authorize
-from api.routes import artifacts, callbacks, champions, deliveries, runs, templates, tokens
+from api.auth import authorize, dashboard_access
+from api.routes import (
+    artifacts,
+    callbacks,
+    champions,
+    dashboard_new_run,
+    dashboard_run_actions,
+    dashboard_run_page,
+    dashboard_runs,
+    deliveries,
+    runs,
+    template_pages,
+    templates,
+    tokens,
+)
 
 # Every route under /api/v1 is checked by `authorize` (api/auth.py decides the scope by method
 # and path, so a route added later is covered without anyone remembering to protect it).
@@ -15,3 +28,12 @@ api_router.include_router(templates.router)
 api_router.include_router(champions.router)
 api_router.include_router(deliveries.router)
 api_router.include_router(tokens.router)
+
+# With auth on, every page needs a login session (api/auth.py); static files do not.
+pages_router = APIRouter(include_in_schema=False, dependencies=[Depends(dashboard_access)])
+pages_router.include_router(dashboard_runs.router)
+# Before the run page: routes match in order, and /runs/{run_id} would take /runs/new.
+pages_router.include_router(dashboard_new_run.router)
+pages_router.include_router(dashboard_run_page.router)
+pages_router.include_router(dashboard_run_actions.router)
+pages_router.include_router(template_pages.router)
