@@ -1,6 +1,6 @@
 """README.md stays true: its configuration tables match the settings classes both ways, its
-Quickstart is two commands, CI installs what it says, and its curl examples run against a real
-server."""
+Quickstart is two commands, CI installs what it says, its API table lists exactly the app's
+/api/v1 routes, and its curl examples run against a real server."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from sqlmodel import select
 
 from api.config import ClientSettings, Settings
 from api.db import session_scope
+from api.main import create_app
 from api.models import Run
 from tests.conftest import LiveServer
 
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 EXAMPLE_URL = "http://127.0.0.1:8000"
 ROW = re.compile(r"^\| `(TUNEPLANE_[A-Z0-9_]+)` \| `([^`]*)` \| (.*?) \|$")
+ROUTE_ROW = re.compile(r"^\| `(GET|POST|PUT|PATCH|DELETE) (/api/v1/[^`]*)` \|", re.M)
+PATH_PARAM = re.compile(r"\{[^}]+\}")
 
 
 def section(title: str) -> str:
@@ -107,6 +110,27 @@ def test_ci_installs_and_tests_exactly_as_the_readme_says() -> None:
     )
     assert test == "bash .ci/test" and "bash .ci/test" in ci
     assert "uv " not in ci and "pytest -n 2 --db all" in (ROOT / ".ci" / "test").read_text()
+
+
+def test_api_table_lists_every_api_route(tmp_path: Path) -> None:
+    """Every operation under /api/v1 in the app's OpenAPI document is a row of the README's
+    table, and every row is a real operation (parameter names may differ: `{id}`, `{run_id}`)."""
+    app = create_app(Settings(data_dir=tmp_path, run_worker=False))
+    routes = {
+        (method.upper(), PATH_PARAM.sub("{}", path))
+        for path, operations in app.openapi()["paths"].items()
+        if path.startswith("/api/v1/")
+        for method in operations
+    }
+    documented = [
+        (method, PATH_PARAM.sub("{}", path))
+        for method, path in ROUTE_ROW.findall(section("API overview"))
+    ]
+    assert len(documented) == len(set(documented)), "a route is in the README's table twice"
+    missing = sorted(routes - set(documented))
+    assert not missing, f"README's API table lacks: {missing}"
+    unknown = sorted(set(documented) - routes)
+    assert not unknown, f"README's API table names routes the app does not have: {unknown}"
 
 
 def api_examples() -> list[str]:

@@ -4,7 +4,7 @@ One Job per GPU type (`<cloud_run_job>-l4`, `<cloud_run_job>-rtx-pro-6000`): the
 and memory are part of the Job's template and `run_job` overrides cannot change them. Everything
 per run (the spec's flags, run id, callback, artifact and checkpoint locations, deadline, task
 timeout) travels as overrides. `deploy/deploy.sh` creates the same Job with gcloud;
-tests/cloud/test_deploy.py checks that the two agree on every field `managed_view` compares.
+tests/cloud/test_cloud_deploy.py checks that the two agree on every field `managed_view` compares.
 """
 
 from __future__ import annotations
