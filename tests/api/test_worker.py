@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
@@ -332,6 +333,75 @@ def test_a_run_cancelled_while_it_starts_has_its_execution_stopped(
     assert run.status == RunStatus.cancelled
     assert platform.cancels == [platform.name_of(run_id)]
     assert run.execution_name == platform.name_of(run_id)  # the record says what ran
+
+
+def test_a_trainer_stopped_by_a_cancel_ends_the_run_at_its_segment_done(
+    settings: Settings, engine: Engine, client: TestClient
+) -> None:
+    """The cancel path end to end, in a run's second segment: the worker stops the execution
+    (the platform's SIGTERM), the trainer saves a checkpoint and reports `segment_done`, exactly
+    as it does at its deadline (trainer/deadline.py). The run must end `cancelled` with the
+    checkpoint kept, and no further segment may start."""
+    (run_id,) = insert_runs(engine, status=RunStatus.queued)
+    platform = FakePlatform()
+    worker = make_worker(settings, engine, platform, cancel_reask_seconds=3600)
+
+    def trainer_posts(event: ev.Event) -> dict[str, Any]:
+        # As the current execution's trainer would: to its callback URL, with its credential.
+        env = platform.launches[-1].env
+        assert env.callback_token is not None
+        r = client.post(
+            urlsplit(env.callback_url).path,
+            content=event.model_dump_json(),
+            headers={
+                "Authorization": f"Bearer {env.callback_token.get_secret_value()}",
+                "Content-Type": "application/json",
+            },
+        )
+        assert r.status_code in (200, 201), r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+    def segment_done(segment: int, step: int) -> ev.Event:
+        data = ev.SegmentDone(step=step, checkpoint_uri=f"mem://ck/step-{step}")
+        return ev.SegmentDoneEvent(run_id=run_id, seq=1, segment=segment, data=data)
+
+    # Segment 0 reaches its deadline: the run waits for, and gets, a next segment.
+    worker.tick()
+    trainer_posts(ev.StartedEvent(run_id=run_id, seq=0, segment=0))
+    done = trainer_posts(segment_done(0, 10))
+    assert (done["outcome"], done["run_status"]) == ("applied: queued for segment 1", "queued")
+    platform.end(platform.name_of(run_id), "succeeded")  # the trainer exits 0
+    worker.tick()
+    assert [launch.env.segment for launch in platform.launches] == [0, 1]
+    trainer_posts(ev.StartedEvent(run_id=run_id, seq=0, segment=1))
+    assert load(engine, run_id).status == RunStatus.running
+
+    # Cancelled during segment 1.
+    r = client.post(f"/api/v1/runs/{run_id}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelling"
+    worker.tick()
+    name = platform.name_of(run_id)
+    assert platform.cancels == [name]
+
+    # SIGTERM: the trainer saves at step 17 and reports segment_done, then exits.
+    stopped = segment_done(1, 17)
+    done = trainer_posts(stopped)
+    assert done["run_status"] == "cancelled"
+    assert done["outcome"].startswith("applied: the cancel is finished")
+    platform.end(name, "cancelled", "Execution was cancelled")
+    worker.tick()
+    worker.reconcile()
+    # The reporter retrying its post (an answer lost on the way) changes nothing.
+    again = trainer_posts(stopped)
+    assert again["duplicate"] is True and again["run_status"] == "cancelled"
+
+    run = load(engine, run_id)
+    assert run.status == RunStatus.cancelled and run.finished_at is not None
+    assert run.status_reason == "cancelled; checkpoint at step 17 kept"
+    assert (run.segment, run.last_step, run.checkpoint_uri) == (1, 17, "mem://ck/step-17")
+    assert run.claimed_by is None
+    assert len(platform.launches) == 2  # no segment 2
 
 
 # -- the reconciler --------------------------------------------------------------------------------
