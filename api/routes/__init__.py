@@ -13,6 +13,7 @@ from api.routes import (
     dashboard_runs,
     deliveries,
     runs,
+    template_forms,
     template_pages,
     templates,
     tokens,
@@ -36,4 +37,6 @@ pages_router.include_router(dashboard_runs.router)
 pages_router.include_router(dashboard_new_run.router)
 pages_router.include_router(dashboard_run_page.router)
 pages_router.include_router(dashboard_run_actions.router)
+# Before the template page, for the same reason: /templates/{name} would take /templates/_new.
+pages_router.include_router(template_forms.router)
 pages_router.include_router(template_pages.router)

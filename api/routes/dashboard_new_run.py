@@ -1,16 +1,22 @@
 """The dashboard's new-run form: the form derived from `RunSpec` (GET `/runs/new`, optionally
 prefilled from an earlier run), and its submission, validated field by field and shown again
-with the errors beside the fields until it makes a run."""
+with the errors beside the fields until it makes a run.
+
+The field building (`spec_fields`, `form_field`), parsing (`parse_fields`), prefilling
+(`spec_defaults`, `form_value`) and error mapping (`field_errors`) are public: the template
+forms (`template_forms`) build the same spec fields, and their gate fields, with them."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args, get_origin
+from types import NoneType, UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 from starlette.datastructures import FormData
 
 from api.deps import SessionDep, SettingsDep
@@ -19,14 +25,14 @@ from api.models import Run, RunCreate
 from api.routes.dashboard import checked_form, form_key, not_found, render, split_list
 from api.services import dashboard as q
 from api.services import runs as runs_service
-from trainer.spec import RunSpec, describe_errors, field_bounds
+from trainer.spec import RunSpec, describe_errors
 
 router = APIRouter(include_in_schema=False)
 
 
 @dataclass(frozen=True)
 class FormField:
-    name: str
+    name: str  # the input's name, its id (`f-NAME`) and its key in values and errors
     label: str
     kind: Literal["text", "number", "checkbox", "select", "list"]
     required: bool
@@ -35,6 +41,12 @@ class FormField:
     hi: float | None = None
     step: str = "1"
     options: tuple[str, ...] = ()
+    key: str = ""  # the model's field, when `name` has a prefix ("gates.min_accuracy")
+    nullable: bool = False  # left empty means None (a gate that is off), not an error
+
+    @property
+    def field(self) -> str:
+        return self.key or self.name
 
 
 FIELD_GROUPS: list[tuple[str, list[str]]] = [
@@ -71,16 +83,24 @@ def spec_fields() -> list[tuple[str, list[FormField]]]:
         groups.append(("Other", other))
     out = []
     for title, names in groups:
-        out.append((title, [_form_field(n) for n in names]))
+        out.append((title, [form_field(n) for n in names]))
     return out
 
 
-def _form_field(name: str) -> FormField:
-    info = RunSpec.model_fields[name]
-    ann = info.annotation
-    label = LABELS.get(name, name.replace("_", " ").capitalize())
+def form_field(
+    name: str,
+    model: type[BaseModel] = RunSpec,
+    prefix: str = "",
+    labels: Mapping[str, str] = LABELS,
+) -> FormField:
+    """The input for one field of `model`, named `prefix + name`."""
+    info = model.model_fields[name]
+    ann, nullable = _without_none(info.annotation)
+    label = labels.get(name, name.replace("_", " ").capitalize())
     common: dict[str, Any] = {
-        "name": name,
+        "name": prefix + name,
+        "key": name if prefix else "",
+        "nullable": nullable,
         "label": label,
         "required": info.is_required(),
         "help": info.description or "",
@@ -92,12 +112,29 @@ def _form_field(name: str) -> FormField:
     if get_origin(ann) is list:
         return FormField(kind="list", **common)
     if ann in (int, float):
-        lo, hi = field_bounds(name)
+        lo, hi = _bounds(info)
         return FormField(kind="number", lo=lo, hi=hi, step="1" if ann is int else "any", **common)
     return FormField(kind="text", **common)
 
 
-def _spec_defaults(base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _without_none(ann: Any) -> tuple[Any, bool]:
+    """(`X`, True) for `X | None`; (ann, False) for anything else."""
+    if get_origin(ann) in (Union, UnionType):
+        args = [a for a in get_args(ann) if a is not NoneType]
+        if len(args) == 1 and len(get_args(ann)) == 2:
+            return args[0], True
+    return ann, False
+
+
+def _bounds(info: FieldInfo) -> tuple[float | None, float | None]:
+    lo = hi = None
+    for meta in info.metadata:
+        lo = getattr(meta, "ge", lo)
+        hi = getattr(meta, "le", hi)
+    return lo, hi
+
+
+def spec_defaults(base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, info in RunSpec.model_fields.items():
         if base is not None and name in base:
@@ -106,10 +143,11 @@ def _spec_defaults(base: Mapping[str, Any] | None = None) -> dict[str, Any]:
             values[name] = info.get_default(call_default_factory=True)
         else:
             values[name] = ""
-    return {k: _form_value(v) for k, v in values.items()}
+    return {k: form_value(v) for k, v in values.items()}
 
 
-def _form_value(v: Any) -> Any:
+def form_value(v: Any) -> Any:
+    """A stored value as its input shows it."""
     if isinstance(v, bool):
         return v
     if isinstance(v, list):
@@ -119,37 +157,45 @@ def _form_value(v: Any) -> Any:
     return "" if v is None else str(v)
 
 
+def parse_fields(form: FormData, fields: list[FormField]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(values to show again by input name, model input by field) from a submitted form."""
+    shown: dict[str, Any] = {}
+    data: dict[str, Any] = {}
+    for f in fields:
+        raw = form.get(f.name)
+        text = raw.strip() if isinstance(raw, str) else ""
+        if f.kind == "checkbox":
+            # An unchecked box sends nothing; the form always has every field, so absent = off.
+            shown[f.name] = data[f.field] = text in ("on", "true", "1")
+        elif f.kind == "list":
+            shown[f.name], data[f.field] = text, split_list(text)
+        elif not text and (f.required or f.nullable):
+            # Left out: "is required" for a required field, None (the default) for a nullable.
+            shown[f.name] = ""
+        else:
+            # Passed on as typed: an emptied number is an error to show, not a default.
+            shown[f.name] = data[f.field] = text
+    return shown, data
+
+
 def _parse_form(form: FormData) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
     """(values to show again, spec input, run fields) from a submitted form."""
-    shown: dict[str, Any] = {}
-    spec_in: dict[str, Any] = {}
-    for _title, fields in spec_fields():
-        for f in fields:
-            raw = form.get(f.name)
-            text = raw.strip() if isinstance(raw, str) else ""
-            if f.kind == "checkbox":
-                # An unchecked box sends nothing; the form always has every field, so absent = off.
-                shown[f.name] = spec_in[f.name] = text in ("on", "true", "1")
-            elif f.kind == "list":
-                shown[f.name], spec_in[f.name] = text, split_list(text)
-            elif f.required and not text:
-                shown[f.name] = ""  # left out, so the error says "is required"
-            else:
-                # Passed on as typed: an emptied number is an error to show, not a default.
-                shown[f.name] = spec_in[f.name] = text
+    shown, spec_in = parse_fields(form, [f for _, fields in spec_fields() for f in fields])
     run_fields = {k: str(form.get(k) or "").strip() for k in ("name", "tags", "notes")}
     shown.update(run_fields)
     return shown, spec_in, run_fields
 
 
-def _field_errors(errors: list[dict[str, str]]) -> dict[str, str]:
+def field_errors(errors: list[dict[str, str]], nested: tuple[str, ...] = ()) -> dict[str, str]:
+    """The first message for each input. A field inside one of `nested` keeps its prefix
+    ("body.gates.min_accuracy" is the input "gates.min_accuracy")."""
     out: dict[str, str] = {}
     for err in errors:
         # "body.spec.gpu_type" (from the service) and "spec.gpu_type" both mean the gpu_type field.
         parts = err["field"].split(".")
         while len(parts) > 1 and parts[0] in ("body", "spec"):
             parts = parts[1:]
-        key = parts[0]
+        key = ".".join(parts[:2]) if parts[0] in nested and len(parts) > 1 else parts[0]
         out.setdefault(key, err["message"])
     return out
 
@@ -184,7 +230,7 @@ def new_run_page(request: Request, session: SessionDep, settings: SettingsDep) -
     source = q.get_run(session, source_id) if source_id else None
     if source_id and source is None:
         return not_found(request, source_id)
-    values = _spec_defaults(source.spec if source else None)
+    values = spec_defaults(source.spec if source else None)
     if source is None:
         values["gpu_type"] = settings.default_gpu_type
     values.update(
@@ -206,19 +252,19 @@ async def create_run_form(request: Request, session: SessionDep, settings: Setti
     try:
         spec = RunSpec.model_validate(spec_in)
     except ValidationError as exc:
-        errors.update(_field_errors(describe_errors(exc)))
+        errors.update(field_errors(describe_errors(exc)))
     body: RunCreate | None = None
     try:
         body = RunCreate.model_validate(
             {
-                "spec": spec or _spec_defaults(),  # checks name/tags/notes even if the spec fails
+                "spec": spec or spec_defaults(),  # checks name/tags/notes even if the spec fails
                 "name": run_fields["name"],
                 "tags": split_list(run_fields["tags"]),
                 "notes": run_fields["notes"],
             }
         )
     except ValidationError as exc:
-        for key, message in _field_errors(describe_errors(exc)).items():
+        for key, message in field_errors(describe_errors(exc)).items():
             if key in ("name", "tags", "notes"):
                 errors.setdefault(key, message)
     if errors or body is None or spec is None:
@@ -230,7 +276,7 @@ async def create_run_form(request: Request, session: SessionDep, settings: Setti
     except Problem as exc:
         extra = exc.extra.get("errors")
         if isinstance(extra, list):
-            errors.update(_field_errors([e for e in extra if isinstance(e, dict)]))
+            errors.update(field_errors([e for e in extra if isinstance(e, dict)]))
         return _new_form(
             request,
             shown,

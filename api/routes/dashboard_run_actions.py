@@ -1,19 +1,24 @@
-"""What the dashboard's buttons do to a run: cancel it, or retrain from its spec. Both go
-through `api.services.runs`, as the REST API does; a refusal (a run already finished, say)
-shows the run's page again with the reason, with the status the API would have answered."""
+"""What the dashboard's buttons do to a run: cancel it, retrain from its spec, or promote it to
+its template's champion. They go through `api.services.runs` and `api.services.champions`, as
+the REST API does; a refusal (a run already finished, a failed gate) shows the run's page again
+with the reason, with the status the API would have answered."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import ValidationError
 from sqlmodel import Session
 
+from api.auth import principal_of
 from api.config import Settings
 from api.deps import SessionDep, SettingsDep
 from api.errors import Problem
 from api.models import RetrainRequest
+from api.models.templates import PromoteRequest
 from api.routes.dashboard import checked_form, form_key, not_found, render
-from api.routes.dashboard_run_view import run_context
+from api.routes.dashboard_run_view import page_context
+from api.services import champions as champions_service
 from api.services import dashboard as q
 from api.services import runs as runs_service
 
@@ -54,18 +59,59 @@ async def retrain_run_form(
     return RedirectResponse(f"/runs/{new.run.id}?notice=retrained", status_code=303)
 
 
+@router.post("/runs/{run_id}/promote", response_class=HTMLResponse)
+async def promote_run_form(
+    request: Request, run_id: str, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """The run becomes its template's champion. `force` (the "promote anyway" form of a run
+    whose gate failed) goes with the note that says why, as over REST."""
+    form = await checked_form(request)
+    if isinstance(form, HTMLResponse):
+        return form
+    if q.get_run(session, run_id) is None:
+        return not_found(request, run_id)
+    note = str(form.get("note") or "").strip()
+    force = form.get("force") in ("1", "true", "on")
+    try:
+        body = PromoteRequest(note=note, force=force)
+    except ValidationError:  # the one constraint a form can break: the note's length
+        problem = Problem(
+            422, "Note too long", f"the note has {len(note)} characters; keep it to 2000"
+        )
+        return _run_with_error(request, session, settings, run_id, problem)
+    try:
+        champions_service.promote(session, run_id, body, by=principal_of(request).name)
+    except Problem as exc:
+        message = None
+        if "gate_reasons" in exc.extra:  # refused for its failed gate
+            # The service's wording is for API clients ("send force=true"); say it in the page's.
+            message = (
+                "Gate failed: this run failed its quality gate (the checks are listed below), "
+                "so it is not promoted. To make it champion anyway, use “Promote anyway” "
+                "with a note saying why."
+            )
+        return _run_with_error(request, session, settings, run_id, exc, message)
+    return RedirectResponse(f"/runs/{run_id}?notice=promoted", status_code=303)
+
+
 def _run_with_error(
-    request: Request, session: Session, settings: Settings, run_id: str, exc: Problem
+    request: Request,
+    session: Session,
+    settings: Settings,
+    run_id: str,
+    exc: Problem,
+    message: str | None = None,
 ) -> HTMLResponse:
     session.rollback()
     detail = q.run_detail(session, run_id)
     if detail is None:
         return not_found(request, run_id)
-    message = f"{exc.title}: {exc.detail}" if exc.detail else exc.title
+    if message is None:
+        message = f"{exc.title}: {exc.detail}" if exc.detail else exc.title
     return render(
         request,
         "run.html",
         exc.status,
         page_error=message,
-        **run_context(request, detail, settings),
+        **page_context(request, session, detail, settings),
     )

@@ -9,10 +9,13 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from api import csrf
 from api.deps import SessionDep, SettingsDep
 from api.routes.dashboard import ENV, error_page, layout_context, not_found, render
-from api.routes.dashboard_run_view import local_log_path, run_context
+from api.routes.dashboard_run_view import local_log_path, page_context, run_context
 from api.services import dashboard as q
 
 router = APIRouter(include_in_schema=False)
+
+# Notices of this page's own actions (the shared ones are `dashboard.NOTICES`).
+RUN_NOTICES = {"promoted": "Promoted: this run is now its template's champion."}
 
 LIVE_PARTS = {
     "header": "_run_header.html",
@@ -29,7 +32,11 @@ def run_page(
     detail = q.run_detail(session, run_id)
     if detail is None:
         return not_found(request, run_id)
-    return render(request, "run.html", **run_context(request, detail, settings))
+    context = page_context(request, session, detail, settings)
+    notice = RUN_NOTICES.get(request.query_params.get("notice", ""))
+    if notice:
+        context["notice"] = notice
+    return render(request, "run.html", **context)
 
 
 @router.get("/runs/{run_id}/live")

@@ -1,7 +1,8 @@
 """What one run's page shows, built from its `RunDetail`: the timeline in words, the phase
-strip, the per-class table, sample predictions, where its log is. No routes here: the page, its
-live fragments (`dashboard_run_page`) and a failed action's re-render (`dashboard_run_actions`)
-all draw from `run_context`."""
+strip, the per-class table, sample predictions, where its log is, its quality gate's checks,
+whether it can be promoted, and its artifacts with download links. No routes here: the page,
+its live fragments (`dashboard_run_page`) and a failed action's re-render
+(`dashboard_run_actions`) all draw from `run_context` (the full page from `page_context`)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Request
+from sqlmodel import Session
 
 from api import charts
 from api.config import Settings
 from api.models import Run
 from api.models.types import utcnow
+from api.routes.artifacts import FILE_KINDS, get_artifacts
 from api.routes.dashboard_format import pct
 from api.services import dashboard as q
 from api.states import ACTIVE, TERMINAL, RunStatus
@@ -24,6 +27,19 @@ from trainer.spec import RunSpec
 PHASE_EVENTS = {"phase"}
 END_EVENTS = {"completed", "failed", "segment_done"}
 CLASS_SORTS = {"label", "precision", "recall", "f1", "baseline_f1", "change", "support"}
+# The checks of api/gates.py, as a person reads them; an unknown name is shown as it is.
+GATE_CHECKS = {
+    "min_accuracy": "Minimum accuracy",
+    "min_macro_f1": "Minimum macro F1",
+    "max_unknown_rate": "Maximum unknown-answer rate",
+    "no_worse_than_champion": "No worse than the champion (McNemar)",
+    "max_class_f1_drop": "Per-class F1 drop against the champion",
+    "final_evaluation": "Final evaluation",
+    "gates": "Gates",
+    "template": "Template",
+    "run": "Run",
+}
+OUTCOME_ICONS = {"passed": "✓", "failed": "✕", "not_applicable": "—"}
 
 
 def _phase_spans(detail: q.RunDetail) -> list[charts.Span]:
@@ -159,6 +175,77 @@ def local_log_path(run: Run, settings: Settings) -> Path | None:
     return path
 
 
+def _gate_checks(run: Run) -> list[dict[str, Any]]:
+    """The gate's checks as recorded on the run (api/gates.py `Check.as_dict`): name, outcome,
+    the reason in words (with the McNemar p-value, the largest class drops...), and the figures
+    worth a table or a link. Defensive about shape: the column is free-form JSON."""
+    out = []
+    for raw in run.gate_reasons or []:
+        if not isinstance(raw, Mapping):
+            continue
+        check = str(raw.get("check", "?"))
+        outcome = str(raw.get("outcome", ""))
+        champion = raw.get("champion_run_id")
+        out.append(
+            {
+                "name": GATE_CHECKS.get(check, check.replace("_", " ")),
+                "outcome": outcome,
+                "icon": OUTCOME_ICONS.get(outcome, "•"),
+                "reason": str(raw.get("reason", "")),
+                "champion": champion if isinstance(champion, str) and champion else None,
+                "drops": _drops(raw.get("drops")),
+            }
+        )
+    return out
+
+
+def _drops(raw: Any) -> list[dict[str, Any]]:
+    """The per-class rows of a `max_class_f1_drop` check that lost F1 (the others, up to 20
+    recorded, would be noise), worst first as recorded."""
+    rows = []
+    for d in raw if isinstance(raw, list) else []:
+        if not isinstance(d, Mapping):
+            continue
+        old, new = d.get("champion_f1"), d.get("f1")
+        if not isinstance(old, int | float) or not isinstance(new, int | float) or old <= new:
+            continue
+        rows.append({"label": str(d.get("label", "")), "champion_f1": old, "f1": new})
+    return rows
+
+
+def artifact_links(session: Session, run: Run, settings: Settings) -> list[dict[str, Any]]:
+    """The run's artifacts as `GET /api/v1/runs/{id}/artifacts` lists them (the same function,
+    so the page and the API never disagree): each with its signed download URL where the api's
+    credentials can sign one, else just its URI (directories, local paths, no signing key)."""
+    links = []
+    for a in get_artifacts(run.id, session, settings).artifacts:
+        url = a.download_url
+        # Made by the storage client from its endpoint, so http(s) already; checked anyway
+        # because it becomes an href.
+        if url is not None and not url.lower().startswith(("https://", "http://")):
+            url = None
+        links.append({"kind": a.kind, "uri": a.uri, "url": url})
+    return links
+
+
+def page_context(
+    request: Request, session: Session, detail: q.RunDetail, settings: Settings
+) -> dict[str, Any]:
+    """Everything the whole run page shows: `run_context` plus what only the full page (not its
+    live fragments) holds, the artifact links, whose signing may cost a call to Google."""
+    artifacts = artifact_links(session, detail.run, settings)
+    return {
+        **run_context(request, detail, settings),
+        "artifacts": artifacts,
+        "signed_url_minutes": settings.signed_url_minutes,
+        # A file in Cloud Storage that got no link: the credentials cannot sign (say so once).
+        "artifacts_unsigned": any(
+            a["url"] is None and a["kind"] in FILE_KINDS and a["uri"].startswith("gs://")
+            for a in artifacts
+        ),
+    }
+
+
 def run_context(request: Request, detail: q.RunDetail, settings: Settings) -> dict[str, Any]:
     run = detail.run
     p = request.query_params
@@ -213,4 +300,14 @@ def run_context(request: Request, detail: q.RunDetail, settings: Settings) -> di
         "active": run.status in ACTIVE or run.status == RunStatus.queued,
         "can_cancel": run.status not in TERMINAL and run.status != RunStatus.cancelling,
         "tags": detail.tags,
+        "champion_of": detail.champion_of,
+        # Shown for template runs; a plain run's "not applicable (no template)" says nothing.
+        "gate_checks": _gate_checks(run)
+        if run.gate_status in ("passed", "failed") or run.template_name
+        else [],
+        # What api/services/champions.promote accepts: a succeeded run of a template. A run
+        # whose gate failed is offered "promote anyway" with a note (force), not the plain button.
+        "can_promote": run.status == RunStatus.succeeded
+        and run.template_name is not None
+        and detail.champion_of is None,
     }

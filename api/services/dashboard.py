@@ -17,12 +17,21 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, or_, tuple_
+from sqlalchemy import and_, exists, func, or_, tuple_
 from sqlalchemy import select as sa_select
-from sqlalchemy.orm import load_only
+from sqlalchemy.orm import aliased, load_only
 from sqlmodel import Session, col, select
 
-from api.models import ClassMetric, Evaluation, ProgressPoint, Run, RunEvent, RunTag
+from api.models import (
+    Champion,
+    ClassMetric,
+    Evaluation,
+    ProgressPoint,
+    Run,
+    RunEvent,
+    RunTag,
+    RunTemplate,
+)
 from api.states import RunStatus
 
 PAGE_SIZE = 50
@@ -86,6 +95,7 @@ class RunFilters:
 class RunRow:
     run: Run
     tags: list[str]
+    champion_of: str | None = None  # the template whose current champion this run is
 
     @property
     def train_size(self) -> Any:
@@ -232,9 +242,10 @@ def list_runs(
         older = encode_cursor(runs[-1]) if runs and more else None
         newer = encode_cursor(runs[0]) if runs and after else None
     tags = tags_of(session, [r.id for r in runs])
+    crowned = champions_among(session, [r.id for r in runs])
     total = _count(session, *_where(session, filters)) if filters.active else sum(counts.values())
     return RunsPage(
-        rows=[RunRow(r, tags.get(r.id, [])) for r in runs],
+        rows=[RunRow(r, tags.get(r.id, []), crowned.get(r.id)) for r in runs],
         total=total,
         older=older,
         newer=newer,
@@ -273,6 +284,37 @@ def tags_of(session: Session, run_ids: list[str]) -> dict[str, list[str]]:
     for run_id, tag in rows:
         out[run_id].append(tag)
     return out
+
+
+def champions_among(session: Session, run_ids: list[str]) -> dict[str, str]:
+    """{run id: template name} for those of `run_ids` that are their template's current
+    champion, in one query whatever the number of runs or templates. The current champion is
+    a template's newest promotion (api/services/templates.current_champion: latest
+    `promoted_at`, then highest id), so a promotion row counts when no newer row of its
+    template exists. A deleted (hidden) template has no champion to show."""
+    if not run_ids:
+        return {}
+    newer = aliased(Champion)
+    superseded = exists().where(
+        col(newer.template_name) == col(Champion.template_name),
+        or_(
+            col(newer.promoted_at) > col(Champion.promoted_at),
+            and_(
+                col(newer.promoted_at) == col(Champion.promoted_at),
+                col(newer.id) > col(Champion.id),
+            ),
+        ),
+    )
+    rows = session.exec(
+        select(Champion.run_id, Champion.template_name)
+        .join(RunTemplate, col(RunTemplate.name) == col(Champion.template_name))
+        .where(
+            col(Champion.run_id).in_(run_ids),
+            col(RunTemplate.deleted_at).is_(None),
+            ~superseded,
+        )
+    )
+    return {run_id: template for run_id, template in rows}
 
 
 def status_counts(session: Session) -> dict[str, int]:
@@ -451,6 +493,7 @@ class RunDetail:
     class_metrics: dict[str, list[ClassMetric]]
     parent: Run | None
     children: list[Run]
+    champion_of: str | None = None  # the template whose current champion this run is
 
     @property
     def latest_progress(self) -> tuple[int, float] | None:
@@ -505,6 +548,7 @@ def run_detail(session: Session, run_id: str) -> RunDetail | None:
         class_metrics=dict(metrics),
         parent=parent,
         children=children,
+        champion_of=champions_among(session, [run_id]).get(run_id) if run.template_name else None,
     )
 
 

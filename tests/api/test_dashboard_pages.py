@@ -8,17 +8,21 @@ from __future__ import annotations
 import html
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from markupsafe import escape
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine, event, insert
 from sqlmodel import Session, select
 
 from api.config import Settings
-from api.models import ProgressPoint, Run
-from tests.browser.seed import XSS, XSS_LABEL, XSS_TAG, Seeder, seed_fleet
+from api.models import Champion, ProgressPoint, Run
+from tests.browser.seed import LABELS, XSS, XSS_LABEL, XSS_TAG, Seeder, seed_fleet
 
 
 @pytest.fixture
@@ -463,7 +467,12 @@ def test_forms_without_a_valid_token_are_refused(
     ]
     for data, cookies in attempts:
         with TestClient(app, cookies=cookies) as other:  # type: ignore[arg-type]
-            for path in (f"/runs/{run_id}/cancel", f"/runs/{run_id}/retrain", "/runs/new"):
+            for path in (
+                f"/runs/{run_id}/cancel",
+                f"/runs/{run_id}/retrain",
+                f"/runs/{run_id}/promote",
+                "/runs/new",
+            ):
                 response = other.post(
                     path,
                     data={**data, **(spec_form() if path == "/runs/new" else {})},
@@ -474,6 +483,212 @@ def test_forms_without_a_valid_token_are_refused(
     with Session(engine) as session:
         runs = session.exec(select(Run)).all()
         assert [r.status for r in runs] == ["queued"]  # nothing was cancelled or created
+
+
+# ---- gates, champions, promotion ---------------------------------------------------------------
+
+# Champion and challenger evaluate the same 36 samples; the challenger gets classes 2 and 3 half
+# wrong and class 5 all wrong (its mistakes land on the next class, or on no label).
+GOOD = [1.0] * 6
+WORSE = [1.0, 1.0, 0.5, 0.5, 1.0, 0.0]
+GATE_LABELS = [XSS_LABEL, *LABELS[1:]]
+
+
+def row_of(page: str, run_id: str) -> str:
+    """The runs table's row of one run."""
+    rows = [r for r in page.split("<tr>") if f'<span class="id">{run_id}</span>' in r]
+    assert len(rows) == 1, run_id
+    return rows[0]
+
+
+def crowned(page: str) -> set[str]:
+    """The runs the runs list marks as a current champion."""
+    return {
+        m
+        for r in page.split("<tr>")[1:]
+        if "champion-mark" in r
+        for m in re.findall(r'<span class="id">(run_[0-9a-f]+)</span>', r)
+    }
+
+
+def gate_section(page: str) -> str:
+    start = page.index('<div class="gate ')
+    return page[start : page.index('<div class="actions">', start)]
+
+
+def stored_run(engine: Engine, run_id: str) -> Run:
+    with Session(engine) as session:
+        run = session.get(Run, run_id)
+        assert run is not None
+        return run
+
+
+def test_gate_reasons_champion_marks_and_promotion_by_form(
+    client: TestClient, seeder: Seeder, engine: Engine
+) -> None:
+    seeder.template(
+        "pets",
+        {"min_accuracy": 0.3, "no_worse_than_champion": True, "max_class_f1_drop": 0.1},
+        auto_promote=True,
+    )
+    champ = seeder.template_run("pets", GOOD, GATE_LABELS)
+    worse = seeder.template_run("pets", WORSE, GATE_LABELS)
+    assert stored_run(engine, champ).gate_status == "passed"
+    recorded = stored_run(engine, worse)
+    assert recorded.status == "succeeded" and recorded.gate_status == "failed"
+
+    # The failed gate's reasons, each check by name and outcome, with the p-value of the paired
+    # test (12 samples the champion got right and this run got wrong, none the other way).
+    page = client.get(f"/runs/{worse}").text
+    gate = gate_section(page)
+    assert "Quality gate: <strong>✕ failed</strong>" in gate
+    assert "No worse than the champion (McNemar)" in gate
+    assert f"got 12 wrong that champion {champ} got right and 0 right" in gate
+    assert f"p = {0.5**12:.4g} &lt; 0.05: significantly worse" in gate
+    assert "Minimum accuracy" in gate and "meets the minimum 0.3000" in gate
+    assert f'href="/compare?ids={champ},{worse}"' in gate
+    # Every class that lost F1, in a table, labels escaped (one of them is markup).
+    drops = next(c for c in recorded.gate_reasons or [] if c["check"] == "max_class_f1_drop")
+    lost = [d for d in drops["drops"] if d["champion_f1"] > d["f1"]]
+    assert len(lost) == 5
+    table = gate[gate.index('<table class="compact drops">') : gate.index("</table>")]
+    assert table.count("<tr>") == 1 + len(lost)
+    for d in lost:
+        assert f'<th scope="row">{escape(d["label"])}</th>' in table
+    assert XSS_LABEL not in page and str(escape(XSS_LABEL)) in table
+    # A failed gate offers "promote anyway" with a note, not the plain button.
+    assert "★ Promote to champion" not in page and "Promote anyway" in page
+
+    champ_page = client.get(f"/runs/{champ}").text
+    assert "current champion of template" in champ_page
+    assert "Quality gate: <strong>✓ passed</strong>" in champ_page
+    assert "not applicable" in gate_section(champ_page)  # no champion before it to compare
+    assert "Promote" not in champ_page
+    listing = client.get("/").text
+    assert crowned(listing) == {champ}
+    assert "current champion of template pets" in row_of(listing, champ)
+
+    # The plain promotion of a run whose gate failed (a stale page, a hand-made POST): the
+    # service's refusal on the run's page, with the reasons, not a 500; nothing changes.
+    refused = client.post(
+        f"/runs/{worse}/promote", data=form_fields(page, f"/runs/{worse}/promote")
+    )
+    assert refused.status_code == 409
+    assert "Gate failed: this run failed its quality gate" in refused.text
+    assert "significantly worse" in gate_section(refused.text)
+    assert crowned(client.get("/").text) == {champ}
+    too_long = client.post(
+        f"/runs/{worse}/promote",
+        data={**form_fields(page, f"/runs/{worse}/promote"), "force": "1", "note": "x" * 2001},
+    )
+    assert too_long.status_code == 422 and "Note too long" in too_long.text
+
+    # Promote anyway, saying why.
+    response = client.post(
+        f"/runs/{worse}/promote",
+        data={
+            **form_fields(page, f"/runs/{worse}/promote"),
+            "force": "1",
+            "note": "new eval split <b>",
+        },
+        follow_redirects=False,
+    )
+    assert response.status_code == 303
+    assert response.headers["location"] == f"/runs/{worse}?notice=promoted"
+    page = client.get(response.headers["location"]).text
+    assert "Promoted: this run is now its template&#39;s champion." in page
+    assert "current champion of template" in page and "Promote anyway" not in page
+    assert crowned(client.get("/").text) == {worse}
+    assert "current champion of template" not in client.get(f"/runs/{champ}").text
+    history = client.get("/api/v1/templates/pets/champions").json()
+    assert [h["run_id"] for h in history] == [worse, champ]
+    assert history[0]["note"] == "new eval split <b>" and history[0]["promoted_by"] == "open-mode"
+
+
+def test_promote_button_and_the_refusals_it_can_meet(
+    client: TestClient, seeder: Seeder, engine: Engine
+) -> None:
+    seeder.template("manual", {"min_accuracy": 0.5})  # no auto-promotion
+    passed = seeder.template_run("manual", GOOD)
+    page = client.get(f"/runs/{passed}").text
+    assert "Quality gate: <strong>✓ passed</strong>" in page
+    assert "★ Promote to champion" in page and "Promote anyway" not in page
+    assert crowned(client.get("/").text) == set()
+    response = client.post(
+        f"/runs/{passed}/promote",
+        data=form_fields(page, f"/runs/{passed}/promote"),
+        follow_redirects=False,
+    )
+    assert response.status_code == 303
+    assert crowned(client.get("/").text) == {passed}
+    assert "★ Promote to champion" not in client.get(f"/runs/{passed}").text
+
+    # A run not from a template: no gate to show, no button; a POST is refused on its page.
+    plain = seeder.succeeded_run("plain", [0.3] * 6, [0.8] * 6, steps=2)
+    page = client.get(f"/runs/{plain}").text
+    assert "Quality gate" not in page and "Promote" not in page
+    refused = client.post(
+        f"/runs/{plain}/promote", data=form_fields(page, f"/runs/{plain}/retrain")
+    )
+    assert refused.status_code == 409
+    assert "Not a template run" in refused.text and "badge-succeeded" in refused.text
+    # A template run that has not finished.
+    queued = client.post("/api/v1/templates/manual/runs", json={}).json()["run_id"]
+    page = client.get(f"/runs/{queued}").text
+    assert "Promote" not in page and "From template" in page
+    refused = client.post(
+        f"/runs/{queued}/promote", data=form_fields(page, f"/runs/{queued}/cancel")
+    )
+    assert refused.status_code == 409 and "Run not succeeded" in refused.text
+    assert client.post("/runs/run_nope/promote", data=form_fields(page)).status_code == 404
+
+    # A hidden (deleted) template has no champion to show.
+    assert client.delete("/api/v1/templates/manual").status_code in (200, 204)
+    assert crowned(client.get("/").text) == set()
+    assert "current champion" not in client.get(f"/runs/{passed}").text
+
+
+@contextmanager
+def champion_queries(app: FastAPI) -> Iterator[list[str]]:
+    """The SQL statements that read the champions table while the block runs."""
+    seen: list[str] = []
+    engine = app.state.engine
+
+    def note(_c: Any, _cur: Any, statement: str, *_args: Any) -> None:
+        if "champions" in statement:
+            seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", note)
+
+
+def test_runs_list_marks_champions_in_one_query(
+    client: TestClient, seeder: Seeder, app: FastAPI, engine: Engine
+) -> None:
+    champions = []
+    for i in range(3):
+        seeder.template(f"t{i}", {"min_accuracy": 0.1}, auto_promote=True)
+        first = seeder.template_run(f"t{i}", GOOD)
+        champions.append(seeder.template_run(f"t{i}", GOOD))  # promoted after `first`
+        assert first not in champions
+    seeder.create("not a template run")
+    with champion_queries(app) as seen:
+        page = client.get("/").text
+    assert crowned(page) == set(champions)
+    assert len(seen) == 1, seen
+    # Promotions in the same instant: the higher id is the newer (as current_champion orders).
+    with Session(engine) as session:
+        rows = session.exec(select(Champion).where(Champion.template_name == "t0")).all()
+        for row in rows:
+            row.promoted_at = rows[0].promoted_at
+            session.add(row)
+        session.commit()
+        newest = max(rows, key=lambda r: r.id or 0).run_id
+    assert newest == champions[0]
+    assert crowned(client.get("/").text) == set(champions)
 
 
 # ---- compare -----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ one that got into the table another way).
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -226,6 +227,42 @@ class Seeder:
             ev.ArtifactEvent(**self._envelope(run_id), data=ev.Artifact(kind="adapter", uri=uri)),
         )
         self.completed(run_id, steps)
+        return run_id
+
+    # -- templates (CI retrains), over REST --
+
+    def template(self, name: str, gates: dict[str, Any], auto_promote: bool = False) -> None:
+        body = {
+            "name": name,
+            "spec": spec().model_dump(mode="json"),
+            "gates": gates,
+            "auto_promote": auto_promote,
+        }
+        response = self.http.post(
+            "/api/v1/templates",
+            content=json.dumps(body),
+            headers={"Content-Type": "application/json"},
+        )
+        assert response.status_code == 201, response.text
+
+    def template_run(
+        self, template: str, final_q: Sequence[float], labels: Sequence[str] = LABELS
+    ) -> str:
+        """A run triggered from `template` that succeeds with `final_q`; the api gates it (and
+        auto-promotes it if the template says so) as it ends. Every such run evaluates the
+        same samples (ids s0000...), so the champion checks pair them."""
+        response = self.http.post(
+            f"/api/v1/templates/{template}/runs",
+            content="{}",
+            headers={"Content-Type": "application/json"},
+        )
+        assert response.status_code in (200, 201), response.text
+        run_id: str = response.json()["run_id"]
+        self.dispatch(run_id)
+        self.started(run_id)
+        self.evaluate(run_id, "baseline", [0.3] * len(labels), labels)
+        self.evaluate(run_id, "final", final_q, labels)
+        self.completed(run_id, 10)
         return run_id
 
     def running_run(self, name: str, steps_done: int = 10, total: int = 60, **kw: Any) -> str:

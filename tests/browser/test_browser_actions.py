@@ -223,3 +223,77 @@ def test_forms_work_with_javascript_off(browser: Browser, site: Site, watch: Wat
     page.click("button:has-text('Cancel run')")
     expect(page.locator("h1 .badge")).to_contain_text("cancelled")
     context.close()
+
+
+def test_promote_to_champion_with_the_gate_reasons_in_view(
+    page: Page, site: Site, shoot: Shoot
+) -> None:
+    s = site.seeder
+    gates = {"min_accuracy": 0.3, "no_worse_than_champion": True, "max_class_f1_drop": 0.1}
+    s.template("browser-pets", gates)  # promotion by hand only
+    first = s.template_run("browser-pets", [1.0] * 6)
+    page.goto(f"/runs/{first}")
+    expect(page.locator(".gate-title")).to_contain_text("✓ passed")
+    page.click("button:has-text('Promote to champion')")
+    expect(page).to_have_url(f"{site.url}/runs/{first}?notice=promoted")
+    expect(page.locator(".notice")).to_contain_text("Promoted")
+    expect(page.locator(".champion-line")).to_contain_text("current champion of template")
+    expect(page.locator("button:has-text('Promote to champion')")).to_have_count(0)
+
+    # A challenger that is worse on 12 of the same 36 samples and loses F1 in 5 classes.
+    worse = s.template_run("browser-pets", [1.0, 1.0, 0.5, 0.5, 1.0, 0.0])
+    page.goto(f"/runs/{worse}")
+    gate = page.locator(".gate")
+    expect(gate.locator(".gate-title")).to_contain_text("✕ failed")
+    expect(gate.locator(".check-failed")).to_have_count(2)
+    expect(gate.locator(".check-failed").first).to_contain_text(f"p = {0.5**12:.4g} < 0.05")
+    gate.locator("summary", has_text="Per-class F1").click()
+    expect(gate.locator("table.drops tbody tr")).to_have_count(5)
+    expect(page.locator("button:has-text('Promote to champion')")).to_have_count(0)
+    page.click("summary:has-text('Promote anyway')")
+    shoot(page, "run-gate-failed")
+
+    # The plain promotion (a page opened before the gate failed) is refused on the run's page.
+    form = page.locator("form[action$=promote]")
+    fields = {
+        name: form.locator(f"input[name={name}]").input_value()
+        for name in ("csrf_token", "form_key")
+    }
+    refused = page.request.post(f"/runs/{worse}/promote", form=fields)
+    assert refused.status == 409 and "Gate failed: this run failed its quality gate" in (
+        refused.text()
+    )
+
+    # Promote anyway: the browser wants a note first, then the run is champion.
+    page.click("button:has-text('Promote anyway')")
+    expect(page).to_have_url(f"{site.url}/runs/{worse}")  # not sent: the note is required
+    page.fill("#promote-note", "the evaluation split changed")
+    page.click("button:has-text('Promote anyway')")
+    expect(page).to_have_url(f"{site.url}/runs/{worse}?notice=promoted")
+    expect(page.locator(".champion-line")).to_contain_text("current champion of template")
+    expect(page.locator("summary:has-text('Promote anyway')")).to_have_count(0)
+    shoot(page, "run-champion")
+
+    # The runs list marks the current champion, and only it.
+    page.goto("/")
+    expect(page.locator(f"tr:has-text('{worse}') .champion-mark")).to_have_count(1)
+    expect(page.locator(f"tr:has-text('{first}') .champion-mark")).to_have_count(0)
+    expect(page.locator("table.runs .champion-mark")).to_have_count(1)
+    shoot(page, "runs-champion")
+
+
+def test_the_runs_table_fits_a_laptop_screen(page: Page) -> None:
+    """At 1280 px every column, Age included, shows without sideways scrolling; narrower
+    (above the phone layout) the less important columns give way first."""
+    for width in (1280, 1100, 1000):
+        page.set_viewport_size({"width": width, "height": 860})
+        page.goto("/")
+        sizes = page.evaluate(
+            "() => { const t = document.querySelector('table.runs');"
+            " return [t.scrollWidth, t.closest('.table-wrap').clientWidth]; }"
+        )
+        assert sizes[0] <= sizes[1], (width, sizes)
+        age = page.locator("table.runs thead th", has_text="Age")
+        expect(age).to_be_in_viewport()
+    page.set_viewport_size(DESKTOP)
+    expect(page.locator("table.runs thead th", has_text="Train / eval")).to_be_visible()
