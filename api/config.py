@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     # -- serving ---------------------------------------------------------------------------
     public_url: str = Field(
         "http://127.0.0.1:8000",
-        description="the api's URL as trainers and browsers reach it (callbacks, links)",
+        description="the api's URL as trainers and browsers reach it (callbacks, links); must "
+        "be set with dispatcher=cloudrun or callback_auth=oidc",
     )
     run_worker: bool = Field(True, description="run the dispatch worker inside the api process")
 
@@ -45,7 +46,7 @@ class Settings(BaseSettings):
     )
     allow_open_network: bool = Field(
         False,
-        description="let `serve` bind a non-loopback address with auth off (e.g. behind an "
+        description="serve non-loopback addresses with auth off (e.g. behind an "
         "authenticating proxy)",
     )
     session_hours: float = Field(12.0, gt=0, le=24 * 30, description="dashboard login lifetime")
@@ -92,7 +93,9 @@ class Settings(BaseSettings):
     )
     trainer_image: str | None = Field(None, description="trainer container image")
     bucket: str | None = Field(None, description="Cloud Storage bucket for artifacts/checkpoints")
-    trainer_service_account: str | None = Field(None, description="service account of the Job")
+    trainer_service_account: str | None = Field(
+        None, description="service account of the Job (required with callback_auth=oidc)"
+    )
     hf_token_secret: str | None = Field(
         None, description="Secret Manager secret holding HF_TOKEN (`projects/P/secrets/S`)"
     )
@@ -131,6 +134,28 @@ class Settings(BaseSettings):
                 "TUNEPLANE_CALLBACK_SIGNING_KEY is required when TUNEPLANE_DISPATCHER is not "
                 "'local' (generate one with: "
                 "python -c 'import secrets; print(secrets.token_hex(32))')"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cloud_callbacks_can_arrive(self) -> Settings:
+        # Checked here, not only where the dispatcher is built: the api verifies callbacks
+        # even when its worker runs elsewhere, and a mistake here shows only when a trainer's
+        # events are refused (and lost with its container).
+        if (self.dispatcher == "cloudrun" or self.callback_auth == "oidc") and (
+            "public_url" not in self.model_fields_set
+        ):
+            raise ValueError(
+                "TUNEPLANE_PUBLIC_URL must be set when TUNEPLANE_DISPATCHER=cloudrun or "
+                "TUNEPLANE_CALLBACK_AUTH=oidc: it is the URL trainers reach the api at (their "
+                "callbacks, and the audience of their ID tokens), and the default "
+                f"{self.public_url} is this machine's loopback, which no Cloud Run task reaches"
+            )
+        if self.callback_auth == "oidc" and not self.trainer_service_account:
+            raise ValueError(
+                "TUNEPLANE_CALLBACK_AUTH=oidc needs TUNEPLANE_TRAINER_SERVICE_ACCOUNT: only ID "
+                "tokens of that account may post a trainer's events "
+                "(e.g. tuneplane-trainer@PROJECT.iam.gserviceaccount.com)"
             )
         return self
 

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import errors
+from api import errors, network_guard
 from api.config import Settings
 from api.db import make_engine
 from api.routes import api_router, dashboard, health, login, pages_router
@@ -54,4 +54,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_router)
     app.include_router(pages_router)  # the dashboard, behind a login with auth on
     app.mount("/static", dashboard.static_files(), name="static")
+    # Outermost (added last): with auth off, only loopback is served, however the app is run.
+    network_guard.install(app, settings)
     return app

@@ -11,6 +11,12 @@ once and cached, fetched again on an unknown key id: Google rotates them), for a
 email, and when the `X-Tuneplane-Execution` header names the execution that the api stored for
 this run at dispatch (the token alone says nothing about which run it is for).
 
+A refusal is a 401 or 403 only when it is the token's fault. When the api cannot decide yet, it
+answers 503 with Retry-After, which the trainer retries (trainer/report_http.py drops an event on
+any other 4xx, and on Cloud Run its spool file dies with the container): Google's certificates
+are out of reach, or the run is waiting for the worker to store the name of the execution it
+just started (a fast trainer posts before that).
+
 The callback route depends on `require_callback_credential`: an ID token (in `oidc` mode) is
 checked here, anything else goes to the per-run HMAC check (api/callback_auth.py). The trainer
 fetches its token with `google.oauth2.id_token.fetch_id_token(request, audience)`, audience =
@@ -37,20 +43,28 @@ from api.db import session_scope
 from api.deps import EngineDep, SettingsDep
 from api.errors import Problem
 from api.models import Run
+from api.states import RunStatus
 
 EXECUTION_HEADER = "X-Tuneplane-Execution"
 GOOGLE_ISSUERS = frozenset({"https://accounts.google.com", "accounts.google.com"})
 CLOCK_SKEW_SECONDS = 30
 DEFAULT_CERT_TTL = 3600.0
 MIN_REFETCH_SECONDS = 30.0  # an unknown key id triggers a refetch at most this often
+CERTS_RETRY_AFTER = 10  # seconds; Google's endpoint is rarely down for long
+DISPATCH_RETRY_AFTER = 2  # seconds; the worker stores the execution right after starting it
 
 
 class OidcRejected(Exception):
-    """401: no valid token; 403: a valid token that may not post for this run."""
+    """401: no valid token; 403: a valid token that may not post for this run; 503: cannot
+    decide now, ask again after `retry_after` seconds."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+    @classmethod
+    def later(cls, message: str, retry_after: int) -> OidcRejected:
+        return cls(503, message, retry_after)
 
 
 class CertCache:
@@ -61,31 +75,49 @@ class CertCache:
         self._certs: dict[str, str] = {}
         self._expires = 0.0
         self._rotation_fetched = float("-inf")
+        self._failure: str | None = None  # why the last fetch failed; None after a success
         self._lock = threading.Lock()
         self.fetches = 0
 
     def certs(self, key_id: str | None) -> Mapping[str, str]:
+        """The certificates, fetched when stale or when `key_id` is unknown. Raises a 503
+        OidcRejected when they cannot be fetched and the cached ones cannot check `key_id`."""
         with self._lock:
             now = time.monotonic()
-            stale = now >= self._expires
-            rotated = key_id is not None and key_id not in self._certs
-            if stale:
+            known = key_id is None or key_id in self._certs
+            if now >= self._expires:
                 self._fetch(now)
-            elif rotated and now - self._rotation_fetched >= MIN_REFETCH_SECONDS:
-                # Google rotated its keys, or the token is forged: ask once, not per request.
+            elif not known and (
+                self._failure is not None or now - self._rotation_fetched >= MIN_REFETCH_SECONDS
+            ):
+                # Google rotated its keys, or the token is forged: ask once, not per request
+                # (unless the last ask failed: then the answer is still unknown).
                 self._rotation_fetched = now
                 self._fetch(now)
+            if self._failure is not None and not (
+                self._certs and (key_id is None or key_id in self._certs)
+            ):
+                # Nothing against the token: it cannot be checked now. (Cached certificates
+                # that know its key still check it, rather than refuse every callback.)
+                raise OidcRejected.later(
+                    f"cannot check the ID token now: Google's certificates are out of reach "
+                    f"({self._failure})",
+                    CERTS_RETRY_AFTER,
+                )
             return dict(self._certs)
 
     def _fetch(self, now: float) -> None:
         try:
             response = httpx.get(self.url, timeout=10)
-            response.raise_for_status()
+            if response.status_code != 200:
+                raise ValueError(f"{response.status_code} from {self.url}")
             certs = response.json()
+            if not isinstance(certs, dict):
+                raise ValueError(f"{self.url} answered JSON that is not {{key id: certificate}}")
         except (httpx.HTTPError, ValueError) as err:
-            if self._certs:  # keep the old ones rather than refuse every callback
-                return
-            raise OidcRejected(401, f"cannot fetch Google's certificates: {err}") from err
+            self._failure = str(err) or type(err).__name__
+            return
+        self._failure = None
         self.fetches += 1
         self._certs = {str(k): str(v) for k, v in certs.items()}
         self._expires = now + _max_age(response.headers.get("cache-control", ""))
@@ -153,24 +185,40 @@ def verify_id_token(token: str, settings: Settings) -> dict[str, Any]:
 
 
 def verify_callback(
-    token: str, execution: str | None, run_execution_name: str | None, settings: Settings
+    token: str,
+    execution: str | None,
+    run_execution_name: str | None,
+    settings: Settings,
+    *,
+    awaiting_dispatch: bool = False,
 ) -> dict[str, Any]:
     """Authenticate one callback for a run whose stored execution is `run_execution_name`;
-    `execution` is the `X-Tuneplane-Execution` header. Raises OidcRejected (401/403)."""
+    `execution` is the `X-Tuneplane-Execution` header. Raises OidcRejected (401/403/503)."""
     claims = verify_id_token(token, settings)
-    check_binding(execution, run_execution_name)
+    check_binding(execution, run_execution_name, awaiting_dispatch=awaiting_dispatch)
     return claims
 
 
-def check_binding(execution: str | None, run_execution_name: str | None) -> None:
+def check_binding(
+    execution: str | None, run_execution_name: str | None, *, awaiting_dispatch: bool = False
+) -> None:
+    """`awaiting_dispatch`: the run is queued, so the worker may have started an execution whose
+    name it has not stored yet; a callback naming another execution may come from that one."""
     if not execution:
         raise OidcRejected(
             401, f"an ID-token callback must name its execution ({EXECUTION_HEADER})"
         )
+    same = run_execution_name is not None and _short(execution) == _short(run_execution_name)
+    if awaiting_dispatch and not same:
+        raise OidcRejected.later(
+            f"execution {_short(execution)} is not recorded for this run yet (the worker is "
+            "recording its dispatch); retry shortly",
+            DISPATCH_RETRY_AFTER,
+        )
     if not run_execution_name:
         raise OidcRejected(403, "this run has no Cloud Run execution; its events are not taken")
     # Cloud Run gives the task the execution's short name; the api stores the full one.
-    if _short(execution) != _short(run_execution_name):
+    if not same:
         raise OidcRejected(
             403,
             f"execution {_short(execution)} does not serve this run (it is served by "
@@ -206,11 +254,16 @@ def require_callback_credential(
         with session_scope(engine) as session:
             run = session.get(Run, run_id)
             execution_name = run.execution_name if run is not None else None
-        check_binding(x_tuneplane_execution, execution_name)
+            queued = run is not None and run.status == RunStatus.queued
+        check_binding(x_tuneplane_execution, execution_name, awaiting_dispatch=queued)
     except OidcRejected as exc:
         if exc.status == 401:
             raise Problem(
                 401, "Unauthorized", exc.message, headers={"WWW-Authenticate": "Bearer"}
             ) from None
+        if exc.status == 503:
+            # The trainer retries 429 and 5xx only (any other 4xx drops the event).
+            retry = {"Retry-After": str(exc.retry_after or DISPATCH_RETRY_AFTER)}
+            raise Problem(503, "Service Unavailable", exc.message, headers=retry) from None
         raise Problem(403, "Forbidden", exc.message) from None
     return run_id

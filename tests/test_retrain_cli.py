@@ -1,7 +1,7 @@
 """`tuneplane retrain ... --wait` end to end, as a CI job runs it: a separate process that talks
 HTTP to a live api (auth on, a CI token), whose worker trains the tiny model with the local
 dispatcher. Each exit status is produced by a real run: 0 passed, 1 gate failed, 2 run failed,
-3 timeout (4: could not start)."""
+2 run cancelled, 3 timeout (4: could not start)."""
 
 from __future__ import annotations
 
@@ -169,6 +169,11 @@ def test_retrain_exit_codes_end_to_end(api: Api) -> None:
     times_out = api.start(
         "retrain", "tiny", "--wait", "--timeout", "1s", "--poll", "0.2", "--cancel-on-timeout"
     )
+    earlier = {r["id"] for r in wait_for_runs(api, 4)}
+    # Cancelled by someone else while its CI job waits (queued behind the trainers: no time).
+    gets_cancelled = api.start("retrain", "tiny", "--wait", "--timeout", "4m", "--poll", "0.2")
+    (cancelled_run,) = {r["id"] for r in wait_for_runs(api, 5)} - earlier
+    assert api.admin.post(f"/api/v1/runs/{cancelled_run}/cancel").status_code in (200, 202)
 
     # 4: the request is refused (no such template): nothing started.
     bad = finish(refused)
@@ -181,6 +186,12 @@ def test_retrain_exit_codes_end_to_end(api: Api) -> None:
     assert "timed out after 1 s" in slow.stdout and "asked the api to cancel" in slow.stdout
     slow_run = slow.stdout.split("run ", 1)[1].split()[0]
     assert api.admin.get(f"/api/v1/runs/{slow_run}").json()["status"] == "cancelled"
+
+    # 2: the run was cancelled.
+    cancelled = finish(gets_cancelled)
+    assert cancelled.returncode == 2, cancelled.stdout + cancelled.stderr
+    assert f"run {cancelled_run} cancelled: cancelled by request" in cancelled.stdout
+    assert "gate FAILED" not in cancelled.stdout  # a cancel is not a failed gate (1)
 
     # 2: the run itself fails (its data set is not there); the trainer's reason is printed.
     failed = finish(run_fails)

@@ -50,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="where results.json goes (default: OUTPUT_DIR/results.json)",
     )
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: the GPU when CUDA sees one, else the CPU; cuda: fail when there is no GPU",
+    )
     return parser
 
 
@@ -153,17 +158,22 @@ class Execution:
                     f"data: {splits.source}, {len(splits.labels)} classes, "
                     f"{len(splits.train)} training and {len(splits.eval)} evaluation samples"
                 )
+                # A size larger than the data set is not an error (the whole split is used),
+                # but it must not pass unnoticed: the log says so and results.json records both.
+                shortfalls = splits.shortfalls()
+                for line in shortfalls:
+                    log(f"warning: {line}")
+                results.data = {
+                    "source": splits.source,
+                    "labels": splits.labels,
+                    **splits.sizes(),
+                    "warnings": shortfalls,
+                }
                 loaded = model.load(spec, device)
                 log(
                     f"model: {spec.model_id} on {device}, {'4-bit' if loaded.quantized else 'fp32'}"
                     f", {loaded.trainable_params:,} of {loaded.total_params:,} parameters trained"
                 )
-                results.data = {
-                    "source": splits.source,
-                    "labels": splits.labels,
-                    "train_samples": len(splits.train),
-                    "eval_samples": len(splits.eval),
-                }
                 results.model = {
                     "model_id": spec.model_id,
                     "quantized_4bit": loaded.quantized,

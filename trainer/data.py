@@ -66,12 +66,39 @@ class Pools:
 
 @dataclass(frozen=True)
 class Splits:
-    """What one run uses."""
+    """What one run uses, and the sizes the spec asked for (a pool smaller than its size is
+    used whole: `shortfalls` says so, so that a run never trains on less than it seems to)."""
 
     labels: list[str]
     train: list[Sample]
     eval: list[Sample]
     source: str
+    train_size_requested: int = 0
+    eval_size_requested: int = 0
+
+    def shortfalls(self) -> list[str]:
+        """One sentence per size the data set could not give in full (none when both fit)."""
+        out = []
+        for name, asked, got in (
+            ("training", self.train_size_requested, len(self.train)),
+            ("evaluation", self.eval_size_requested, len(self.eval)),
+        ):
+            if got < asked:
+                split = "train" if name == "training" else "test"
+                out.append(
+                    f"{asked} {name} samples were asked for, but the {split} split of "
+                    f"{self.source} holds only {got}: using all {got}"
+                )
+        return out
+
+    def sizes(self) -> dict[str, int]:
+        """Requested and used sizes, for results.json."""
+        return {
+            "train_size_requested": self.train_size_requested,
+            "train_samples": len(self.train),
+            "eval_size_requested": self.eval_size_requested,
+            "eval_samples": len(self.eval),
+        }
 
 
 # ---- selection --------------------------------------------------------------------------------
@@ -84,7 +111,7 @@ def select(pools: Pools, train_size: int, eval_size: int, seed: int) -> Splits:
     round robin over the classes, so every class appears once `eval_size` reaches the number of
     classes, and it does not depend on `seed`, so a bigger evaluation extends a smaller one and
     runs with different seeds are scored on the same samples. A size larger than its pool takes
-    the whole pool.
+    the whole pool, and the result's `shortfalls` say so (the caller warns and records it).
     """
     train = list(pools.train)
     random.Random(seed).shuffle(train)
@@ -93,6 +120,8 @@ def select(pools: Pools, train_size: int, eval_size: int, seed: int) -> Splits:
         train=train[:train_size],
         eval=stratified(pools.test, eval_size, SPLIT_SEED),
         source=pools.source,
+        train_size_requested=train_size,
+        eval_size_requested=eval_size,
     )
 
 

@@ -12,17 +12,26 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 # A request body larger than this is refused with 413 before it is parsed.
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 MAX_CLASSES = 2_000
-MAX_PREDICTIONS = 50_000
+# Every evaluated sample travels in one event (and bounds the spec's eval_size): 20,000
+# predictions with Oxford-IIIT Pet's long breed names are about 4 MB, half the body limit.
+MAX_PREDICTIONS = 20_000
 MAX_TEXT = 2_000
+# The api keeps these numbers in INTEGER columns (api/models), 32-bit on PostgreSQL: bounding
+# them here makes both databases refuse the same values, with a 422 that names the field.
+MAX_INT = 2**31 - 1
+# trainer/report.py numbers segment s's events from s * 1,000,000, so `seq` stays within MAX_INT
+# up to this segment (2,000 segments of a 55-minute budget are 76 days of training).
+MAX_SEGMENT = 2_000
 
 Phase = Literal["loading", "baseline_eval", "training", "final_eval", "uploading"]
 Stage = Literal["baseline", "final"]
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
 
 
 class _Strict(BaseModel):
@@ -34,7 +43,7 @@ class ClassMetrics(_Strict):
     precision: float
     recall: float
     f1: float
-    support: int
+    support: Count
 
 
 class Prediction(_Strict):
@@ -53,7 +62,7 @@ class Metrics(_Strict):
     accuracy: float = Field(ge=0, le=1)
     macro_f1: float = Field(ge=0, le=1)
     unknown_rate: float = Field(ge=0, le=1)
-    num_samples: int = Field(ge=0)
+    num_samples: Count
     labels: Annotated[list[Text], Field(max_length=MAX_CLASSES)]
     per_class: Annotated[list[ClassMetrics], Field(max_length=MAX_CLASSES)]
     # confusion_matrix[i][j]: samples of labels[i] predicted as labels[j]; an extra last column
@@ -68,9 +77,9 @@ class Metrics(_Strict):
 
 
 class Started(_Strict):
-    segment: int = Field(0, ge=0)
-    attempt: int = Field(0, ge=0)
-    resumed_from_step: int | None = None
+    segment: Annotated[int, Field(ge=0, le=MAX_SEGMENT)] = 0
+    attempt: Count = 0
+    resumed_from_step: Count | None = None
     device: Text = ""
     host: Text = ""
 
@@ -80,8 +89,8 @@ class PhaseChange(_Strict):
 
 
 class Progress(_Strict):
-    step: int = Field(ge=0)
-    total_steps: int = Field(ge=0)
+    step: Count
+    total_steps: Count
     epoch: float = Field(ge=0)
     loss: float | None = None
     learning_rate: float | None = None
@@ -94,7 +103,7 @@ class Evaluation(Metrics):
 
 
 class Checkpoint(_Strict):
-    step: int = Field(ge=0)
+    step: Count
     uri: Text
 
 
@@ -104,12 +113,12 @@ class Artifact(_Strict):
 
 
 class SegmentDone(_Strict):
-    step: int = Field(ge=0)
+    step: Count
     checkpoint_uri: Text
 
 
 class Completed(_Strict):
-    step: int = Field(0, ge=0)
+    step: Count = 0
     results_uri: Text | None = None
 
 
@@ -126,9 +135,25 @@ class _Envelope(_Strict):
         default_factory=lambda: uuid.uuid4().hex
     )
     run_id: Annotated[str, Field(min_length=1, max_length=64)]
-    seq: int = Field(ge=0, description="per-run order; the trainer counts up from 0 per execution")
-    segment: int = Field(0, ge=0, description="which execution of a segmented run sent it")
+    seq: int = Field(
+        ge=0, le=MAX_INT, description="per-run order; segment s counts up from s * 1,000,000"
+    )
+    segment: int = Field(
+        0, ge=0, le=MAX_SEGMENT, description="which execution of a segmented run sent it"
+    )
     time: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @field_validator("time")
+    @classmethod
+    def _in_utc(cls, value: datetime) -> datetime:
+        # Stored in UTC: a time without an offset is ambiguous, and one near datetime's limits
+        # (9999-12-31T23:59-23:59) has no UTC value at all.
+        if value.tzinfo is None:
+            raise ValueError("needs a UTC offset, e.g. 2025-01-01T12:00:00Z")
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("is out of range once converted to UTC") from None
 
 
 class StartedEvent(_Envelope):

@@ -39,12 +39,35 @@ class Loaded:
     total_params: int
 
 
+class NoCudaError(RuntimeError):
+    """`--device cuda` without a usable GPU: a dispatcher that asks for CUDA wants QLoRA on a
+    GPU, and a silent fp32 run on the CPU would take days and measure nothing useful."""
+
+
 def pick_device(choice: str = "auto") -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but no CUDA device is visible")
+    """`auto`: the first GPU when CUDA is visible, else the CPU (fp32). `cuda`: the first GPU,
+    or a `NoCudaError` that says why there is none. `cpu`: the CPU."""
+    if choice == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
         return torch.device("cuda", 0)
+    if choice == "cuda":
+        raise NoCudaError(
+            "--device cuda was asked for, but no CUDA device is visible ("
+            + _why_no_cuda()
+            + "); use --device auto or cpu to run on the CPU"
+        )
     return torch.device("cpu")
+
+
+def _why_no_cuda() -> str:
+    import os
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hidden = f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
+    return f"torch {torch.__version__} built for CUDA {torch.version.cuda} finds no GPU{hidden}"
 
 
 def load_processor(model_id: str) -> Any:

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from trainer.events import MAX_PREDICTIONS
+
 GpuType = Literal["nvidia-l4", "nvidia-rtx-pro-6000"]
 GPU_TYPES: tuple[str, ...] = ("nvidia-l4", "nvidia-rtx-pro-6000")
 
@@ -76,7 +78,10 @@ class RunSpec(BaseModel):
         description="digits | oxford-iiit-pet | oxford-iiit-pet:/dir | imagefolder:/dir"
     )
     train_size: int = _bounded(1000, ge=1, le=1_000_000, description="training samples")
-    eval_size: int = _bounded(500, ge=1, le=100_000, description="evaluation samples (test split)")
+    # At most what one `evaluation` event carries: the trainer reports every sample in it.
+    eval_size: int = _bounded(
+        500, ge=1, le=MAX_PREDICTIONS, description="evaluation samples (test split)"
+    )
     num_epochs: float = _bounded(1.0, ge=0.01, le=100, description="passes over the training set")
     learning_rate: float = _bounded(2e-4, ge=1e-8, le=1.0)
     batch_size: int = _bounded(8, ge=1, le=512, description="samples per device step")

@@ -103,12 +103,7 @@ class Trainer:
         # Our own files, just verified against the manifest's sha256: safe to unpickle.
         self.optimizer.load_state_dict(torch.load(d / OPTIMIZER_FILE, weights_only=False))
         self.scheduler.load_state_dict(torch.load(d / SCHEDULER_FILE, weights_only=False))
-        rng = torch.load(d / RNG_FILE, weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        _set_rng_state(torch.load(d / RNG_FILE, weights_only=False))
         self.state = restored.state
         if self.state.total_steps != self.total_steps:
             raise RuntimeError(
@@ -134,13 +129,7 @@ class Trainer:
         (directory / "README.md").unlink(missing_ok=True)
         torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
         torch.save(self.scheduler.state_dict(), directory / SCHEDULER_FILE)
-        rng = {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }
-        torch.save(rng, directory / RNG_FILE)
+        torch.save(_rng_state(), directory / RNG_FILE)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -174,7 +163,13 @@ class Trainer:
 
     def train(self) -> TrainState:
         """Train until the planned steps are done; raises SegmentEnd when the segment must stop
-        first (the caller saves: `save_checkpoint` is the same for every place that stops)."""
+        first (the caller saves: `save_checkpoint` is the same for every place that stops).
+
+        The deadline is checked between optimizer steps, where the next step's length is known.
+        SIGTERM is checked after every micro-batch as well: Cloud Run kills a task about 10 s
+        after SIGTERM, and one step of a large model with a long accumulation can take longer.
+        A step cut short is abandoned (`_abandon_step`), so the checkpoint is the last step's.
+        """
         spec, state, device = self.spec, self.state, self.device
         if state.training_done or state.step >= self.total_steps:
             state.training_done = True
@@ -186,6 +181,7 @@ class Trainer:
         step_seconds = 0.0
         accum_loss, accum_n = 0.0, 0
         step_t0 = time.perf_counter()
+        boundary = self._boundary()
         batches: Generator[dict[str, Any], None, None] = self._batches(state.micro_batches)
         self.stopper.check()
         try:
@@ -207,6 +203,12 @@ class Trainer:
                 state.train_samples += n
                 state.micro_batches = m + 1
                 if state.micro_batches < step_end:
+                    if self.stopper.signal_name:
+                        self._abandon_step(boundary)
+                        raise SegmentEnd(
+                            f"received {self.stopper.signal_name} during step {state.step + 1} "
+                            f"({accum_n} of its {in_step} micro-batches done, discarded)"
+                        )
                     continue
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in self.model.parameters() if p.requires_grad], MAX_GRAD_NORM
@@ -215,6 +217,7 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 state.step += 1
+                boundary = self._boundary()
                 self.stopper.progressed = True
                 now = time.perf_counter()
                 step_seconds = now - step_t0
@@ -252,6 +255,37 @@ class Trainer:
         state.training_done = True
         self.save_checkpoint()
         return state
+
+    def _boundary(self) -> tuple[int, int, dict[str, Any]]:
+        """What a step cut short must roll back to: the data position, the sample count and the
+        random generators as they were when the last step ended (and its checkpoint would be)."""
+        return self.state.micro_batches, self.state.train_samples, _rng_state()
+
+    def _abandon_step(self, boundary: tuple[int, int, dict[str, Any]]) -> None:
+        """Forget a partly accumulated step. The weights and the optimizer only change at a
+        step's end, so they are still the last step's; with the data position, the sample count
+        and the generators put back as well, a checkpoint now equals one taken at that step's
+        end, and the next segment trains the abandoned step in full, exactly once."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.micro_batches, self.state.train_samples, rng = boundary
+        _set_rng_state(rng)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def gpu_memory_gb() -> float | None:

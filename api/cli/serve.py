@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 
 import uvicorn
+from sqlalchemy.engine import make_url
 
-from api.config import Settings
+from api.cli.worker import load_settings
 from api.db import make_engine, migrate
 from api.main import create_app
-from api.secrets import SecretReferenceError, resolve_secrets
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -20,11 +21,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def local_url(host: str, port: int) -> str:
+    """The URL at which a process on this machine reaches a server bound to `host`:`port`; a
+    wildcard bind (0.0.0.0, ::) is reached at loopback."""
     try:
-        settings = resolve_secrets(Settings())
-    except SecretReferenceError as exc:
-        print(f"tuneplane: {exc}", file=sys.stderr)
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return f"http://{host}:{port}"  # a host name
+    if ip.is_unspecified:
+        ip = ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")
+    return f"http://[{ip}]:{port}" if ip.version == 6 else f"http://{ip}:{port}"
+
+
+def run(args: argparse.Namespace) -> int:
+    # Without TUNEPLANE_PUBLIC_URL, local trainers call back where this server listens, not
+    # at the default's port 8000.
+    settings = load_settings("tuneplane", public_url=local_url(args.host, args.port))
+    if settings is None:
         return 2
     from api.auth import ExposureRefused, check_exposure
 
@@ -36,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
     engine = make_engine(settings.db_url)
     migrate(engine)
     engine.dispose()
-    print(f"tuneplane: serving on http://{args.host}:{args.port} (database {settings.db_url})")
+    database = make_url(settings.db_url).render_as_string(hide_password=True)
+    print(
+        f"tuneplane: serving on http://{args.host}:{args.port} (database {database}; trainers "
+        f"call back at {settings.public_url})",
+        flush=True,
+    )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     return 0

@@ -24,13 +24,42 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
+def settings_errors(exc: ValidationError) -> list[str]:
+    """One line per bad setting, named as a person sets it (`TUNEPLANE_MAX_CONCURRENCY='abc':
+    Input should be a valid integer, ...`) rather than pydantic's multi-line report."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        message = err["msg"].removeprefix("Value error, ")
+        if err["loc"]:
+            name = f"TUNEPLANE_{str(err['loc'][0]).upper()}"
+            lines.append(f"{name}={str(err['input'])[:100]!r}: {message}")
+        else:  # a rule across settings (api/config.py): its message names the variables
+            lines.append(message)
+    return lines
+
+
+def load_settings(prog: str, public_url: str | None = None) -> Settings | None:
+    """The settings from the environment, Secret Manager references resolved; None once what is
+    wrong has been printed. `public_url` replaces the default of TUNEPLANE_PUBLIC_URL when that
+    is not set (`serve` knows where it listens; the default names port 8000)."""
+    try:
+        settings = Settings()
+        if public_url is not None and "public_url" not in settings.model_fields_set:
+            settings = settings.model_copy(update={"public_url": public_url})
+        return resolve_secrets(settings)
+    except ValidationError as exc:
+        for line in settings_errors(exc):
+            print(f"{prog}: {line}", file=sys.stderr)
+    except SecretReferenceError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from api.worker import Worker
 
-    try:
-        settings = resolve_secrets(Settings())
-    except (ValidationError, SecretReferenceError) as exc:
-        print(f"tuneplane worker: invalid settings: {exc}", file=sys.stderr)
+    settings = load_settings("tuneplane worker")
+    if settings is None:
         return 2
     engine = make_engine(settings.db_url)
     migrate(engine)

@@ -1,8 +1,10 @@
 """LocalDispatcher: each execution is a `python -m trainer` process on this machine.
 
-The trainer gets exactly what a Cloud Run execution gets: the spec's flags plus `--output-dir`,
-and the `TUNEPLANE_*` variables of `ExecutionEnv.as_environ()` (none of the api's own
-`TUNEPLANE_*` settings, such as the database URL or the signing key, leak into it).
+The trainer gets exactly what a Cloud Run execution gets: the spec's flags plus `--output-dir`
+and `--device` (here `settings.trainer_device`; Cloud Run passes `cuda`, so that a task without
+a GPU fails instead of training on its CPU), and the `TUNEPLANE_*` variables of
+`ExecutionEnv.as_environ()` (none of the api's own `TUNEPLANE_*` settings, such as the database
+URL or the signing key, leak into it).
 
 Each trainer runs under a small supervisor (`_SUPERVISOR`, plain Python) in a session of its
 own, so it outlives an api restart and a Ctrl-C in the api's terminal. The supervisor writes the
@@ -179,6 +181,8 @@ class LocalDispatcher:
             *launch.spec.to_flags(),
             "--output-dir",
             str(output_dir),
+            "--device",
+            self.settings.trainer_device,
         ]
         with log_file:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")

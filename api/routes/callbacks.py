@@ -5,7 +5,9 @@ own token (api/callback_auth.py; API tokens are not accepted here, see api/auth.
 of checks is deliberate: the credential first (so nobody without one learns whether a run
 exists or makes us read a large body), then the run, then the body's size, then its content.
 Answers 201 when the event was stored, 200 when its id had been stored before (the reporter
-retries, so a repeat is normal); either way the body says what applying it did.
+retries, so a repeat is normal); either way the body says what applying it did. A 503 with
+Retry-After means "not now" (an ID token that cannot be checked yet, api/oidc_auth.py): the
+trainer retries it, where any other 4xx drops the event.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ async def _event_body(
     summary="A trainer reports one event of its run (per-run bearer token)",
     responses={
         200: {"description": "this event id was stored before", "model": EventReceipt},
-        **problem_responses(400, 401, 403, 404, 409, 413, 422),
+        **problem_responses(400, 401, 403, 404, 409, 413, 422, 503),
     },
 )
 def post_event(

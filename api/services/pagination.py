@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 
 from api.errors import Problem
 
@@ -32,7 +32,17 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         when = datetime.fromisoformat(created)
         if when.tzinfo is None or not isinstance(row_id, str) or not row_id:
             raise ValueError("not a cursor")
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError):
+        # In UTC here, where a time near datetime's limits with an offset (9999-12-31T23:59-23:59)
+        # overflows, rather than in the column type, where the OverflowError would be a 500.
+        when = when.astimezone(UTC)
+    except (
+        ValueError,
+        TypeError,
+        OverflowError,
+        binascii.Error,
+        UnicodeDecodeError,
+        RecursionError,
+    ):
         raise Problem(
             422,
             "Invalid cursor",

@@ -4,8 +4,13 @@ token CLI; and `serve` refusing an open api on a network address."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import ipaddress
 import re
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
@@ -28,7 +34,7 @@ from api.models.tokens import TokenCreate
 from api.models.types import utcnow
 from api.services.tokens import create_token, revoke_token
 from tests.api.factories import insert_runs, token_for
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, free_port
 
 TOKENS = {
     "admin": ["admin"],
@@ -407,6 +413,86 @@ def test_network_address_needs_auth_or_an_explicit_setting(
         check_exposure(host, make_settings())
     check_exposure(host, make_settings(auth_enabled=True))
     check_exposure(host, make_settings(allow_open_network=True))
+
+
+# The app enforces the same rule itself, whatever serves it (`uvicorn --factory
+# api.main:create_app --host 0.0.0.0` never passes through `tuneplane serve`'s check).
+
+
+def network_address() -> str | None:
+    """A non-loopback address of this machine: the one it would send from (a UDP `connect`
+    sends nothing); None on a machine with no network at all."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only picks the outgoing interface
+        except OSError:
+            return None
+        host: str = probe.getsockname()[0]
+    return None if ipaddress.ip_address(host).is_loopback or host == "0.0.0.0" else host
+
+
+def assert_refused_for_the_network(response: httpx.Response) -> None:
+    assert response.status_code == 403, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    detail = response.json()["detail"]
+    assert "TUNEPLANE_AUTH_ENABLED" in detail and "TUNEPLANE_ALLOW_OPEN_NETWORK" in detail
+
+
+def test_an_open_app_served_on_every_address_answers_only_on_loopback(
+    settings: Settings, engine: Engine
+) -> None:
+    host = network_address()
+    if host is None:
+        pytest.skip("this machine has no non-loopback address (the ASGI test below still runs)")
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="0.0.0.0", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        with httpx.Client(trust_env=False, timeout=10) as client:
+            assert client.get(f"http://127.0.0.1:{port}/api/v1/runs").status_code == 200
+            assert_refused_for_the_network(client.get(f"http://{host}:{port}/api/v1/runs"))
+            assert_refused_for_the_network(client.get(f"http://{host}:{port}/healthz"))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+def asgi_get(app: FastAPI, server_host: str, path: str = "/api/v1/runs") -> httpx.Response:
+    """A request through the real app as an ASGI server that accepted it on `server_host`
+    passes it (httpx's ASGITransport puts the URL's host and port in `scope["server"]`)."""
+
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=f"http://{server_host}") as c:
+            return await c.get(path)
+
+    return asyncio.run(get())
+
+
+@pytest.mark.parametrize(
+    "server_host", ["192.0.2.2", "10.1.2.3", "[2001:db8::1]", "[::ffff:10.0.0.1]"]
+)
+def test_an_open_app_refuses_requests_that_arrived_on_a_network_address(
+    server_host: str, make_settings: Callable[..., Settings], engine: Engine
+) -> None:
+    assert_refused_for_the_network(asgi_get(create_app(make_settings()), server_host))
+    for allowed in ({"auth_enabled": True}, {"allow_open_network": True}):
+        response = asgi_get(create_app(make_settings(**allowed)), server_host, "/healthz")
+        assert response.status_code == 200, (allowed, response.text)
+
+
+@pytest.mark.parametrize("server_host", ["127.0.0.1", "127.0.0.2", "[::1]", "[::ffff:127.0.0.1]"])
+def test_an_open_app_serves_requests_that_arrived_on_loopback(
+    server_host: str, settings: Settings, engine: Engine
+) -> None:
+    assert asgi_get(create_app(settings), server_host).status_code == 200
 
 
 def use_settings(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:

@@ -158,6 +158,91 @@ def test_body_checks(client: TestClient, engine: Engine, settings: Settings) -> 
     assert count(engine, RunEvent, run_id) == 0
 
 
+MAX_INT = 2**31 - 1  # the INTEGER columns the api stores these numbers in (api/models)
+
+
+def _progress_body(run_id: str) -> dict[str, Any]:
+    return ev.ProgressEvent(
+        run_id=run_id, seq=1, data=ev.Progress(step=1, total_steps=2, epoch=0.5)
+    ).model_dump(mode="json")
+
+
+def _evaluation_body(run_id: str) -> dict[str, Any]:
+    return ev.EvaluationEvent(run_id=run_id, seq=1, data=evaluation("final", 0.5)).model_dump(
+        mode="json"
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "path", "value"),
+    [
+        # Valid ISO times whose UTC value is beyond datetime's range, and one with no offset.
+        (_progress_body, ("time",), "9999-12-31T23:59:59-23:59"),
+        (_progress_body, ("time",), "0001-01-01T00:00:00+14:00"),
+        (_progress_body, ("time",), "2025-01-01T12:00:00"),
+        # Numbers past the columns that hold them (SQLite would keep them, PostgreSQL not).
+        (_progress_body, ("seq",), MAX_INT + 1),
+        (_progress_body, ("segment",), ev.MAX_SEGMENT + 1),
+        (_progress_body, ("data", "step"), 2**62),
+        (_progress_body, ("data", "total_steps"), MAX_INT + 1),
+        (_evaluation_body, ("data", "num_samples"), MAX_INT + 1),
+        (_evaluation_body, ("data", "per_class", 0, "support"), 2**62),
+    ],
+)
+def test_out_of_range_envelope_and_numbers_are_a_422_naming_the_field(
+    client: TestClient,
+    engine: Engine,
+    settings: Settings,
+    make: Any,
+    path: tuple[str | int, ...],
+    value: Any,
+) -> None:
+    (run_id,) = insert_runs(engine)
+    body = make(run_id)
+    *parents, last = path
+    target = body
+    for key in parents:
+        target = target[key]
+    target[last] = value
+    r = client.post(
+        f"/api/v1/runs/{run_id}/events",
+        json=body,
+        headers={"Authorization": f"Bearer {token_for(settings, run_id)}"},
+    )
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    field = ".".join(map(str, path))
+    assert any(e["field"].endswith(field) for e in r.json()["errors"]), r.json()
+    assert count(engine, RunEvent, run_id) == 0
+
+
+def test_the_largest_numbers_events_allow_are_stored(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    # The bounds above fit the columns: at the limit, both databases store the event.
+    (run_id,) = insert_runs(engine)
+    token = token_for(settings, run_id)
+    progress = ev.ProgressEvent(
+        run_id=run_id,
+        seq=MAX_INT,
+        segment=ev.MAX_SEGMENT,
+        data=ev.Progress(step=MAX_INT, total_steps=MAX_INT, epoch=1.0),
+    )
+    metrics = evaluation("final", 0.5).model_copy(update={"num_samples": MAX_INT})
+    metrics.per_class[0] = metrics.per_class[0].model_copy(update={"support": MAX_INT})
+    final = ev.EvaluationEvent(run_id=run_id, seq=MAX_INT - 1, data=metrics)
+    for event in (progress, final):
+        r = post(client, run_id, event, token)
+        assert r.status_code == 201, r.text
+    run = load(engine, run_id)
+    assert (run.last_step, run.total_steps) == (MAX_INT, MAX_INT)
+    with session_scope(engine) as s:
+        stored = s.get(Evaluation, (run_id, "final"))
+        assert stored is not None and stored.num_samples == MAX_INT
+        supports = s.exec(select(ClassMetric.support).where(ClassMetric.run_id == run_id)).all()
+        assert MAX_INT in supports
+
+
 def test_an_event_id_of_another_run_is_a_conflict(
     client: TestClient, engine: Engine, settings: Settings
 ) -> None:

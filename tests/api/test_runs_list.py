@@ -99,6 +99,10 @@ def test_runs_created_in_the_same_instant_are_ordered_by_id(
     assert walk(client, "", 2) == sorted(made, reverse=True)
 
 
+def cursor_of(created: str) -> str:
+    return base64.urlsafe_b64encode(f'["{created}","x"]'.encode()).decode()
+
+
 @pytest.mark.parametrize(
     ("query", "field"),
     [
@@ -107,6 +111,9 @@ def test_runs_created_in_the_same_instant_are_ordered_by_id(
         ("cursor=" + base64.urlsafe_b64encode(b"[1]").decode(), "query.cursor"),
         ("cursor=" + base64.urlsafe_b64encode(b'{"a": 1}').decode(), "query.cursor"),
         ("cursor=" + "A" * 500, "query.cursor"),
+        # Valid ISO times whose UTC value is out of datetime's range (an OverflowError).
+        ("cursor=" + cursor_of("9999-12-31T23:59:59-23:59"), "query.cursor"),
+        ("cursor=" + cursor_of("0001-01-01T00:00:00+14:00"), "query.cursor"),
         ("limit=0", "query.limit"),
         ("limit=201", "query.limit"),
         ("limit=ten", "query.limit"),

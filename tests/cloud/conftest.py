@@ -30,6 +30,9 @@ def cloud_values(**overrides: Any) -> dict[str, Any]:
         "trainer_service_account": TRAINER_SA,
         "hf_token_secret": "hf-token",
         "run_worker": False,
+        # Required with dispatcher=cloudrun (no silent loopback default); tests that take
+        # callbacks set their live server's URL.
+        "public_url": "https://tuneplane-api.example",
     }
     values.update(overrides)
     return values

@@ -202,12 +202,18 @@ def test_a_run_survives_a_killed_task_and_ends_succeeded_with_its_artifacts_in_t
         "results.json",
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
+        # The processor beside the adapter (trainer/cli.py), so one directory loads for
+        # inference: what `processor.save_pretrained` writes for Gemma 3.
+        "adapter/processor_config.json",
+        "adapter/tokenizer.json",
+        "adapter/tokenizer_config.json",
+        "adapter/chat_template.jinja",
     } <= objects
     assert run["artifact_uri"] == f"gs://{s.bucket.name}/runs/{run_id}"
-    (results,) = [
-        e.data["uri"] for e in s.events(run_id, "artifact") if e.data["kind"] == "results"
-    ]
+    artifacts = {e.data["kind"]: e.data["uri"] for e in s.events(run_id, "artifact")}
+    results = artifacts["results"]
     assert results == f"gs://{s.bucket.name}/runs/{run_id}/results.json"
+    assert artifacts["processor"] == artifacts["adapter"] == f"{run['artifact_uri']}/adapter"
     listed = httpx.get(f"{s.server.url}/api/v1/runs/{run_id}/artifacts").json()["artifacts"]
     assert {a["kind"]: a["uri"] for a in listed}["results"] == results
 

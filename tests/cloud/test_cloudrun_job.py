@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from google.cloud import run_v2
+from pydantic import ValidationError
 
 from api.config import Settings
 from api.dispatch import cloudrun_job as cj
@@ -168,3 +169,36 @@ def test_a_job_read_back_with_server_defaults_counts_as_unchanged(tmp_path: Path
     changed = run_v2.Job(live)
     changed.template.template.gpu_zonal_redundancy_disabled = False
     assert not cj.same_template(changed, desired)
+
+
+# -- settings that would only fail once a trainer calls back: refused when the api starts --------
+
+
+def test_cloudrun_without_a_public_url_is_refused_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default (loopback) would become every trainer's callback URL and the ID tokens'
+    audience; on Cloud Run nothing reaches it. Explicitly set, it is taken (the tests' trainers
+    run on this machine)."""
+    values = cloud_values(data_dir=tmp_path)
+    del values["public_url"]
+    with pytest.raises(ValidationError, match="TUNEPLANE_PUBLIC_URL"):
+        Settings(**values)
+    # From the environment, as the api reads it at start.
+    for name, value in values.items():
+        monkeypatch.setenv(f"TUNEPLANE_{name.upper()}", str(value))
+    with pytest.raises(ValidationError, match="TUNEPLANE_PUBLIC_URL") as info:
+        Settings()
+    assert "the URL trainers reach the api at" in str(info.value)
+    monkeypatch.setenv("TUNEPLANE_PUBLIC_URL", "http://127.0.0.1:8000")
+    assert Settings().public_url == "http://127.0.0.1:8000"
+
+
+def test_oidc_callbacks_without_the_trainers_service_account_are_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ValidationError, match="TUNEPLANE_TRAINER_SERVICE_ACCOUNT"):
+        settings(tmp_path, callback_auth="oidc", trainer_service_account=None)
+    # Token mode needs no account (the Job then runs as the project's default one).
+    assert settings(tmp_path, trainer_service_account=None).callback_auth == "token"
+    assert settings(tmp_path, callback_auth="oidc").trainer_service_account == TRAINER_SA

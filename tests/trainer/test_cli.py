@@ -183,6 +183,7 @@ def _run_in_process(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     on_line: Callable[[str], None] | None = None,
+    stderr: list[str] | None = None,
     **env: str,
 ) -> tuple[int, list[Event]]:
     for key in [k for k in os.environ if k.startswith("TUNEPLANE_")]:
@@ -198,7 +199,10 @@ def _run_in_process(
         code = main(argv)
     finally:
         sys.stdout = real_stdout
-    return code, _events(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    if stderr is not None:
+        stderr.append(captured.err)
+    return code, _events(captured.out)
 
 
 class _Watcher:
@@ -284,6 +288,123 @@ def test_sigterm_saves_and_the_next_segment_resumes_the_step_count(
     assert restored.state.training_done
 
 
+# Mid-step: a step of 8 micro-batches of 2 images, 4 steps over an image folder of 2 classes.
+# The images are files, so the test sees each micro-batch being built (an audit hook on open()).
+MIDSTEP_ACCUMULATION = 8
+MIDSTEP_BATCH = 2
+MIDSTEP_SIGNAL_AT = 3  # SIGTERM while step 2's 3rd micro-batch is being built
+MIDSTEP_FLAGS = shlex.split(
+    f"--train-size 64 --eval-size 4 --num-epochs 1 --learning-rate 5e-3 --batch-size "
+    f"{MIDSTEP_BATCH} --gradient-accumulation-steps {MIDSTEP_ACCUMULATION} --eval-batch-size 4"
+    " --max-new-tokens 2 --save-steps 100 --lora-dropout 0.1 --no-gradient-checkpointing"
+)
+
+
+class _SigtermOnImageOpen:
+    """After `arm()`, sends SIGTERM when the trainer opens its `n`-th image file under `root`.
+    Audit hooks cannot be removed, so a disarmed one does nothing."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.armed, self.opened, self.at = str(root), False, 0, 0
+        sys.addaudithook(self._hook)
+
+    def arm(self, at: int) -> None:
+        self.armed, self.opened, self.at = True, 0, at
+
+    def _hook(self, event: str, args: tuple[Any, ...]) -> None:
+        if not self.armed or event != "open" or not str(args[0]).startswith(self.root):
+            return
+        self.opened += 1
+        if self.opened == self.at:
+            self.armed = False
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _image_folder(root: Path) -> Path:
+    from PIL import Image
+
+    for label, shade in (("zero", 30), ("one", 220)):
+        (root / label).mkdir(parents=True)
+        for i in range(40):
+            Image.new("RGB", (32, 32), (shade, (7 * i) % 256, 90)).save(root / label / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_sigterm_mid_step_abandons_the_step_and_the_next_segment_trains_it_once(
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder = _image_folder(tmp_path / "images")
+    argv = ["--model-id", str(tiny_model), "--dataset", f"imagefolder:{folder}", *MIDSTEP_FLAGS]
+    trap = _SigtermOnImageOpen(folder)
+
+    def arm_after_first_step(line: str) -> None:
+        if '"type":"progress"' in line and '"step":1,' in line:
+            # Step 2's micro-batches open 2 images each; this one opens micro-batch 3's first.
+            trap.arm((MIDSTEP_SIGNAL_AT - 1) * MIDSTEP_BATCH + 1)
+
+    ckpts, err = tmp_path / "ckpts", []
+    try:
+        code, first = _run_in_process(
+            [*argv, "--output-dir", str(tmp_path / "seg")],
+            monkeypatch,
+            capsys,
+            on_line=arm_after_first_step,
+            stderr=err,
+            TUNEPLANE_RUN_ID="run-mid",
+            TUNEPLANE_CHECKPOINT_URI=str(ckpts),
+        )
+    finally:
+        trap.armed = False
+    assert code == 0, _of(first, "failed")
+    # Stopped inside step 2, right after the micro-batch in flight, not at the step's end.
+    assert (
+        f"received SIGTERM during step 2 ({MIDSTEP_SIGNAL_AT} of its {MIDSTEP_ACCUMULATION} "
+        "micro-batches done, discarded)" in err[0]
+    ), err[0][-2000:]
+    assert [p.step for p in _of(first, "progress")] == [1]
+    done = _of(first, "segment_done")
+    assert len(done) == 1 and done[0].step == 1
+    # The checkpoint is step 1's: its data position and sample count are one whole step's.
+    _assert_verified_checkpoint(done[0].checkpoint_uri, 1)
+    state = json.loads((Path(done[0].checkpoint_uri) / "state.json").read_text())
+    assert state["micro_batches"] == MIDSTEP_ACCUMULATION
+    assert state["train_samples"] == MIDSTEP_ACCUMULATION * MIDSTEP_BATCH
+
+    code, second = _run_in_process(
+        [*argv, "--output-dir", str(tmp_path / "seg")],
+        monkeypatch,
+        capsys,
+        TUNEPLANE_RUN_ID="run-mid",
+        TUNEPLANE_CHECKPOINT_URI=str(ckpts),
+        TUNEPLANE_SEGMENT="1",
+    )
+    assert code == 0, _of(second, "failed")
+    assert second[0].data.resumed_from_step == 1
+    resumed = json.loads((tmp_path / "seg" / "results.json").read_text())
+    history = resumed["training"]["history"]
+    assert [h["step"] for h in history] == [2, 3, 4]
+    # Every training image once, over both segments: the abandoned micro-batches do not count.
+    assert resumed["training"]["samples"] == 64
+
+    # The same run without a stop computes the same steps: the resumed segment started at
+    # step 2's first micro-batch with the generators (LoRA dropout) as they were there.
+    code, _ = _run_in_process(
+        [*argv, "--output-dir", str(tmp_path / "whole")],
+        monkeypatch,
+        capsys,
+        TUNEPLANE_RUN_ID="run-whole",
+        TUNEPLANE_CHECKPOINT_URI=str(tmp_path / "whole-ckpts"),
+    )
+    assert code == 0
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())["training"]["history"]
+    assert [h["step"] for h in whole] == [1, 2, 3, 4]
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in whole[1:]], rel=1e-5)
+
+
 def results_digest(results: dict[str, Any]) -> str:
     from trainer.checkpoints import spec_digest
     from trainer.spec import RunSpec
@@ -356,3 +477,60 @@ def test_a_failure_is_reported_and_exits_1(
     assert "no-such-model" in failed.error and "Traceback" in failed.traceback_tail
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["outcome"] == "failed" and "no-such-model" in results["error"]
+
+
+def test_sizes_larger_than_the_data_set_are_warned_about_and_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trainer.data import load_digits
+
+    pools = load_digits()
+    n_train, n_test = len(pools.train), len(pools.test)
+    err: list[str] = []
+    # The model does not exist: the run fails after the data are chosen, which is enough here.
+    code, _ = _run_in_process(
+        ["--model-id", str(tmp_path / "no-such-model"), "--dataset", "digits",
+         "--train-size", "5000", "--eval-size", "40", "--output-dir", str(tmp_path / "out")],
+        monkeypatch,
+        capsys,
+        stderr=err,
+        TUNEPLANE_RUN_ID="run-sizes",
+    )  # fmt: skip
+    assert code == 1
+    assert (
+        f"warning: 5000 training samples were asked for, but the train split of scikit-learn "
+        f"digits holds only {n_train}: using all {n_train}" in err[0]
+    )
+    assert "evaluation samples were asked for" not in err[0]
+    data = json.loads((tmp_path / "out" / "results.json").read_text())["data"]
+    assert data["train_size_requested"] == 5000 and data["train_samples"] == n_train
+    assert data["eval_size_requested"] == data["eval_samples"] == 40
+    assert n_test >= 40
+    assert len(data["warnings"]) == 1 and data["warnings"][0].startswith("5000 training samples")
+
+
+def test_device_cuda_without_a_gpu_fails_fast_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    started = time.monotonic()
+    code, events = _run_in_process(
+        ["--model-id", str(tmp_path / "no-such-model"), "--dataset", "digits", "--device",
+         "cuda", "--output-dir", str(tmp_path / "out")],
+        monkeypatch,
+        capsys,
+        TUNEPLANE_RUN_ID="run-cuda",
+    )  # fmt: skip
+    assert code == 1
+    # Before anything else (no `started`, no data, no model): a dispatcher that asks for a GPU
+    # must not get a silent fp32 run on the CPU instead.
+    assert [e.type for e in events] == ["failed"]
+    error = events[0].data.error
+    assert "--device cuda was asked for, but no CUDA device is visible" in error
+    assert f"torch {torch.__version__}" in error and "--device auto or cpu" in error
+    assert time.monotonic() - started < 30
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["outcome"] == "failed" and "no CUDA device" in results["error"]

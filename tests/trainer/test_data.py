@@ -219,9 +219,33 @@ def test_stratified_with_uneven_classes_takes_what_there_is(pet_archive: Path) -
     assert sorted(s.sample_id for s in chosen) == sorted(s.sample_id for s in uneven)
 
 
-def test_sizes_larger_than_the_pools_take_the_whole_pool() -> None:
+def test_sizes_larger_than_the_pools_take_the_whole_pool_and_say_so() -> None:
     pools = Pools(["x", "y"], [], [], "empty")
     assert select(pools, 10, 10, seed=0).train == []
     digits = data.load_digits()
     chosen = select(digits, 100_000, 100_000, seed=0)
-    assert len(chosen.train) == len(digits.train) and len(chosen.eval) == len(digits.test)
+    n_train, n_test = len(digits.train), len(digits.test)
+    assert len(chosen.train) == n_train and len(chosen.eval) == n_test
+    # Not silently: the shortfall is said, with both numbers, and the sizes are recorded.
+    assert chosen.shortfalls() == [
+        f"100000 training samples were asked for, but the train split of scikit-learn digits "
+        f"holds only {n_train}: using all {n_train}",
+        f"100000 evaluation samples were asked for, but the test split of scikit-learn digits "
+        f"holds only {n_test}: using all {n_test}",
+    ]
+    assert chosen.sizes() == {
+        "train_size_requested": 100_000,
+        "train_samples": n_train,
+        "eval_size_requested": 100_000,
+        "eval_samples": n_test,
+    }
+    # One size too large, the other fine: only that one is reported.
+    only_train = select(digits, n_train + 1, 20, seed=0).shortfalls()
+    assert len(only_train) == 1 and only_train[0].startswith(f"{n_train + 1} training samples")
+
+
+def test_sizes_that_fit_report_nothing() -> None:
+    digits = data.load_digits()
+    chosen = select(digits, len(digits.train), len(digits.test), seed=0)
+    assert chosen.shortfalls() == []
+    assert chosen.sizes()["train_samples"] == chosen.sizes()["train_size_requested"]

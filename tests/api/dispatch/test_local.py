@@ -130,8 +130,10 @@ def test_the_trainer_gets_the_flags_and_exactly_the_execution_env(
 
     run_dir = d.settings.runs_dir.resolve() / "run_abc"
     seen = json.loads((run_dir / "seen.json").read_text())
-    assert seen["argv"] == [*SPEC.to_flags(), "--output-dir", str(run_dir / "output")]
-    assert RunSpec.from_flags(seen["argv"][:-2]) == SPEC
+    assert seen["argv"] == [
+        *SPEC.to_flags(), "--output-dir", str(run_dir / "output"), "--device", "cpu",
+    ]  # fmt: skip
+    assert RunSpec.from_flags(seen["argv"][:-4]) == SPEC
     expected = ExecutionEnv(
         run_id="run_abc",
         callback_url="http://127.0.0.1:1/api/v1/runs/run_abc/events",
@@ -150,6 +152,18 @@ def test_the_trainer_gets_the_flags_and_exactly_the_execution_env(
     assert execution.artifact_uri == str(run_dir / "output")
     assert execution.log_uri == (d.settings.logs_dir.resolve() / "run_abc-2.log").as_uri()
     assert "fake trainer: started" in _log(d, execution.name)
+
+
+def test_the_trainer_gets_the_configured_device(
+    dispatcher_for: Callable[..., LocalDispatcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `cuda` makes a trainer without a GPU fail instead of training on the CPU (as Cloud Run's).
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    d = dispatcher_for("ok", trainer_device="cuda")
+    assert wait_for(d, d.start(launch()).name) == ExecutionStatus("succeeded")
+    seen = json.loads((d.settings.runs_dir.resolve() / "run_abc" / "seen.json").read_text())
+    assert seen["argv"][-2:] == ["--device", "cuda"]
+    assert "CUDA_VISIBLE_DEVICES" not in seen["env"]
 
 
 def test_a_failing_trainer_reports_its_exit_code_and_log_tail(
