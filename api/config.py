@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     public_url: str = Field(
         "http://127.0.0.1:8000",
         description="the api's URL as trainers and browsers reach it (callbacks, links); must "
-        "be set with dispatcher=cloudrun or callback_auth=oidc",
+        "be set with dispatcher=cloudrun or callback_auth=oidc; `tuneplane serve` derives it "
+        "from --host/--port when unset",
     )
     run_worker: bool = Field(True, description="run the dispatch worker inside the api process")
 
@@ -189,7 +190,9 @@ class ClientSettings(BaseSettings):
     """What the HTTP clients (`tuneplane retrain`, `tuneplane runs`) need: where the api is and
     the token to show it. Separate from `Settings` because a CI job has none of the server's."""
 
-    model_config = SettingsConfigDict(env_prefix="TUNEPLANE_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="TUNEPLANE_", env_file=".env", extra="ignore", frozen=True
+    )
 
     url: str = Field("http://127.0.0.1:8000", description="the api's base URL (clients)")
     token: SecretStr | None = Field(None, description="API token the clients send (`tp_...`)")

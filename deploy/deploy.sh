@@ -151,8 +151,14 @@ g run jobs deploy "${JOB}-${GPU_SUFFIX}" \
   ${vpc_flags[@]+"${vpc_flags[@]}"}
 
 say "api service ${SERVICE}"
+# The api's own URL must be known before it first starts (trainers post to it, ID tokens are
+# checked against it as their audience, and the api refuses to start in cloudrun mode without
+# it): Cloud Run's deterministic URL, https://SERVICE-PROJECT_NUMBER.REGION.run.app.
+PROJECT_NUMBER="$(g projects describe "$PROJECT_ID" --format='value(projectNumber)')"
+PUBLIC_URL="https://${SERVICE}-${PROJECT_NUMBER}.${REGION}.run.app"
 # Settings of the api (api/config.py); its secrets stay in Secret Manager (sm:// references).
 api_env=(
+  "TUNEPLANE_PUBLIC_URL=${PUBLIC_URL}"
   "TUNEPLANE_DISPATCHER=cloudrun"
   "TUNEPLANE_GCP_PROJECT=${PROJECT_ID}"
   "TUNEPLANE_GCP_REGION=${REGION}"
@@ -186,11 +192,8 @@ g run deploy "$SERVICE" \
   --no-cpu-throttling \
   --min-instances=1 \
   --allow-unauthenticated
-URL="$(g run services describe "$SERVICE" --region="$REGION" --format='value(status.url)')"
-# Trainers post to this URL, and ID tokens are checked against it as their audience.
-g run services update "$SERVICE" --region="$REGION" --update-env-vars="TUNEPLANE_PUBLIC_URL=${URL}"
 
 say "done"
-echo "api:     ${URL}"
+echo "api:     ${PUBLIC_URL}"
 echo "trainer: ${JOB}-${GPU_SUFFIX} (${GPU_TYPE}), image ${TRAINER_IMAGE}"
-echo "Create the first admin token as the README says, then: curl -H 'Authorization: Bearer tp_...' ${URL}/api/v1/runs"
+echo "Create the first admin token as the README says, then: curl -H 'Authorization: Bearer tp_...' ${PUBLIC_URL}/api/v1/runs"

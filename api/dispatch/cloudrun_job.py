@@ -167,13 +167,16 @@ def build_job(settings: Settings, gpu_type: str) -> run_v2.Job:
 
 def trainer_args(spec: RunSpec, settings: Settings, run_id: str) -> list[str]:
     """The trainer's command line: the spec's flags plus where its output goes (the same flags
-    the original script took, so the container also runs by hand)."""
+    the original script took, so the container also runs by hand). `--device cuda`: a task that
+    comes up without its GPU fails at once instead of training for hours on the CPU."""
     return [
         *spec.to_flags(),
         "--output-dir",
         LOCAL_OUTPUT_DIR,
         "--gcs-output-path",
         run_prefix(settings, run_id),
+        "--device",
+        "cuda",
     ]
 
 

@@ -107,7 +107,12 @@ def test_start_returns_the_execution_at_once_with_the_runs_overrides(
     assert env["TUNEPLANE_ARTIFACT_URI"] == "gs://tp-artifacts/runs/run_7"
     assert env["TUNEPLANE_CHECKPOINT_URI"] == "gs://tp-artifacts/runs/run_7/checkpoints"
     assert "TUNEPLANE_DEADLINE" in env
-    assert list(container.args[-2:]) == ["--gcs-output-path", "gs://tp-artifacts/runs/run_7"]
+    assert list(container.args[-4:]) == [
+        "--gcs-output-path",
+        "gs://tp-artifacts/runs/run_7",
+        "--device",
+        "cuda",
+    ]
     assert "--time-budget-minutes" in container.args
     assert request.overrides.timeout.total_seconds() == 35 * 60
 

@@ -89,6 +89,7 @@ def stack(
         gcs_env.create_bucket(name)
         fake = FakeCloudRun(
             trainer_command=[sys.executable, "-m", "trainer"],
+            extra_args=["--device", "cpu"],
             extra_env={
                 "STORAGE_EMULATOR_HOST": gcs_env.url,
                 "GOOGLE_CLOUD_PROJECT": PROJECT,

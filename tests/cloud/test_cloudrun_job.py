@@ -117,6 +117,8 @@ def test_overrides_hold_the_spec_flags_the_env_and_the_segment_timeout(tmp_path:
         "/tmp/tuneplane/output",
         "--gcs-output-path",
         "gs://tp-artifacts/runs/run_abc",
+        "--device",
+        "cuda",
     ]
     env_vars = {e.name: e.value for e in container.env}
     assert env_vars == env.as_environ()

@@ -130,6 +130,7 @@ class FakeCloudRun(FakeGrpcServer):
         *,
         trainer_command: Sequence[str] | None = None,
         extra_env: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
         log_dir: Path | None = None,
         cwd: Path | None = None,
         container_tmp: Path | None = None,
@@ -140,6 +141,9 @@ class FakeCloudRun(FakeGrpcServer):
         # `/tmp/tuneplane/...` in its args becomes `container_tmp/<execution>-<attempt>/...`.
         self.container_tmp = container_tmp
         self.extra_env = dict(extra_env or {})
+        # Appended after the Job's args (argparse: the last flag wins). The e2e tests pass
+        # `--device cpu`: the dispatcher asks for `cuda`, and this machine's CPU stands in for it.
+        self.extra_args = list(extra_args)
         self.log_dir = log_dir
         self.cwd = cwd
         self.jobs: dict[str, run_v2.Job] = {}
@@ -471,7 +475,7 @@ class FakeCloudRun(FakeGrpcServer):
                 args = [str(tmp / a[len(scratch) :]) if a.startswith(scratch) else a for a in args]
             with open(log_path, "wb") as log_file:
                 proc = subprocess.Popen(
-                    [*self.trainer_command, *args],
+                    [*self.trainer_command, *args, *self.extra_args],
                     env=self._environ(ex),
                     cwd=self.cwd,
                     stdout=log_file,
