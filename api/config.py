@@ -66,7 +66,13 @@ class Settings(BaseSettings):
     dispatcher: Literal["local", "cloudrun"] = Field(
         "local", description="`local`: trainer subprocesses; `cloudrun`: Cloud Run Jobs"
     )
-    max_concurrency: int = Field(1, ge=1, le=1000, description="runs active at the same time")
+    max_concurrency: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="runs active at the same time; local trainers split the cores among them "
+        "(each gets OMP_NUM_THREADS = cores / this, unless OMP_NUM_THREADS is set)",
+    )
     worker_poll_seconds: float = Field(1.0, gt=0, le=60, description="dispatch loop period")
     reconcile_seconds: float = Field(5.0, gt=0, le=600, description="execution polling period")
     claim_lease_seconds: int = Field(

@@ -26,6 +26,13 @@ from api.config import Settings
 from api.db import make_engine, migrate
 from api.main import create_app
 
+# One CPU thread per process, for this process and every trainer it starts (they inherit it):
+# CI runs two test workers on two cores, and torch's default of a thread per core in each
+# process oversubscribes them; OpenMP's spinning threads then make a CPU run several times
+# slower (two 4-epoch digits runs side by side: 64 s each with one thread, 448 s with the
+# default), and the tests' time limits run out.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 PG_URL = os.environ.get("TUNEPLANE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 

@@ -28,7 +28,7 @@ import json, os, signal, sys, time
 mode, args = sys.argv[1], sys.argv[2:]
 seen = {
     "argv": args,
-    "env": {k: v for k, v in os.environ.items() if k.startswith(("TUNEPLANE_", "CUDA_"))},
+    "env": {k: v for k, v in os.environ.items() if k.startswith(("TUNEPLANE_", "CUDA_", "OMP_"))},
     "cwd": os.getcwd(),
 }
 with open("seen.json", "w") as f:
@@ -123,6 +123,7 @@ def test_the_trainer_gets_the_flags_and_exactly_the_execution_env(
     # The api's own settings must not reach the trainer.
     monkeypatch.setenv("TUNEPLANE_DATABASE_URL", "postgresql://secret@db/prod")
     monkeypatch.setenv("TUNEPLANE_CALLBACK_SIGNING_KEY", "do-not-leak")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the operator's choice wins
     d = dispatcher_for("ok", trainer_device="cpu")
     execution = d.start(launch(segment=2))
     assert execution.name.startswith("local:run_abc:2:")
@@ -146,7 +147,8 @@ def test_the_trainer_gets_the_flags_and_exactly_the_execution_env(
     ).as_environ()
     got = {k: v for k, v in seen["env"].items() if k != "TUNEPLANE_DEADLINE"}
     assert got == {k: v for k, v in expected.items() if k != "TUNEPLANE_DEADLINE"} | {
-        "CUDA_VISIBLE_DEVICES": ""
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "3",
     }
     assert seen["cwd"] == str(run_dir)
     assert execution.artifact_uri == str(run_dir / "output")
@@ -164,6 +166,19 @@ def test_the_trainer_gets_the_configured_device(
     seen = json.loads((d.settings.runs_dir.resolve() / "run_abc" / "seen.json").read_text())
     assert seen["argv"][-2:] == ["--device", "cuda"]
     assert "CUDA_VISIBLE_DEVICES" not in seen["env"]
+
+
+def test_concurrent_trainers_share_the_cores(
+    dispatcher_for: Callable[..., LocalDispatcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without an OMP_NUM_THREADS of the operator's, each trainer gets its share of the cores.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3, 4, 5, 6})
+    for concurrency, threads in [(1, "7"), (2, "3"), (3, "2"), (8, "1")]:
+        d = dispatcher_for("ok", max_concurrency=concurrency)
+        assert wait_for(d, d.start(launch()).name) == ExecutionStatus("succeeded")
+        seen = json.loads((d.settings.runs_dir.resolve() / "run_abc" / "seen.json").read_text())
+        assert seen["env"]["OMP_NUM_THREADS"] == threads, concurrency
 
 
 def test_a_failing_trainer_reports_its_exit_code_and_log_tail(
