@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from api import artifacts
 from api.config import Settings
 from tests.fakes.cloudrun import FakeCloudRun
 from tests.fakes.gcs import FakeGcs
@@ -80,3 +81,11 @@ def gcs_env(fake_gcs: FakeGcs, monkeypatch: pytest.MonkeyPatch) -> FakeGcs:
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", fake_gcs.url)
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", PROJECT)
     return fake_gcs
+
+
+@pytest.fixture
+def fresh_credentials() -> Iterator[None]:
+    """The api caches the credentials it signs URLs with; each test starts without them."""
+    artifacts.reset_credentials_cache()
+    yield
+    artifacts.reset_credentials_cache()

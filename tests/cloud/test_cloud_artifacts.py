@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -33,13 +33,6 @@ def bucket(gcs_env: FakeGcs, request: pytest.FixtureRequest) -> str:
     client = storage.Client(project=PROJECT, credentials=AnonymousCredentials())
     client.bucket(name).blob("runs/run_1/results.json").upload_from_string(b'{"accuracy": 0.9}')
     return name
-
-
-@pytest.fixture
-def fresh_credentials() -> Iterator[None]:
-    artifacts.reset_credentials_cache()
-    yield
-    artifacts.reset_credentials_cache()
 
 
 def settings(tmp_path: Path) -> Settings:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from api import artifacts
 from api.config import Settings
 from api.db import make_engine, migrate
 from api.main import create_app
@@ -40,13 +39,6 @@ def bucket(gcs_env: FakeGcs, request: pytest.FixtureRequest) -> str:
     client.bucket(name).blob("runs/r/results.json").upload_from_string(RESULTS)
     client.bucket(name).blob("runs/r/trainer.log").upload_from_string(LOG)
     return name
-
-
-@pytest.fixture
-def fresh_credentials() -> Iterator[None]:
-    artifacts.reset_credentials_cache()
-    yield
-    artifacts.reset_credentials_cache()
 
 
 def run_page(

@@ -239,12 +239,14 @@ def kill_after_a_checkpoint(s: Stack, run_id: str) -> int:
 def test_a_run_longer_than_its_segment_completes_in_segments_with_one_history(
     stack: Callable[..., Stack], tiny_model: Path
 ) -> None:
-    # The shortest cap, and 128 steps of work: about 20 s of training on a 2-core machine, so
-    # even a machine several times faster needs more than one segment. A slow one needs at
-    # most one per unit of work (baseline, each step, final evaluation).
-    s = stack(segment_seconds_max=10)
-    total_steps = 512 * 2 // 8
-    run_id = s.create(**tiny_spec(tiny_model, train_size=512, num_epochs=2, save_steps=16))
+    # Each segment spends its first seconds starting up (imports, model, checkpoint download):
+    # about 4 s on an idle 2-core machine, 7-10 s under CI's load. A 30 s cap leaves each one
+    # 20 s or more of training. Measured on a 2-core machine: two segments in 38 s alone, 60 s
+    # with a second trainer beside it. (A 10 s cap left a loaded machine's segments time for
+    # one step each: 40 segments in 420 s, and the test timed out.)
+    s = stack(segment_seconds_max=30)
+    total_steps = 512 * 4 // 8
+    run_id = s.create(**tiny_spec(tiny_model, train_size=512, num_epochs=4, save_steps=16))
     run = s.wait(run_id, "succeeded", "failed", timeout=420)
     assert run["status"] == "succeeded", f"{run}\n{s.logs()}"
 
@@ -253,6 +255,7 @@ def test_a_run_longer_than_its_segment_completes_in_segments_with_one_history(
         for r in s.fake.calls("RunJob")
     ]
     assert len(segments) >= 2 and segments == list(range(len(segments))), segments
+    print(f"\n{total_steps} steps in {len(segments)} segments")
     assert run["segment"] == segments[-1]
 
     # Each segment resumed where the one before stopped, so no step was trained twice.
