@@ -29,7 +29,7 @@ import httpx
 import uvicorn
 from pydantic import ValidationError
 
-from api.cli.worker import settings_errors
+from api.cli.settings import settings_errors
 from api.config import Settings
 from api.db import make_engine, migrate, session_scope
 

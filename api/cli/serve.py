@@ -7,10 +7,8 @@ import ipaddress
 import sys
 
 import uvicorn
-from sqlalchemy.engine import make_url
 
-from api.cli.worker import load_settings
-from api.db import make_engine, migrate
+from api.cli.settings import load_settings, open_database, shown_url
 from api.main import create_app
 
 
@@ -46,12 +44,13 @@ def run(args: argparse.Namespace) -> int:
     except ExposureRefused as exc:
         print(f"tuneplane: {exc}", file=sys.stderr)
         return 2
-    engine = make_engine(settings.db_url)
-    migrate(engine)
+    engine = open_database("tuneplane", settings)
+    if engine is None:
+        return 2
     engine.dispose()
-    database = make_url(settings.db_url).render_as_string(hide_password=True)
     print(
-        f"tuneplane: serving on http://{args.host}:{args.port} (database {database}; trainers "
+        f"tuneplane: serving on http://{args.host}:{args.port} (database "
+        f"{shown_url(settings.db_url)}; trainers "
         f"call back at {settings.public_url})",
         flush=True,
     )

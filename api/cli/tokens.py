@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from api.config import Settings
-
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-# The database and the services are imported by the functions that use them, so that building
-# the `tuneplane` parser (which imports every command's module) stays quick for client commands.
+# The database and the services are imported by the functions that use them, so that
+# `tuneplane token --help` answers at once.
+PROG = "tuneplane token"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,13 +40,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     revoke.set_defaults(func=revoke_token)
 
 
-def _engine() -> Engine:
-    from api.db import make_engine, migrate
-    from api.secrets import resolve_secrets  # TUNEPLANE_DATABASE_URL may be an sm:// reference
+def _engine() -> Engine | None:
+    """The server's database, migrated; None once what is wrong (a setting, the database) has
+    been printed. TUNEPLANE_DATABASE_URL may be an sm:// reference."""
+    from api.cli.settings import load_settings, open_database
 
-    engine = make_engine(resolve_secrets(Settings()).db_url)
-    migrate(engine)
-    return engine
+    settings = load_settings(PROG)
+    return None if settings is None else open_database(PROG, settings)
 
 
 def create_token(args: argparse.Namespace) -> int:
@@ -65,16 +64,18 @@ def create_token(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
             print(
-                f"tuneplane token: --{'-'.join(map(str, err['loc']))}: {err['msg']}",
+                f"{PROG}: --{'-'.join(map(str, err['loc']))}: {err['msg']}",
                 file=sys.stderr,
             )
         return 2
     engine = _engine()
+    if engine is None:
+        return 2
     try:
         with session_scope(engine) as session:
             token, secret = service.create_token(session, body, created_by="cli")
     except Problem as exc:
-        print(f"tuneplane token: {exc.detail}", file=sys.stderr)
+        print(f"{PROG}: {exc.detail}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()
@@ -92,6 +93,8 @@ def list_tokens(args: argparse.Namespace) -> int:
     from api.services import tokens as service
 
     engine = _engine()
+    if engine is None:
+        return 2
     try:
         with session_scope(engine) as session:
             tokens = service.list_tokens(session)
@@ -120,11 +123,13 @@ def revoke_token(args: argparse.Namespace) -> int:
     from api.services import tokens as service
 
     engine = _engine()
+    if engine is None:
+        return 2
     try:
         with session_scope(engine) as session:
             token = service.revoke_token(session, args.token)
     except Problem as exc:
-        print(f"tuneplane token: {exc.detail}", file=sys.stderr)
+        print(f"{PROG}: {exc.detail}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()

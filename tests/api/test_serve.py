@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 
 import api
 from api.cli.serve import local_url
-from api.cli.worker import load_settings
+from api.cli.settings import load_settings
 from tests.conftest import free_port
 
 REPO = Path(api.__file__).resolve().parent.parent
@@ -153,7 +153,7 @@ def test_serve_on_another_port_gets_its_trainers_callbacks(db_url: str, tmp_path
 # -- a bad environment variable --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["serve", "worker"])
+@pytest.mark.parametrize("command", ["serve", "worker", "token list"])
 def test_a_bad_environment_variable_is_one_line_each(command: str, tmp_path: Path) -> None:
     env = clean_env(
         TUNEPLANE_DATA_DIR=str(tmp_path),
@@ -161,7 +161,7 @@ def test_a_bad_environment_variable_is_one_line_each(command: str, tmp_path: Pat
         TUNEPLANE_SESSION_HOURS="-1",
         TUNEPLANE_DISPATCHER="kubernetes",
     )
-    done = tuneplane(command, env=env)
+    done = tuneplane(*command.split(), env=env)
     assert done.returncode == 2, done
     assert "Traceback" not in done.stderr and "pydantic" not in done.stderr, done.stderr
     lines = done.stderr.strip().splitlines()
@@ -195,3 +195,50 @@ def test_a_rule_across_settings_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2, done
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("tuneplane: TUNEPLANE_CALLBACK_SIGNING_KEY is required"), line
+
+
+# -- a database that cannot be opened --------------------------------------------------------------
+
+PROGS = {"serve": "tuneplane", "worker": "tuneplane worker", "token list": "tuneplane token"}
+
+
+@pytest.mark.parametrize("command", list(PROGS))
+def test_a_database_out_of_reach_is_one_line_without_its_password(
+    command: str, tmp_path: Path
+) -> None:
+    port = free_port()  # nothing listens there
+    url = f"postgresql://tp:{PASSWORD}@127.0.0.1:{port}/tuneplane"
+    done = tuneplane(*command.split(), env=clean_env(TUNEPLANE_DATABASE_URL=url))
+    assert done.returncode == 2, done
+    (line,) = done.stderr.strip().splitlines()
+    shown = f"postgresql://tp:***@127.0.0.1:{port}/tuneplane"
+    assert line.startswith(f"{PROGS[command]}: cannot open the database {shown}: "), line
+    assert "Connection refused" in line, line
+    assert PASSWORD not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        (f"postgres ql://tp:{PASSWORD}@db/tuneplane", "is not a database URL"),
+        (f"mysql://tp:{PASSWORD}@db/tuneplane", "runs on postgresql:// and sqlite:// URLs"),
+        (f"oracle+nosuch://tp:{PASSWORD}@db/x", "runs on postgresql:// and sqlite:// URLs"),
+    ],
+)
+def test_a_database_url_tuneplane_cannot_use_is_one_line(url: str, says: str) -> None:
+    done = tuneplane("token", "list", env=clean_env(TUNEPLANE_DATABASE_URL=url))
+    assert done.returncode == 2, done
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("tuneplane token: ") and says in line, line
+    assert PASSWORD not in done.stderr + done.stdout
+
+
+def test_a_sqlite_directory_it_cannot_make_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    url = f"sqlite:///{blocker / 'sub' / 'tuneplane.db'}"
+    done = tuneplane("worker", env=clean_env(TUNEPLANE_DATABASE_URL=url))
+    assert done.returncode == 2, done
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"tuneplane worker: cannot open the database {url}: "), line
+    assert "Not a directory" in line, line
