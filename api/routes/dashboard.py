@@ -31,6 +31,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from starlette.datastructures import FormData
 
 from api import csrf
+from api.auth import principal_of
 from api.deps import get_settings
 from api.routes import dashboard_format as fmt
 from api.states import ACTIVE, TERMINAL, RunStatus
@@ -90,10 +91,12 @@ ENV = _env()
 
 
 def layout_context(request: Request, path: str) -> dict[str, Any]:
-    """What the layout of every page (and fragment) needs: its path, the CSRF token, and a new
-    idempotency key for its forms."""
+    """What the layout of every page (and fragment) needs: its path, the CSRF token, a new
+    idempotency key for its forms, and the token a signed-in browser uses (for "Log out")."""
+    principal = principal_of(request)
     return {
         "request_path": path,
+        "signed_in_as": principal.name if principal.token_id is not None else None,
         "csrf_field": csrf.FIELD,
         "csrf_token": csrf.token(request, get_settings(request)),
         "form_key_field": FORM_KEY,

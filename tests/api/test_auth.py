@@ -364,14 +364,25 @@ def test_forged_and_expired_session_cookies_are_refused(secured: Secured) -> Non
     assert r.status_code == 303 and "why=expired" in r.headers["location"]
 
 
-def test_logout_clears_the_session(secured: Secured) -> None:
+def test_every_page_offers_log_out_which_clears_the_session(secured: Secured) -> None:
     login(secured, "read")
-    page = secured.client.get("/login")
-    field = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    page = secured.client.get("/history")
+    form = re.search(
+        r'<form class="signed-in" method="post" action="/logout">(.*?)</form>', page.text, re.S
+    )
+    assert form is not None, page.text[:2000]
+    assert ">read</span>" in form.group(1)  # the token's name, never its secret
+    assert secured.tokens["read"] not in page.text
+    field = re.search(r'name="csrf_token" value="([^"]+)"', form.group(1))
     assert field is not None
     r = secured.client.post("/logout", data={"csrf_token": field.group(1)}, follow_redirects=False)
-    assert r.status_code == 303
+    assert r.status_code == 303 and r.headers["location"] == "/login?why=logged-out"
     assert secured.client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_open_mode_offers_no_log_out(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and 'action="/logout"' not in page.text
 
 
 def test_session_cookie_is_not_secure_on_plain_http_loopback(

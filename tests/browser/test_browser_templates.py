@@ -1,7 +1,7 @@
 """Templates on the dashboard, in headless Chromium: create one through the form (with errors
 first), edit it into version 2, start a run of it; and, on a server with auth on, the login page
-and a read-only session sent back to it when it tries to save a template. Screenshots of each
-page go to test-artifacts/screenshots/ as the other browser tests' do."""
+and a read-only session sent back to it when it tries to save a template, then logging out.
+Screenshots of each page go to test-artifacts/screenshots/ as the other browser tests' do."""
 
 from __future__ import annotations
 
@@ -138,6 +138,15 @@ def test_login_page_and_a_read_only_session_saving_a_template(
         shoot(page, "login-scope")
         with Session(engine) as session:
             assert session.get(TemplateVersion, ("pets", 2)) is None
+
+        # Still signed in as the reader: every page names the token and offers to log out.
+        page.goto("/")
+        expect(page.locator(".topbar .signed-in")).to_contain_text("reader")
+        shoot(page, "signed-in")
+        page.click(".topbar button:has-text('Log out')")
+        expect(page).to_have_url(re.compile(r"/login\?why=logged-out"))
+        page.goto("/history")
+        expect(page).to_have_url(re.compile(r"/login\?next=%2Fhistory"))
     finally:
         context.close()
         server.stop()
