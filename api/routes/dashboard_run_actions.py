@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 from sqlmodel import Session
+from starlette.datastructures import FormData
 
 from api.auth import principal_of
 from api.config import Settings
@@ -29,11 +30,9 @@ router = APIRouter(include_in_schema=False)
 async def cancel_run_form(
     request: Request, run_id: str, session: SessionDep, settings: SettingsDep
 ) -> Response:
-    form = await checked_form(request)
+    form = await _run_form(request, session, run_id)
     if isinstance(form, HTMLResponse):
         return form
-    if q.get_run(session, run_id) is None:
-        return not_found(request, run_id)
     try:
         runs_service.cancel_run(session, settings, run_id, reason="cancelled from the dashboard")
     except Problem as exc:
@@ -45,11 +44,9 @@ async def cancel_run_form(
 async def retrain_run_form(
     request: Request, run_id: str, session: SessionDep, settings: SettingsDep
 ) -> Response:
-    form = await checked_form(request)
+    form = await _run_form(request, session, run_id)
     if isinstance(form, HTMLResponse):
         return form
-    if q.get_run(session, run_id) is None:
-        return not_found(request, run_id)
     try:
         new = runs_service.retrain_run(
             session, settings, run_id, RetrainRequest(), idempotency_key=form_key(form)
@@ -65,11 +62,9 @@ async def promote_run_form(
 ) -> Response:
     """The run becomes its template's champion. `force` (the "promote anyway" form of a run
     whose gate failed) goes with the note that says why, as over REST."""
-    form = await checked_form(request)
+    form = await _run_form(request, session, run_id)
     if isinstance(form, HTMLResponse):
         return form
-    if q.get_run(session, run_id) is None:
-        return not_found(request, run_id)
     note = str(form.get("note") or "").strip()
     force = form.get("force") in ("1", "true", "on")
     try:
@@ -92,6 +87,17 @@ async def promote_run_form(
             )
         return _run_with_error(request, session, settings, run_id, exc, message)
     return RedirectResponse(f"/runs/{run_id}?notice=promoted", status_code=303)
+
+
+async def _run_form(request: Request, session: Session, run_id: str) -> FormData | HTMLResponse:
+    """The POSTed form of a button on a run's page, or the page to answer instead: 403 for a
+    bad CSRF token, 404 for a run that does not exist."""
+    form = await checked_form(request)
+    if isinstance(form, HTMLResponse):
+        return form
+    if q.get_run(session, run_id) is None:
+        return not_found(request, run_id)
+    return form
 
 
 def _run_with_error(

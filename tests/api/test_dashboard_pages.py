@@ -640,7 +640,9 @@ def test_promote_button_and_the_refusals_it_can_meet(
         f"/runs/{queued}/promote", data=form_fields(page, f"/runs/{queued}/cancel")
     )
     assert refused.status_code == 409 and "Run not succeeded" in refused.text
-    assert client.post("/runs/run_nope/promote", data=form_fields(page)).status_code == 404
+    for action in ("cancel", "retrain", "promote"):
+        missing = client.post(f"/runs/run_nope/{action}", data=form_fields(page))
+        assert missing.status_code == 404 and "There is no run with the id" in missing.text
 
     # A hidden (deleted) template has no champion to show.
     assert client.delete("/api/v1/templates/manual").status_code in (200, 204)
