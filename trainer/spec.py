@@ -199,10 +199,11 @@ def _flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def field_bounds(name: str) -> tuple[float | None, float | None]:
-    """(lowest, highest) allowed for a numeric field, for error messages and forms."""
+def field_bounds(name: str, model: type[BaseModel] = RunSpec) -> tuple[float | None, float | None]:
+    """(lowest, highest) allowed (`ge`, `le`) for a numeric field of `model`, for error messages
+    and forms."""
     lo = hi = None
-    for meta in RunSpec.model_fields[name].metadata:
+    for meta in model.model_fields[name].metadata:
         lo = getattr(meta, "ge", lo)
         hi = getattr(meta, "le", hi)
     return lo, hi
@@ -211,16 +212,19 @@ def field_bounds(name: str) -> tuple[float | None, float | None]:
 _RANGE_ERRORS = frozenset({"greater_than_equal", "less_than_equal"})
 
 
-def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
+def describe_errors(exc: ValidationError, model: type[BaseModel] = RunSpec) -> list[dict[str, str]]:
     """Turn pydantic's errors into `{"field", "message"}` pairs a person can act on: the field's
-    path and, for a number out of range, the whole allowed range (pydantic names one side)."""
+    path and, for a number of `model` out of a range bounded both ways, the whole allowed range
+    (pydantic names one side)."""
     out = []
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
         field = ".".join(loc) or "(body)"
         message = err["msg"].removeprefix("Value error, ")
-        if loc and loc[0] in RunSpec.model_fields and err["type"] in _RANGE_ERRORS:
-            lo, hi = field_bounds(loc[0])
+        lo, hi = (
+            field_bounds(loc[0], model) if loc and loc[0] in model.model_fields else (None, None)
+        )
+        if err["type"] in _RANGE_ERRORS and lo is not None and hi is not None:
             message = f"must be between {_num(lo)} and {_num(hi)} (got {err['input']!r})"
         elif err["type"] == "extra_forbidden":
             message = f"unknown field; the spec's fields are: {', '.join(RunSpec.model_fields)}"
@@ -230,7 +234,5 @@ def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
     return out
 
 
-def _num(value: float | None) -> str:
-    if value is None:
-        return "unbounded"
+def _num(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)

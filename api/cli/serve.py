@@ -50,8 +50,7 @@ def run(args: argparse.Namespace) -> int:
     engine.dispose()
     print(
         f"tuneplane: serving on http://{args.host}:{args.port} (database "
-        f"{shown_url(settings.db_url)}; trainers "
-        f"call back at {settings.public_url})",
+        f"{shown_url(settings.db_url)}; trainers call back at {settings.public_url})",
         flush=True,
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")

@@ -16,7 +16,6 @@ from typing import Any, Literal, Union, get_args, get_origin
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
 from starlette.datastructures import FormData
 
 from api.deps import SessionDep, SettingsDep
@@ -25,7 +24,7 @@ from api.models import Run, RunCreate
 from api.routes.dashboard import checked_form, form_key, not_found, render, split_list
 from api.services import dashboard as q
 from api.services import runs as runs_service
-from trainer.spec import RunSpec, describe_errors
+from trainer.spec import RunSpec, describe_errors, field_bounds
 
 router = APIRouter(include_in_schema=False)
 
@@ -112,7 +111,7 @@ def form_field(
     if get_origin(ann) is list:
         return FormField(kind="list", **common)
     if ann in (int, float):
-        lo, hi = _bounds(info)
+        lo, hi = field_bounds(name, model)
         return FormField(kind="number", lo=lo, hi=hi, step="1" if ann is int else "any", **common)
     return FormField(kind="text", **common)
 
@@ -124,14 +123,6 @@ def _without_none(ann: Any) -> tuple[Any, bool]:
         if len(args) == 1 and len(get_args(ann)) == 2:
             return args[0], True
     return ann, False
-
-
-def _bounds(info: FieldInfo) -> tuple[float | None, float | None]:
-    lo = hi = None
-    for meta in info.metadata:
-        lo = getattr(meta, "ge", lo)
-        hi = getattr(meta, "le", hi)
-    return lo, hi
 
 
 def spec_defaults(base: Mapping[str, Any] | None = None) -> dict[str, Any]:

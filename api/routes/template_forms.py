@@ -163,17 +163,11 @@ def _read(
 
 
 def _gate_errors(exc: ValidationError) -> dict[str, str]:
-    """Errors of the gates by input; a number out of range names the whole range, as the spec's
-    fields do (pydantic names one side)."""
-    fields = {f.field: f for f in gate_fields()}
+    """Errors of the gates by input (`gates.NAME`); a number out of range names the whole
+    range, as the spec's fields do."""
     out: dict[str, str] = {}
-    for raw, err in zip(exc.errors(include_url=False), describe_errors(exc), strict=True):
-        f = fields.get(err["field"])
-        message = err["message"]
-        ranged = raw["type"] in ("greater_than_equal", "less_than_equal")
-        if f is not None and ranged and f.lo is not None and f.hi is not None:
-            message = f"must be between {f.lo:g} and {f.hi:g} (got {raw['input']!r})"
-        out.setdefault(f"gates.{err['field']}", message)
+    for err in describe_errors(exc, Gates):
+        out.setdefault(f"gates.{err['field']}", err["message"])
     return out
 
 
