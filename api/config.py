@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from trainer.spec import GpuType
+from trainer.contract.spec import GpuType
 
 
 class Settings(BaseSettings):

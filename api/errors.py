@@ -19,8 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from trainer.events import MAX_EVENT_BYTES
-from trainer.spec import RunSpec, describe_errors
+from trainer.contract.events import MAX_EVENT_BYTES
+from trainer.contract.spec import RunSpec, describe_errors
 
 PROBLEM = "application/problem+json"
 log = logging.getLogger("tuneplane.api")
@@ -103,8 +103,8 @@ def problem_response(
 
 def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
     """One `{"field", "message"}` per error. Errors inside a run spec are described by
-    `trainer.spec.describe_errors`, so a range error names the whole range (pydantic names one
-    side) and the REST api, the dashboard and the trainer's command line say the same thing."""
+    `trainer.contract.spec.describe_errors`, so a range error names the whole range (pydantic names
+    one side) and the REST api, the dashboard and the trainer's command line say the same thing."""
     out: list[dict[str, str]] = []
     spec_errors: list[dict[str, str]] | None = None
     for err in exc.errors():

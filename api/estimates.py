@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
-from trainer.spec import RunSpec
+from trainer.contract.spec import RunSpec
 
 GIB = 1024**3
 

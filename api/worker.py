@@ -40,9 +40,9 @@ from api.models.types import utcnow
 from api.services import dispatch as service
 from api.services import events
 from api.states import RunStatus
-from trainer.events import parse_event
-from trainer.execution import ExecutionEnv
-from trainer.spec import RunSpec
+from trainer.contract.events import parse_event
+from trainer.contract.execution import ExecutionEnv
+from trainer.contract.spec import RunSpec
 
 log = logging.getLogger("tuneplane.worker")
 

@@ -188,7 +188,7 @@ def estimated_gib(s: dict[str, int], args: argparse.Namespace) -> float | None:
     if args.config != "4b":
         return None
     from api.estimates import estimate
-    from trainer.spec import RunSpec
+    from trainer.contract.spec import RunSpec
 
     spec = RunSpec(
         model_id="google/gemma-3-4b-it",

@@ -23,7 +23,7 @@ from api.dispatch.local import LocalDispatcher
 from api.main import create_app
 from api.models import RunEvent
 from tests.conftest import LiveServer, free_port
-from trainer.report_http import spool_file
+from trainer.contract.spool import spool_file
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from trainer.spec import RunSpec
+from trainer.contract.spec import RunSpec
 from trainer.storage import Location, open_location
 
 MANIFEST = "manifest.json"

@@ -28,10 +28,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from trainer import events as ev
-from trainer.execution import ExecutionEnv
+from trainer.contract import events as ev
+from trainer.contract.execution import ExecutionEnv
+from trainer.contract.spec import RunSpec, describe_errors
 from trainer.report import EventLog, Reporter, StdoutReporter
-from trainer.spec import RunSpec, describe_errors
 
 TRACEBACK_TAIL = 8_000
 

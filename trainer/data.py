@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from trainer.spec import Dataset
+from trainer.contract.spec import Dataset
 
 HF_PET_DATASET = "timm/oxford-iiit-pet"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}

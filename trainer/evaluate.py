@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from trainer import collator
+from trainer.contract.events import ClassMetrics, Metrics, Prediction
 from trainer.data import Sample
-from trainer.events import ClassMetrics, Metrics, Prediction
 
 NO_LABEL = "no label"
 _UNKNOWN = "\x00unknown"  # sklearn needs a value for "no label" that no class can be named

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from trainer.spec import RunSpec
+from trainer.contract.spec import RunSpec
 
 # Names of the module that maps vision features into the language model, across VLM families
 # (Gemma 3 / LLaVA, Idefics 3 / SmolVLM, Qwen2-VL).

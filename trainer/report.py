@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Protocol, TextIO
 
-from trainer import events as ev
+from trainer.contract import events as ev
 
 
 class Reporter(Protocol):

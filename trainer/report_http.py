@@ -28,17 +28,11 @@ from pathlib import Path
 
 import httpx
 
-from trainer import events as ev
-from trainer.execution import ExecutionEnv
+from trainer.contract import events as ev
+from trainer.contract.execution import ExecutionEnv
+from trainer.contract.spool import spool_file
 
 log = logging.getLogger("trainer.report")
-
-
-def spool_file(spool_dir: str | os.PathLike[str], run_id: str) -> Path:
-    """Where the events of `run_id` wait for the api: one file per run, shared by its segments,
-    so the next segment re-sends what an earlier one could not deliver. The local dispatcher
-    reads the same file when a trainer ended with events still in it."""
-    return Path(spool_dir) / f"{run_id}.spool.jsonl"
 
 
 class _Outcome(enum.Enum):

@@ -16,8 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer.events import Metrics
-from trainer.spec import RunSpec
+from trainer.contract.events import Metrics
+from trainer.contract.spec import RunSpec
 
 Outcome = Literal["completed", "segment_done", "failed"]
 PACKAGES = (

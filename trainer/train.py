@@ -26,12 +26,12 @@ import torch
 
 from trainer.checkpoints import CheckpointStore, Restored, TrainState, spec_digest
 from trainer.collator import TrainCollator
+from trainer.contract.events import Progress
+from trainer.contract.spec import RunSpec
 from trainer.data import Sample
 from trainer.deadline import SegmentEnd, Stopper
 from trainer.evaluate import autocast, to_device
-from trainer.events import Progress
 from trainer.model import Loaded
-from trainer.spec import RunSpec
 
 WARMUP_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from trainer.execution import ExecutionEnv
-from trainer.spec import RunSpec
+from trainer.contract.execution import ExecutionEnv
+from trainer.contract.spec import RunSpec
 
 ExecutionStateName = Literal["pending", "running", "succeeded", "failed", "cancelled", "unknown"]
 

@@ -33,7 +33,7 @@ from google.cloud.run_v2.services.jobs.transports import JobsGrpcTransport
 from api.config import Settings
 from api.dispatch import cloudrun_job as cj
 from api.dispatch.base import DispatchError, Execution, ExecutionStatus, Launch
-from trainer.execution import PREFIX, ExecutionEnv
+from trainer.contract.execution import PREFIX, ExecutionEnv
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -16,8 +16,8 @@ from google.cloud import run_v2
 from google.protobuf import duration_pb2
 
 from api.config import Settings
-from trainer.execution import ExecutionEnv
-from trainer.spec import GPU_TYPES, RunSpec
+from trainer.contract.execution import ExecutionEnv
+from trainer.contract.spec import GPU_TYPES, RunSpec
 
 CONTAINER = "trainer"
 BUCKET_VOLUME = "bucket"

@@ -32,8 +32,8 @@ from pathlib import Path
 
 from api.config import Settings
 from api.dispatch.base import DispatchError, Execution, ExecutionStatus, Launch
-from trainer.execution import PREFIX
-from trainer.report_http import spool_file
+from trainer.contract.execution import PREFIX
+from trainer.contract.spool import spool_file
 
 log = logging.getLogger(__name__)
 

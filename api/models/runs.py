@@ -14,7 +14,7 @@ from sqlmodel import Field, SQLModel
 
 from api.models.types import UTCDateTime, new_id, utcnow
 from api.states import RunStatus
-from trainer.spec import RunSpec
+from trainer.contract.spec import RunSpec
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/=+-]{0,63}$")
 Tag = Annotated[str, PField(min_length=1, max_length=64)]

@@ -19,7 +19,7 @@ from sqlmodel import Field, SQLModel
 from api.gates import Gates
 from api.models.runs import RunPublic
 from api.models.types import UTCDateTime, utcnow
-from trainer.spec import RunSpec
+from trainer.contract.spec import RunSpec
 
 
 class RunTemplate(SQLModel, table=True):

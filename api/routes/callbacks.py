@@ -23,7 +23,7 @@ from api.oidc_auth import require_callback_credential
 from api.services import events as service
 from api.services.metrics import RunMetrics, run_metrics
 from api.states import RunStatus
-from trainer.events import MAX_EVENT_BYTES, parse_event
+from trainer.contract.events import MAX_EVENT_BYTES, parse_event
 
 router = APIRouter(prefix="/runs", tags=["callbacks"])
 

@@ -24,7 +24,7 @@ from api.models import Run, RunCreate
 from api.routes.dashboard import checked_form, form_key, not_found, render, split_list
 from api.services import dashboard as q
 from api.services import runs as runs_service
-from trainer.spec import RunSpec, describe_errors, field_bounds
+from trainer.contract.spec import RunSpec, describe_errors, field_bounds
 
 router = APIRouter(include_in_schema=False)
 

@@ -22,7 +22,7 @@ from api.routes.artifacts import FILE_KINDS, get_artifacts
 from api.routes.dashboard_format import pct
 from api.services import dashboard as q
 from api.states import ACTIVE, TERMINAL, RunStatus
-from trainer.spec import RunSpec
+from trainer.contract.spec import RunSpec
 
 PHASE_EVENTS = {"phase"}
 END_EVENTS = {"completed", "failed", "segment_done"}

@@ -41,7 +41,7 @@ from api.routes.dashboard_new_run import (
 )
 from api.routes.template_pages import Name, missing, render_page
 from api.services import templates as service
-from trainer.spec import RunSpec, describe_errors
+from trainer.contract.spec import RunSpec, describe_errors
 
 router = APIRouter(include_in_schema=False)
 

@@ -21,7 +21,7 @@ from api.routes.dashboard import checked_form, error_page, form_key, render, spl
 from api.routes.dashboard_new_run import field_errors
 from api.services import champions
 from api.services import templates as service
-from trainer.spec import describe_errors
+from trainer.contract.spec import describe_errors
 
 router = APIRouter(include_in_schema=False)
 

@@ -29,7 +29,7 @@ from api.models import ClassMetric, Evaluation, ProgressPoint, Run, RunEvent
 from api.services.runs import lock_run
 from api.services.status import set_status
 from api.states import TERMINAL, RunStatus
-from trainer import events as ev
+from trainer.contract import events as ev
 
 # Prefix of the outcome of a status event that came before its run could take it (the trainer's
 # first post landed before the worker recorded the dispatch). The worker replays these.

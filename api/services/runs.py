@@ -32,7 +32,7 @@ from api.services import idempotency
 from api.services.pagination import decode_cursor, encode_cursor
 from api.services.status import set_status
 from api.states import TERMINAL, RunStatus
-from trainer.spec import RunSpec, describe_errors
+from trainer.contract.spec import RunSpec, describe_errors
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 200

@@ -31,7 +31,7 @@ from api.models.templates import (
 from api.models.types import utcnow
 from api.services import idempotency
 from api.services import runs as runs_service
-from trainer.spec import GpuType, RunSpec, describe_errors
+from trainer.contract.spec import GpuType, RunSpec, describe_errors
 
 TRIGGER_SCOPE = "templates.trigger"
 

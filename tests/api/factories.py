@@ -12,8 +12,8 @@ from api.config import Settings
 from api.db import session_scope
 from api.models import Run
 from api.states import RunStatus
-from trainer import events as ev
-from trainer.spec import RunSpec
+from trainer.contract import events as ev
+from trainer.contract.spec import RunSpec
 
 SPEC = RunSpec(model_id="google/gemma-3-4b-it", dataset="digits")
 

@@ -16,7 +16,7 @@ from api.services.runs import lock_run
 from api.services.status import set_status
 from api.states import RunStatus
 from tests.api.factories import token_for
-from trainer import events as ev
+from trainer.contract import events as ev
 
 SPEC = {"model_id": "google/gemma-3-4b-it", "dataset": "digits", "train_size": 100}
 

@@ -22,8 +22,8 @@ from api.models import ClassMetric, Evaluation, ProgressPoint, Run, RunEvent
 from api.states import RunStatus
 from tests.api.factories import evaluation, full_history, insert_runs, token_for
 from tests.conftest import LiveServer
-from trainer import events as ev
-from trainer.events import MAX_EVENT_BYTES
+from trainer.contract import events as ev
+from trainer.contract.events import MAX_EVENT_BYTES
 
 
 def post(

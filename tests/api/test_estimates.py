@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from api.estimates import KNOWN, estimate, model_size, refusal_detail
-from trainer.spec import RunSpec
+from trainer.contract.spec import RunSpec
 
 
 def spec(**kw: Any) -> RunSpec:

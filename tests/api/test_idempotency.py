@@ -19,7 +19,7 @@ from api.models import IdempotencyKey, Run, RunCreate, RunTag
 from api.services import idempotency
 from api.services.runs import insert_run
 from tests.conftest import LiveServer
-from trainer.spec import RunSpec
+from trainer.contract.spec import RunSpec
 
 SPEC = {"model_id": "google/gemma-3-4b-it", "dataset": "digits"}
 BODY = {"spec": SPEC, "name": "nightly", "tags": ["ci"]}

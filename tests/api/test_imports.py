@@ -1,4 +1,5 @@
-"""The api image ships without torch: importing any `api` module must not pull it in."""
+"""The api image ships without torch: importing any `api` module must not pull it in, and of the
+trainer package the api imports the contract alone (docs/architecture.md, "The contract")."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ names = sorted(
 for name in names:
     importlib.import_module(name)
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
-print(json.dumps({"modules": names, "heavy": heavy}))
+trainer = sorted(m for m in sys.modules if m.split(".")[0] == "trainer")
+print(json.dumps({"modules": names, "heavy": heavy, "trainer": trainer}))
 """
 
 
@@ -40,3 +42,8 @@ def test_no_api_module_imports_the_trainer_stack() -> None:
     assert "api.main" in result["modules"] and "api.routes.runs" in result["modules"]
     assert len(result["modules"]) > 20
     assert result["heavy"] == []
+    outside_contract = [
+        m for m in result["trainer"] if m != "trainer" and not m.startswith("trainer.contract")
+    ]
+    assert outside_contract == []
+    assert "trainer.contract.spec" in result["trainer"]

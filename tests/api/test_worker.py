@@ -30,7 +30,7 @@ from api.services.dispatch import RetryPolicy
 from api.states import RunStatus
 from api.worker import Worker
 from tests.api.factories import insert_runs
-from trainer import events as ev
+from trainer.contract import events as ev
 
 NO_WAIT = RetryPolicy(max_attempts=3, first_backoff_seconds=0, quota_retry_seconds=0)
 

@@ -26,8 +26,8 @@ from api.models import Run, RunCreate, RunEvent, RunTag
 from api.services import runs as runs_service
 from api.services.status import set_status
 from api.states import RunStatus
-from trainer import events as ev
-from trainer.spec import RunSpec
+from trainer.contract import events as ev
+from trainer.contract.spec import RunSpec
 
 # Markup that would run if any page forgot to escape it: a script element, an attribute break
 # with an event handler (double and single quotes) and a `</textarea>` break-out. Each sets a

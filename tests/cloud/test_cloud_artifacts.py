@@ -21,7 +21,7 @@ from api.main import create_app
 from tests.api.factories import insert_runs, token_for
 from tests.cloud.conftest import PROJECT, cloud_values
 from tests.fakes.gcs import FakeGcs
-from trainer import events as ev
+from trainer.contract import events as ev
 
 SA = f"tuneplane-api@{PROJECT}.iam.gserviceaccount.com"
 

@@ -25,7 +25,7 @@ from tests.api.factories import insert_runs, token_for
 from tests.cloud.conftest import PROJECT, cloud_values
 from tests.cloud.test_cloud_artifacts import service_account_key
 from tests.fakes.gcs import FakeGcs
-from trainer import events as ev
+from trainer.contract import events as ev
 
 RESULTS = b'{"accuracy": 0.93, "macro_f1": 0.91}'
 LOG = b"step 1 loss 2.5\nstep 2 loss 2.1 & <done>\n"

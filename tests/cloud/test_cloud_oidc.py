@@ -28,7 +28,7 @@ from tests.api.factories import insert_runs, token_for
 from tests.cloud.conftest import TRAINER_SA, cloud_values
 from tests.fakes.cloudrun import FakeCloudRun, Outcome
 from tests.fakes.oidc import CertServer, SigningKey
-from trainer import events as ev
+from trainer.contract import events as ev
 
 PUBLIC_URL = "https://tuneplane-api-abc-uc.a.run.app"
 EXECUTION = (

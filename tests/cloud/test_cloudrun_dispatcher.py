@@ -13,8 +13,8 @@ from api.config import Settings
 from api.dispatch.base import DispatchError, Launch
 from api.dispatch.cloudrun import CloudRunDispatcher
 from tests.fakes.cloudrun import FakeCloudRun, Outcome
-from trainer.execution import ExecutionEnv
-from trainer.spec import RunSpec
+from trainer.contract.execution import ExecutionEnv
+from trainer.contract.spec import RunSpec
 
 SPEC = RunSpec(model_id="google/gemma-3-4b-it", dataset="digits", time_budget_minutes=30)
 JOBS = "projects/tp-test/locations/us-central1/jobs"

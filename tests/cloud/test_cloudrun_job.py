@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from api.config import Settings
 from api.dispatch import cloudrun_job as cj
 from tests.cloud.conftest import TRAINER_SA, cloud_values
-from trainer.execution import ExecutionEnv
-from trainer.spec import RunSpec
+from trainer.contract.execution import ExecutionEnv
+from trainer.contract.spec import RunSpec
 
 
 def settings(tmp_path: Path, **overrides: object) -> Settings:

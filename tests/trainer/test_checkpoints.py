@@ -16,7 +16,7 @@ from trainer.checkpoints import (
     dir_name,
     spec_digest,
 )
-from trainer.spec import RunSpec
+from trainer.contract.spec import RunSpec
 from trainer.storage import LocalLocation, open_location, upload_tree
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from trainer.checkpoints import MANIFEST, CheckpointStore, dir_name, sha256_file
 from trainer.cli import main
-from trainer.events import Event, parse_event
+from trainer.contract.events import Event, parse_event
 
 REPO = Path(__file__).resolve().parents[2]
 CHANCE = 0.1  # ten digits
@@ -407,7 +407,7 @@ def test_sigterm_mid_step_abandons_the_step_and_the_next_segment_trains_it_once(
 
 def results_digest(results: dict[str, Any]) -> str:
     from trainer.checkpoints import spec_digest
-    from trainer.spec import RunSpec
+    from trainer.contract.spec import RunSpec
 
     return spec_digest(RunSpec.model_validate(results["spec"]))
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from trainer.contract.events import Evaluation
 from trainer.evaluate import LabelMatcher, compute_metrics, normalize
-from trainer.events import Evaluation
 
 
 def test_normalize() -> None:

@@ -12,7 +12,7 @@ import torch
 
 from trainer import model as model_setup
 from trainer.cli import main
-from trainer.spec import RunSpec
+from trainer.contract.spec import RunSpec
 
 pytestmark = [
     pytest.mark.gpu,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainer import model as model_setup
-from trainer.spec import RunSpec
+from trainer.contract.spec import RunSpec
 from trainer.tiny import BOI, END_OF_TURN, IMAGE_SOFT, build_tiny_model, main
 
 

@@ -14,10 +14,11 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from trainer import events as ev
-from trainer.execution import ExecutionEnv
+from trainer.contract import events as ev
+from trainer.contract.execution import ExecutionEnv
+from trainer.contract.spool import spool_file
 from trainer.report import EventLog
-from trainer.report_http import HttpReporter, _retry_after, spool_file
+from trainer.report_http import HttpReporter, _retry_after
 
 # status, extra headers; None = store the event and answer 201
 Rule = Callable[[dict[str, object]], tuple[int, dict[str, str]] | None]

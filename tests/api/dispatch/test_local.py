@@ -19,9 +19,9 @@ from api.config import Settings
 from api.dispatch import make_dispatcher
 from api.dispatch.base import ExecutionStatus, Launch
 from api.dispatch.local import LocalDispatcher
-from trainer.execution import ExecutionEnv
-from trainer.report_http import spool_file
-from trainer.spec import RunSpec
+from trainer.contract.execution import ExecutionEnv
+from trainer.contract.spec import RunSpec
+from trainer.contract.spool import spool_file
 
 FAKE_TRAINER = r"""
 import json, os, signal, sys, time

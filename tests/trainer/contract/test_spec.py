@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from trainer.spec import DATASET_KINDS, RunSpec, describe_errors, field_bounds
+from trainer.contract.spec import DATASET_KINDS, RunSpec, describe_errors, field_bounds
 
 NUMERIC = [n for n, f in RunSpec.model_fields.items() if f.annotation in (int, float)]
 

@@ -2,7 +2,7 @@
 
 from datetime import UTC, datetime
 
-from trainer.execution import CLOUD_RUN_TASK_ATTEMPT, OWN_FIELDS, ExecutionEnv
+from trainer.contract.execution import CLOUD_RUN_TASK_ATTEMPT, OWN_FIELDS, ExecutionEnv
 
 
 def test_round_trip_through_the_environment() -> None:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trainer.events import MAX_PREDICTIONS
+from trainer.contract.events import MAX_PREDICTIONS
 
 GpuType = Literal["nvidia-l4", "nvidia-rtx-pro-6000"]
 GPU_TYPES: tuple[str, ...] = ("nvidia-l4", "nvidia-rtx-pro-6000")

@@ -6,9 +6,9 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from trainer import events as ev
+from trainer.contract import events as ev
+from trainer.contract.spec import field_bounds
 from trainer.report import EventLog, StdoutReporter
-from trainer.spec import field_bounds
 
 
 def test_event_log_numbers_events_per_segment_and_validates_payloads() -> None:
