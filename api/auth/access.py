@@ -1,12 +1,5 @@
-"""Who may do what: API tokens, scopes, the dashboard's session cookie, and the open mode.
-
-Tokens are `tp_` + 43 URL-safe characters (32 random bytes). The database keeps only the hex
-SHA-256 of a token. Why plain SHA-256 and not a slow or peppered hash: a token carries 256 bits
-of randomness, so a stolen table of hashes can be neither brute-forced nor looked up in a
-dictionary, whatever the hash costs. Slow hashes (bcrypt, argon2) protect low-entropy passwords
-and would add ~100 ms to every request; a pepper would add a second secret whose loss or rotation
-silently invalidates every token, for no gain against 256-bit secrets. The lookup goes through a
-unique index on the hash, so a timing difference there reveals at most part of a hash.
+"""Who may do what: scopes, the dashboard's session cookie, and the open mode. The tokens
+themselves (their shape, hash and rows) are api/auth/tokens.py.
 
 Scopes: `runs:read` (every GET under /api/v1), `runs:write` (every other method), `admin` (the
 tokens resource; it also grants both others). The trainer's callback endpoint is exempt: it
@@ -23,46 +16,29 @@ import hashlib
 import hmac
 import ipaddress
 import re
-import secrets
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 from starlette.responses import Response
 
+from api.auth.tokens import (
+    SCOPES,
+    TOKEN_SHAPE,
+    TokenRefused,
+    authenticate,
+    authenticate_id,
+)
 from api.config import Settings
 from api.deps import EngineDep, SettingsDep
 from api.errors import Problem
 
-TOKEN_PREFIX = "tp_"
-SCOPES = ("runs:read", "runs:write", "admin")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SESSION_COOKIE = "tuneplane_session"
 # The callback endpoint: a concrete path or its route template, whatever the parameter's name.
 _CALLBACK = re.compile(r"^/api/v1/runs/[^/]+/events/?$")
-_TOKEN_SHAPE = re.compile(r"^tp_[A-Za-z0-9_-]{20,100}$")
 _REALM = 'Bearer realm="tuneplane"'
-
-
-def new_token() -> str:
-    return TOKEN_PREFIX + secrets.token_urlsafe(32)
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def check_scopes(scopes: Iterable[str]) -> list[str]:
-    """The scopes, de-duplicated, or ValueError naming the unknown one and the allowed ones."""
-    out = list(dict.fromkeys(s.strip() for s in scopes if s.strip()))
-    if not out:
-        raise ValueError(f"give at least one scope: {', '.join(SCOPES)}")
-    for scope in out:
-        if scope not in SCOPES:
-            raise ValueError(f"unknown scope {scope!r}; the scopes are: {', '.join(SCOPES)}")
-    return out
 
 
 def required_scope(method: str, path: str) -> str | None:
@@ -123,9 +99,7 @@ def _unauthorized(detail: str) -> Problem:
 
 def resolve_token(engine: object, raw: str) -> Principal:
     """The principal of a raw token, or a 401 Problem saying what is wrong with it."""
-    from api.auth.tokens import TokenRefused, authenticate
-
-    if not _TOKEN_SHAPE.match(raw):
+    if not TOKEN_SHAPE.match(raw):
         raise _unauthorized("that is not a tuneplane API token (they start with `tp_`)")
     try:
         token = authenticate(engine, raw)  # type: ignore[arg-type]
@@ -212,8 +186,6 @@ def read_session(settings: Settings, value: str, now: float | None = None) -> st
 
 
 def _session_principal(request: Request, settings: Settings, engine: object) -> Principal:
-    from api.auth.tokens import TokenRefused, authenticate_id
-
     token_id = read_session(settings, request.cookies.get(SESSION_COOKIE, ""))
     if token_id is None:
         raise _unauthorized("your dashboard session has expired; log in again at /login")

@@ -22,6 +22,7 @@ from sqlmodel import Session, col, select
 from api.db import utcnow
 from api.dispatch.base import DispatchError, Execution, ExecutionStatus
 from api.events import service as events
+from api.runs.finish import finish_run
 from api.runs.models import Run
 from api.runs.service import lock_run
 from api.runs.states import ACTIVE, RunStatus
@@ -154,7 +155,7 @@ def dispatch_failed(
     run.claimed_by = run.claim_expires_at = None
     outcome: str
     if error.kind == "permanent":
-        set_status(session, run, RunStatus.failed, f"dispatch failed: {error.message}")
+        finish_run(session, run, RunStatus.failed, f"dispatch failed: {error.message}")
         outcome = "failed"
     elif error.kind == "quota":
         wait = policy.quota_retry_seconds
@@ -166,7 +167,7 @@ def dispatch_failed(
     else:
         run.dispatch_attempts += 1
         if run.dispatch_attempts >= policy.max_attempts:
-            set_status(
+            finish_run(
                 session,
                 run,
                 RunStatus.failed,
@@ -227,18 +228,18 @@ def execution_ended(
         return None
     message = status.message or ""
     if run.status == RunStatus.cancelling:
-        set_status(session, run, RunStatus.cancelled, _join("cancelled", message))
+        finish_run(session, run, RunStatus.cancelled, _join("cancelled", message))
     elif status.state == "cancelled":
         # Stopped outside tuneplane (the console, gcloud): it is cancelled all the same.
         set_status(session, run, RunStatus.cancelling)
-        set_status(
+        finish_run(
             session,
             run,
             RunStatus.cancelled,
             _join(f"execution {execution_name} was cancelled outside tuneplane", message),
         )
     elif status.state == "succeeded":
-        set_status(
+        finish_run(
             session,
             run,
             RunStatus.failed,
@@ -246,7 +247,7 @@ def execution_ended(
             "(its final events were lost)",
         )
     else:
-        set_status(
+        finish_run(
             session,
             run,
             RunStatus.failed,
@@ -262,7 +263,7 @@ def finish_cancel_without_execution(session: Session, run_id: str) -> bool:
     if run.status != RunStatus.cancelling or run.execution_name is not None:
         session.rollback()
         return False
-    set_status(session, run, RunStatus.cancelled, run.status_reason or "cancelled")
+    finish_run(session, run, RunStatus.cancelled, run.status_reason or "cancelled")
     session.commit()
     return True
 

@@ -26,6 +26,7 @@ from sqlmodel import Session, col, delete, select
 
 from api.errors import Problem
 from api.events.models import ClassMetric, Evaluation, ProgressPoint, RunEvent
+from api.runs.finish import finish_run
 from api.runs.models import Run
 from api.runs.service import lock_run
 from api.runs.states import TERMINAL, RunStatus
@@ -213,7 +214,7 @@ def _on_segment_done(session: Session, run: Run, event: ev.Event) -> str:
     run.last_step = max(run.last_step, data.step)
     run.checkpoint_uri = data.checkpoint_uri
     if run.status == RunStatus.cancelling:
-        set_status(
+        finish_run(
             session, run, RunStatus.cancelled, f"cancelled; checkpoint at step {data.step} kept"
         )
         return "applied: the cancel is finished (the trainer saved a checkpoint)"
@@ -237,7 +238,7 @@ def _on_completed(session: Session, run: Run, event: ev.Event) -> str:
     if (why := _status_guard(run, event)) is not None:
         return why
     run.last_step = max(run.last_step, event.data.step)
-    set_status(session, run, RunStatus.succeeded, "completed")
+    finish_run(session, run, RunStatus.succeeded, "completed")
     return "applied: the run succeeded"
 
 
@@ -247,11 +248,11 @@ def _on_failed(session: Session, run: Run, event: ev.Event) -> str:
         return why
     if run.status == RunStatus.cancelling:
         # Stopping it is what made it fail (or it failed while stopping): either way, cancelled.
-        set_status(
+        finish_run(
             session, run, RunStatus.cancelled, f"cancelled (the trainer said: {event.data.error})"
         )
         return "applied: the cancel is finished"
-    set_status(session, run, RunStatus.failed, f"the trainer failed: {event.data.error}")
+    finish_run(session, run, RunStatus.failed, f"the trainer failed: {event.data.error}")
     return "applied: the run failed"
 
 

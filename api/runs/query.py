@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, tuple_
+from sqlalchemy import func, or_, tuple_
 from sqlalchemy import select as sa_select
-from sqlalchemy.orm import aliased, load_only
+from sqlalchemy.orm import load_only
 from sqlmodel import Session, col, select
 
 from api.events.models import ClassMetric, Evaluation, ProgressPoint, RunEvent
 from api.runs.models import Run, RunTag
 from api.runs.states import RunStatus
-from api.templates.models import Champion, RunTemplate
+from api.templates.champions import champions_among
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
@@ -277,37 +277,6 @@ def tags_of(session: Session, run_ids: list[str]) -> dict[str, list[str]]:
     for run_id, tag in rows:
         out[run_id].append(tag)
     return out
-
-
-def champions_among(session: Session, run_ids: list[str]) -> dict[str, str]:
-    """{run id: template name} for those of `run_ids` that are their template's current
-    champion, in one query whatever the number of runs or templates. The current champion is
-    a template's newest promotion (api/services/templates.current_champion: latest
-    `promoted_at`, then highest id), so a promotion row counts when no newer row of its
-    template exists. A deleted (hidden) template has no champion to show."""
-    if not run_ids:
-        return {}
-    newer = aliased(Champion)
-    superseded = exists().where(
-        col(newer.template_name) == col(Champion.template_name),
-        or_(
-            col(newer.promoted_at) > col(Champion.promoted_at),
-            and_(
-                col(newer.promoted_at) == col(Champion.promoted_at),
-                col(newer.id) > col(Champion.id),
-            ),
-        ),
-    )
-    rows = session.exec(
-        select(Champion.run_id, Champion.template_name)
-        .join(RunTemplate, col(RunTemplate.name) == col(Champion.template_name))
-        .where(
-            col(Champion.run_id).in_(run_ids),
-            col(RunTemplate.deleted_at).is_(None),
-            ~superseded,
-        )
-    )
-    return {run_id: template for run_id, template in rows}
 
 
 def status_counts(session: Session) -> dict[str, int]:

@@ -19,6 +19,7 @@ from api.errors import Problem
 from api.events.models import RunEvent, RunEventPublic
 from api.runs import idempotency
 from api.runs.estimates import estimate, refusal_detail
+from api.runs.finish import finish_run
 from api.runs.models import _TAG, RetrainRequest, Run, RunCreate, RunPublic, RunsPage, RunTag
 from api.runs.pagination import decode_cursor, encode_cursor
 from api.runs.states import TERMINAL, RunStatus
@@ -211,7 +212,7 @@ def cancel_run(
             run_status=status.value,
         )
     if status == RunStatus.queued:
-        set_status(session, run, RunStatus.cancelled, reason)
+        finish_run(session, run, RunStatus.cancelled, reason)
     elif status != RunStatus.cancelling:
         set_status(session, run, RunStatus.cancelling, reason)
     session.commit()

@@ -20,9 +20,9 @@ from api.errors import Problem
 from api.runs import idempotency
 from api.runs import service as runs_service
 from api.runs.models import _TAG, Run
+from api.templates.champions import current_champion
 from api.templates.gates import Gates
 from api.templates.models import (
-    Champion,
     RunTemplate,
     TemplateBody,
     TemplateCreate,
@@ -60,16 +60,6 @@ def _version(session: Session, name: str, version: int) -> TemplateVersion:
     if row is None:  # only if the database was edited by hand
         raise Problem(404, "Template version not found", f"{name!r} has no version {version}")
     return row
-
-
-def current_champion(session: Session, name: str) -> Champion | None:
-    stmt = (
-        select(Champion)
-        .where(Champion.template_name == name)
-        .order_by(col(Champion.promoted_at).desc(), col(Champion.id).desc())
-        .limit(1)
-    )
-    return session.exec(stmt).first()
 
 
 def _webhooks_out(hooks: list[dict[str, Any]]) -> list[WebhookOut]:

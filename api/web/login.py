@@ -23,6 +23,7 @@ from api.auth.access import (
 )
 from api.deps import EngineDep, SettingsDep
 from api.errors import Problem
+from api.web.pages import render  # the dashboard's renderer: same layout and headers
 
 router = APIRouter(include_in_schema=False)
 
@@ -47,8 +48,6 @@ def _safe_next(value: str | None) -> str:
 def _page(
     request: Request, status_code: int, next_path: str, notice: str | None, error: str | None
 ) -> HTMLResponse:
-    from api.web.pages import render  # the dashboard's renderer: same layout and headers
-
     return render(
         request,
         "login.html",
