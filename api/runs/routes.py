@@ -17,7 +17,7 @@ from api.errors import problem_responses, require_json
 from api.events.models import RunEventPublic
 from api.runs import service
 from api.runs.idempotency import KEY_PATTERN
-from api.runs.models import _TAG, RetrainRequest, RunCreate, RunPublic, RunsPage
+from api.runs.models import TAG, RetrainRequest, RunCreate, RunPublic, RunsPage
 from api.runs.states import RunStatus
 
 # Bodies over 256 KiB are refused with 413 by api.errors.BodyLimit.
@@ -117,7 +117,7 @@ def list_runs(
         str | None, Query(max_length=300, pattern=r"^[^\x00]*$", description="exact model id")
     ] = None,
     tag: Annotated[
-        list[Annotated[str, Query(pattern=_TAG.pattern)]] | None,
+        list[Annotated[str, Query(pattern=TAG.pattern)]] | None,
         Query(description="runs with all of these tags"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = service.DEFAULT_PAGE,

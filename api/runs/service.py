@@ -10,21 +10,22 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-from sqlalchemy import and_, or_, update
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import and_, or_
 from sqlmodel import Session, col, select
 
 from api.config import Settings
+from api.db import lock_row
 from api.errors import Problem
 from api.events.models import RunEvent, RunEventPublic
 from api.runs import idempotency
 from api.runs.estimates import estimate, refusal_detail
 from api.runs.finish import finish_run
-from api.runs.models import _TAG, RetrainRequest, Run, RunCreate, RunPublic, RunsPage, RunTag
+from api.runs.models import TAG, RetrainRequest, Run, RunCreate, RunPublic, RunsPage, RunTag
 from api.runs.pagination import decode_cursor, encode_cursor
 from api.runs.states import TERMINAL, RunStatus
 from api.runs.status import set_status
-from trainer.contract.spec import RunSpec, describe_errors
+from trainer.contract.spec import GpuType, RunSpec, describe_errors
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 200
@@ -68,7 +69,7 @@ def list_runs(
     if model is not None:
         _check_text(model, "query.model", max_length=300)
     for tag in tags:
-        if not _TAG.match(tag):
+        if not TAG.match(tag):
             raise _invalid("query.tag", f"{tag!r} is not a tag (letters, digits and _.:/=+-)")
     stmt = select(Run)
     if status:
@@ -124,6 +125,68 @@ def list_events(
 # Every write takes (session, settings, ...), so callers need not know which ones use settings.
 
 
+@dataclass(frozen=True)
+class NewRun:
+    """What a new run is besides its spec, and where its parts sit in the request (for errors
+    and the `Idempotency-Key`). `base` names the base spec in error fields: "body.spec",
+    "stored spec" (a retrain's parent), "template spec"."""
+
+    request: BaseModel  # the body, checked for text no database can store
+    scope: str  # idempotency scope: one per creating route
+    fingerprint: str  # idempotency.request_hash of the request and what the URL names
+    idempotency_key: str | None
+    name: str
+    notes: str = ""
+    tags: Sequence[str] = ()
+    base: str = "body.spec"
+    parent_id: str | None = None
+    template_name: str | None = None
+    template_version: int | None = None
+    ci: dict[str, Any] | None = None
+
+
+def new_run(
+    session: Session, base_spec: dict[str, Any], overrides: dict[str, Any], meta: NewRun
+) -> Created:
+    """The one way a run is made (create, retrain, template trigger): `base_spec` with
+    `overrides` applied must be a valid spec (422 naming each bad field, in the overrides or the
+    base), the tags must be tags, the request storable, and the estimate must fit the GPU (422
+    with the estimate). Then a queued run is stored, once per `Idempotency-Key`. Commits."""
+    check_tags(meta.tags, "body.tags")
+    spec = merged_spec(base_spec, overrides, meta.base)
+    check_storable(meta.request.model_dump(mode="json"), "body")
+    est = estimate_or_refuse(spec, "body.overrides" if meta.base != "body.spec" else "body.spec")
+
+    def insert() -> str:
+        run = Run(
+            name=meta.name,
+            notes=meta.notes,
+            spec=spec.model_dump(mode="json"),
+            model_id=spec.model_id,
+            dataset=spec.dataset,
+            gpu_type=spec.gpu_type,
+            parent_id=meta.parent_id,
+            estimate=est,
+            template_name=meta.template_name,
+            template_version=meta.template_version,
+            ci=meta.ci,
+        )
+        session.add(run)
+        session.flush()  # the run row first: run_tags points at it
+        for tag in dict.fromkeys(meta.tags):
+            session.add(RunTag(run_id=run.id, tag=tag))
+        return run.id
+
+    outcome = idempotency.create_once(
+        session,
+        scope=meta.scope,
+        key=meta.idempotency_key,
+        fingerprint=meta.fingerprint,
+        create=insert,
+    )
+    return Created(get_run(session, outcome.resource_id), outcome.created)
+
+
 def create_run(
     session: Session,
     settings: Settings,
@@ -133,25 +196,18 @@ def create_run(
 ) -> Created:
     """Validate, estimate and store a queued run. A spec whose estimate cannot fit its GPU is
     refused (422, with the estimate). A spec that names no GPU gets `settings.default_gpu_type`."""
-    if "gpu_type" not in data.spec.model_fields_set:
-        spec = RunSpec.model_validate(
-            {**data.spec.model_dump(), "gpu_type": settings.default_gpu_type}
-        )
-        data = data.model_copy(update={"spec": spec})
-    check_storable(data.model_dump(mode="json"), "body")
-    est = estimate_or_refuse(data.spec, "body.spec")
-
-    def insert() -> str:
-        return insert_run(session, data.spec, data.name, data.notes, data.tags, None, est)
-
-    outcome = idempotency.create_once(
-        session,
+    spec = with_default_gpu(data.spec, settings.default_gpu_type)
+    data = data.model_copy(update={"spec": spec})
+    meta = NewRun(
+        request=data,
         scope=CREATE_SCOPE,
-        key=idempotency_key,
         fingerprint=idempotency.request_hash(data),
-        create=insert,
+        idempotency_key=idempotency_key,
+        name=data.name,
+        notes=data.notes,
+        tags=data.tags,
     )
-    return Created(get_run(session, outcome.resource_id), outcome.created)
+    return new_run(session, spec.model_dump(), {}, meta)
 
 
 def retrain_run(
@@ -166,34 +222,19 @@ def retrain_run(
     `parent_id`. Name, tags and notes are the parent's unless given."""
     request = request or RetrainRequest()
     parent = _find(session, run_id)
-    merged: dict[str, Any] = {**parent.spec, **request.overrides}
-    try:
-        spec = RunSpec.model_validate(merged)
-    except ValidationError as exc:
-        errors = describe_errors(exc)
-        for err in errors:
-            top = err["field"].split(".", 1)[0]
-            where = "body.overrides" if top in request.overrides else "stored spec"
-            err["field"] = f"{where}.{err['field']}"
-        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
-        raise Problem(422, "Invalid overrides", detail, errors=errors) from None
-    check_storable(request.model_dump(mode="json"), "body")
-    est = estimate_or_refuse(spec, "body.overrides")
     tags = request.tags if request.tags is not None else _tags_of(session, [run_id]).get(run_id, [])
-    name = request.name if request.name is not None else parent.name
-    notes = request.notes if request.notes is not None else parent.notes
-
-    def insert() -> str:
-        return insert_run(session, spec, name, notes, tags, run_id, est)
-
-    outcome = idempotency.create_once(
-        session,
+    meta = NewRun(
+        request=request,
         scope=RETRAIN_SCOPE,
-        key=idempotency_key,
         fingerprint=idempotency.request_hash(request, parent_id=run_id),
-        create=insert,
+        idempotency_key=idempotency_key,
+        name=request.name if request.name is not None else parent.name,
+        notes=request.notes if request.notes is not None else parent.notes,
+        tags=tags,
+        base="stored spec",
+        parent_id=run_id,
     )
-    return Created(get_run(session, outcome.resource_id), outcome.created)
+    return new_run(session, parent.spec, request.overrides, meta)
 
 
 def cancel_run(
@@ -221,13 +262,8 @@ def cancel_run(
 
 def lock_run(session: Session, run_id: str) -> Run:
     """Load a run for a change of status, locked against concurrent writers until the caller
-    commits: a row lock on PostgreSQL; on SQLite a no-op UPDATE takes the database's write lock
-    first, so the row read after it cannot go stale (SQLite ignores FOR UPDATE)."""
-    if session.get_bind().dialect.name == "sqlite":
-        session.execute(
-            update(Run).where(col(Run.id) == run_id).values(updated_at=col(Run.updated_at))
-        )
-    run = session.get(Run, run_id, populate_existing=True, with_for_update=True)
+    commits (api/db.py `lock_row`); 404 when there is none."""
+    run = lock_row(session, Run, run_id)
     if run is None:
         raise _not_found(run_id)
     return run
@@ -261,31 +297,37 @@ def _tags_of(session: Session, run_ids: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def insert_run(
-    session: Session,
-    spec: RunSpec,
-    name: str,
-    notes: str,
-    tags: Iterable[str],
-    parent_id: str | None,
-    est: dict[str, Any],
-) -> str:
-    """Add a queued run and its tags to `session` (flushed, not committed); its id."""
-    run = Run(
-        name=name,
-        notes=notes,
-        spec=spec.model_dump(mode="json"),
-        model_id=spec.model_id,
-        dataset=spec.dataset,
-        gpu_type=spec.gpu_type,
-        parent_id=parent_id,
-        estimate=est,
-    )
-    session.add(run)
-    session.flush()  # the run row first: run_tags points at it
-    for tag in dict.fromkeys(tags):
-        session.add(RunTag(run_id=run.id, tag=tag))
-    return run.id
+def with_default_gpu(spec: RunSpec, default: GpuType | None) -> RunSpec:
+    """`spec` with the server's default GPU when it names none (a run, a template's spec)."""
+    if default is None or "gpu_type" in spec.model_fields_set:
+        return spec
+    return RunSpec.model_validate({**spec.model_dump(), "gpu_type": default})
+
+
+def merged_spec(base: dict[str, Any], overrides: dict[str, Any], base_name: str) -> RunSpec:
+    """`base` with `overrides` applied, as a spec; a 422 whose fields say which side is wrong."""
+    try:
+        return RunSpec.model_validate({**base, **overrides})
+    except ValidationError as exc:
+        errors = describe_errors(exc)
+        for err in errors:
+            top = err["field"].split(".", 1)[0]
+            where = "body.overrides" if top in overrides else base_name
+            err["field"] = f"{where}.{err['field']}"
+        raise Problem(
+            422,
+            "Invalid overrides",
+            f"the {base_name} with these overrides is not valid: "
+            + "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5]),
+            errors=errors,
+        ) from None
+
+
+def check_tags(tags: Iterable[str], field: str) -> None:
+    bad = [t for t in tags if not TAG.match(t)]
+    if bad:
+        message = f"{bad[0]!r} is not a tag (letters, digits and _.:/=+-, at most 64)"
+        raise _invalid(field, message)
 
 
 def estimate_or_refuse(spec: RunSpec, field: str) -> dict[str, Any]:
@@ -336,7 +378,3 @@ def _invalid(field: str, message: str) -> Problem:
         f"{field}: {message}",
         errors=[{"field": field, "message": message}],
     )
-
-
-# The names api/templates/service.py was first written against.
-_insert_run, _estimate_or_refuse, _check_storable = insert_run, estimate_or_refuse, check_storable
