@@ -59,9 +59,9 @@ def _alembic_config(engine: Engine) -> Config:
     return cfg
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest migration (a no-op when it is there already)."""
-    command.upgrade(_alembic_config(engine), "head")
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to the newest migration, or to `revision` (a no-op when it is there)."""
+    command.upgrade(_alembic_config(engine), revision)
 
 
 def migration_state(engine: Engine) -> tuple[str | None, str | None]:
