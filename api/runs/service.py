@@ -1,35 +1,31 @@
-"""What can be done with runs, independent of HTTP: the JSON routes and the dashboard both call
-these. Each function takes a session and plain typed arguments, returns public models (detached
-from the session), raises `api.errors.Problem` for anything a person must fix, and commits its
-own unit of work (the rule in api/db.py).
+"""What can be done to runs, independent of HTTP: make one (`new_run`, behind create, retrain
+and a template's trigger), cancel one, lock one for a change. The JSON routes and the dashboard
+both call these; reading is api/runs/query.py. Each function takes a session and plain typed
+arguments, returns public models (detached from the session), raises `api.errors.Problem` for
+anything a person must fix, and commits its own unit of work (the rule in api/db.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import and_, or_
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from api.config import Settings
 from api.db import lock_row
 from api.errors import Problem
-from api.events.models import RunEvent, RunEventPublic
 from api.runs import idempotency
 from api.runs.estimates import estimate, refusal_detail
 from api.runs.finish import finish_run
-from api.runs.models import TAG, RetrainRequest, Run, RunCreate, RunPublic, RunsPage, RunTag
-from api.runs.pagination import decode_cursor, encode_cursor
+from api.runs.models import RetrainRequest, Run, RunCreate, RunPublic, RunTag
+from api.runs.query import find_run, get_run, not_found, tags_of
 from api.runs.states import TERMINAL, RunStatus
 from api.runs.status import set_status
+from api.runs.validation import check_storable, check_tags
 from trainer.contract.spec import GpuType, RunSpec, describe_errors
-
-DEFAULT_PAGE = 50
-MAX_PAGE = 200
-MAX_EVENTS_PAGE = 1000
 
 CREATE_SCOPE = "runs.create"
 RETRAIN_SCOPE = "runs.retrain"
@@ -43,80 +39,6 @@ class Created:
     @property
     def id(self) -> str:
         return self.run.id
-
-
-# -- reading ------------------------------------------------------------------------------------
-
-
-def get_run(session: Session, run_id: str) -> RunPublic:
-    run = _find(session, run_id)
-    return to_public(run, _tags_of(session, [run.id]).get(run.id, []))
-
-
-def list_runs(
-    session: Session,
-    *,
-    status: Sequence[RunStatus] = (),
-    model: str | None = None,
-    tags: Sequence[str] = (),
-    limit: int = DEFAULT_PAGE,
-    cursor: str | None = None,
-) -> RunsPage:
-    """Newest first. `status`: any of them; `tags`: all of them; `cursor`: a page's
-    `next_cursor`. Stable while runs are added (see api/runs/pagination.py)."""
-    if not 1 <= limit <= MAX_PAGE:
-        raise _invalid("query.limit", f"must be between 1 and {MAX_PAGE} (got {limit})")
-    if model is not None:
-        _check_text(model, "query.model", max_length=300)
-    for tag in tags:
-        if not TAG.match(tag):
-            raise _invalid("query.tag", f"{tag!r} is not a tag (letters, digits and _.:/=+-)")
-    stmt = select(Run)
-    if status:
-        stmt = stmt.where(col(Run.status).in_([RunStatus(s).value for s in status]))
-    if model is not None:
-        stmt = stmt.where(Run.model_id == model)
-    for tag in dict.fromkeys(tags):
-        tagged = select(RunTag.run_id).where(RunTag.tag == tag)
-        stmt = stmt.where(col(Run.id).in_(tagged))
-    if cursor:  # an empty cursor is the first page (a shell loop's first `cursor=$NEXT`)
-        after_time, after_id = decode_cursor(cursor)
-        stmt = stmt.where(
-            or_(
-                col(Run.created_at) < after_time,
-                and_(col(Run.created_at) == after_time, col(Run.id) < after_id),
-            )
-        )
-    stmt = stmt.order_by(col(Run.created_at).desc(), col(Run.id).desc()).limit(limit + 1)
-    rows = list(session.exec(stmt))
-    page, more = rows[:limit], len(rows) > limit
-    tag_map = _tags_of(session, [r.id for r in page])
-    return RunsPage(
-        items=[to_public(r, tag_map.get(r.id, [])) for r in page],
-        next_cursor=encode_cursor(page[-1].created_at, page[-1].id) if more else None,
-    )
-
-
-def list_events(
-    session: Session, run_id: str, *, after_seq: int = -1, limit: int = 100
-) -> list[RunEventPublic]:
-    """A run's events ordered by (seq, received_at), those with `seq > after_seq`. A page never
-    splits the events that share one `seq` (a retried task re-numbers its events), so passing
-    the last event's `seq` as `after_seq` walks every event exactly once."""
-    if not 1 <= limit <= MAX_EVENTS_PAGE:
-        raise _invalid("query.limit", f"must be between 1 and {MAX_EVENTS_PAGE} (got {limit})")
-    _find(session, run_id)
-    order = (col(RunEvent.seq), col(RunEvent.received_at), col(RunEvent.id))
-    base = select(RunEvent).where(RunEvent.run_id == run_id)
-    rows = list(
-        session.exec(base.where(RunEvent.seq > after_seq).order_by(*order).limit(limit + 1))
-    )
-    if len(rows) > limit:
-        cut = rows[limit].seq
-        page = [r for r in rows[:limit] if r.seq != cut]
-        # One seq with more events than a page: return all of them rather than loop forever.
-        rows = page or list(session.exec(base.where(RunEvent.seq == cut).order_by(*order)))
-    return [RunEventPublic.model_validate(r, from_attributes=True) for r in rows]
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -221,8 +143,8 @@ def retrain_run(
     """A new queued run from `run_id`'s spec with `request.overrides` applied, linked to it by
     `parent_id`. Name, tags and notes are the parent's unless given."""
     request = request or RetrainRequest()
-    parent = _find(session, run_id)
-    tags = request.tags if request.tags is not None else _tags_of(session, [run_id]).get(run_id, [])
+    parent = find_run(session, run_id)
+    tags = request.tags if request.tags is not None else tags_of(session, [run_id])[run_id]
     meta = NewRun(
         request=request,
         scope=RETRAIN_SCOPE,
@@ -265,36 +187,11 @@ def lock_run(session: Session, run_id: str) -> Run:
     commits (api/db.py `lock_row`); 404 when there is none."""
     run = lock_row(session, Run, run_id)
     if run is None:
-        raise _not_found(run_id)
+        raise not_found(run_id)
     return run
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def to_public(run: Run, tags: Iterable[str]) -> RunPublic:
-    fields = {name: getattr(run, name) for name in RunPublic.model_fields if name != "tags"}
-    return RunPublic.model_validate({**fields, "tags": sorted(tags)})
-
-
-def _find(session: Session, run_id: str) -> Run:
-    run = session.get(Run, run_id)
-    if run is None:
-        raise _not_found(run_id)
-    return run
-
-
-def _not_found(run_id: str) -> Problem:
-    return Problem(404, "Run not found", f"there is no run with id {run_id!r}")
-
-
-def _tags_of(session: Session, run_ids: list[str]) -> dict[str, list[str]]:
-    if not run_ids:
-        return {}
-    out: dict[str, list[str]] = {}
-    for row in session.exec(select(RunTag).where(col(RunTag.run_id).in_(run_ids))):
-        out.setdefault(row.run_id, []).append(row.tag)
-    return out
 
 
 def with_default_gpu(spec: RunSpec, default: GpuType | None) -> RunSpec:
@@ -323,13 +220,6 @@ def merged_spec(base: dict[str, Any], overrides: dict[str, Any], base_name: str)
         ) from None
 
 
-def check_tags(tags: Iterable[str], field: str) -> None:
-    bad = [t for t in tags if not TAG.match(t)]
-    if bad:
-        message = f"{bad[0]!r} is not a tag (letters, digits and _.:/=+-, at most 64)"
-        raise _invalid(field, message)
-
-
 def estimate_or_refuse(spec: RunSpec, field: str) -> dict[str, Any]:
     """The spec's estimate as stored on `Run.estimate`; a 422 problem carrying the estimate
     when it cannot fit its GPU (`field` is where the spec sits in the request)."""
@@ -344,37 +234,3 @@ def estimate_or_refuse(spec: RunSpec, field: str) -> dict[str, Any]:
             errors=[{"field": f"{field}.gpu_type", "message": detail}],
         )
     return est.model_dump(mode="json")
-
-
-def check_storable(value: Any, path: str) -> None:
-    """Refuse text no database can store: NUL characters (PostgreSQL rejects them) and unpaired
-    surrogates (not UTF-8). JSON allows both, so a request can carry them."""
-    if isinstance(value, str):
-        _check_text(value, path)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_text(str(k), path)
-            check_storable(v, f"{path}.{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            check_storable(v, f"{path}.{i}")
-
-
-def _check_text(value: str, path: str, max_length: int | None = None) -> None:
-    if max_length is not None and len(value) > max_length:
-        raise _invalid(path, f"at most {max_length} characters")
-    if "\x00" in value:
-        raise _invalid(path, "contains a NUL character")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _invalid(path, "contains an unpaired surrogate (not valid UTF-8)") from None
-
-
-def _invalid(field: str, message: str) -> Problem:
-    return Problem(
-        422,
-        "Invalid request",
-        f"{field}: {message}",
-        errors=[{"field": field, "message": message}],
-    )

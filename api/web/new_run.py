@@ -218,7 +218,7 @@ def _new_form(
 @router.get("/runs/new", response_class=HTMLResponse)
 def new_run_page(request: Request, session: SessionDep, settings: SettingsDep) -> HTMLResponse:
     source_id = request.query_params.get("from")
-    source = q.get_run(session, source_id) if source_id else None
+    source = q.run_row(session, source_id) if source_id else None
     if source_id and source is None:
         return not_found(request, source_id)
     values = spec_defaults(source.spec if source else None)

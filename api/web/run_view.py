@@ -16,7 +16,7 @@ from sqlmodel import Session
 
 from api.config import Settings
 from api.db import utcnow
-from api.runs import query as q
+from api.runs import detail as detail_q
 from api.runs.artifact_routes import FILE_KINDS, get_artifacts
 from api.runs.models import Run
 from api.runs.states import ACTIVE, TERMINAL, RunStatus
@@ -42,7 +42,7 @@ GATE_CHECKS = {
 OUTCOME_ICONS = {"passed": "✓", "failed": "✕", "not_applicable": "—"}
 
 
-def _phase_spans(detail: q.RunDetail) -> list[charts.Span]:
+def _phase_spans(detail: detail_q.RunDetail) -> list[charts.Span]:
     spans: list[charts.Span] = []
     marks = [e for e in detail.events if e.type in PHASE_EVENTS | END_EVENTS | {"started"}]
     for i, e in enumerate(marks):
@@ -98,7 +98,7 @@ def _outcome_note(outcome: str) -> str | None:
     return outcome
 
 
-def _class_rows(detail: q.RunDetail, sort: str, desc: bool) -> list[dict[str, Any]]:
+def _class_rows(detail: detail_q.RunDetail, sort: str, desc: bool) -> list[dict[str, Any]]:
     final = detail.class_metrics.get("final") or []
     baseline = {m.label: m for m in detail.class_metrics.get("baseline") or []}
     source = final or list(baseline.values())
@@ -128,7 +128,7 @@ def _class_rows(detail: q.RunDetail, sort: str, desc: bool) -> list[dict[str, An
 
 
 def _predictions(
-    detail: q.RunDetail, limit_wrong: int = 12, limit_right: int = 6
+    detail: detail_q.RunDetail, limit_wrong: int = 12, limit_right: int = 6
 ) -> tuple[str, list[dict[str, Any]]]:
     ev = detail.evaluations.get("final") or detail.evaluations.get("baseline")
     if ev is None:
@@ -229,7 +229,7 @@ def artifact_links(session: Session, run: Run, settings: Settings) -> list[dict[
 
 
 def page_context(
-    request: Request, session: Session, detail: q.RunDetail, settings: Settings
+    request: Request, session: Session, detail: detail_q.RunDetail, settings: Settings
 ) -> dict[str, Any]:
     """Everything the whole run page shows: `run_context` plus what only the full page (not its
     live fragments) holds, the artifact links, whose signing may cost a call to Google."""
@@ -246,7 +246,7 @@ def page_context(
     }
 
 
-def run_context(request: Request, detail: q.RunDetail, settings: Settings) -> dict[str, Any]:
+def run_context(request: Request, detail: detail_q.RunDetail, settings: Settings) -> dict[str, Any]:
     run = detail.run
     p = request.query_params
     sort = p.get("sort") or "f1"
