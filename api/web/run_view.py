@@ -17,7 +17,7 @@ from sqlmodel import Session
 from api.config import Settings
 from api.db import utcnow
 from api.runs import detail as detail_q
-from api.runs.artifact_routes import FILE_KINDS, get_artifacts
+from api.runs.artifacts import FILE_KINDS, run_artifacts
 from api.runs.models import Run
 from api.runs.states import ACTIVE, TERMINAL, RunStatus
 from api.web import charts
@@ -218,7 +218,7 @@ def artifact_links(session: Session, run: Run, settings: Settings) -> list[dict[
     so the page and the API never disagree): each with its signed download URL where the api's
     credentials can sign one, else just its URI (directories, local paths, no signing key)."""
     links = []
-    for a in get_artifacts(run.id, session, settings).artifacts:
+    for a in run_artifacts(session, settings, run.id).artifacts:
         url = a.download_url
         # Made by the storage client from its endpoint, so http(s) already; checked anyway
         # because it becomes an href.
