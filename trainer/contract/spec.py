@@ -227,7 +227,8 @@ def describe_errors(exc: ValidationError, model: type[BaseModel] = RunSpec) -> l
         if err["type"] in _RANGE_ERRORS and lo is not None and hi is not None:
             message = f"must be between {_num(lo)} and {_num(hi)} (got {err['input']!r})"
         elif err["type"] == "extra_forbidden":
-            message = f"unknown field; the spec's fields are: {', '.join(RunSpec.model_fields)}"
+            whose = "the spec's fields" if model is RunSpec else "the fields"
+            message = f"unknown field; {whose} are: {', '.join(model.model_fields)}"
         elif err["type"] == "missing":
             message = "is required"
         out.append({"field": field, "message": message})
