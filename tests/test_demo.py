@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from api.cli.demo import DEMO_SPEC
+from api.cli.demo_run import DEMO_SPEC
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,6 +33,9 @@ from api.templates.champions import champions_among
 PAGE_SIZE = 50  # the dashboard's and the REST list's default
 MAX_PAGE_SIZE = 200
 MAX_CURSOR = 200
+# What decoding something that is not a cursor of ours can raise (UnicodeDecodeError and
+# json.JSONDecodeError are ValueErrors; RecursionError: JSON nested too deep).
+_NOT_A_CURSOR = (ValueError, TypeError, OverflowError, binascii.Error, RecursionError)
 
 
 # ---- one run ------------------------------------------------------------------------------------
@@ -162,14 +165,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         # In UTC here, where a time near datetime's limits with an offset (9999-12-31T23:59-23:59)
         # overflows, rather than in the column type, where the OverflowError would be a 500.
         when = when.astimezone(UTC)
-    except (
-        ValueError,
-        TypeError,
-        OverflowError,
-        binascii.Error,
-        UnicodeDecodeError,
-        RecursionError,
-    ):
+    except _NOT_A_CURSOR:
         raise Problem(
             422,
             "Invalid cursor",

@@ -255,7 +255,6 @@ def run_context(request: Request, detail: detail_q.RunDetail, settings: Settings
     desc = p.get("dir") == "desc"  # ascending F1 by default: the worst classes first
     final = detail.evaluations.get("final")
     baseline = detail.evaluations.get("baseline")
-    shown_eval = final or baseline
     stage, predictions = _predictions(detail)
     log_href, log_note = _log_link(run, settings)
     progress = None
@@ -266,28 +265,9 @@ def run_context(request: Request, detail: detail_q.RunDetail, settings: Settings
         "run": run,
         "spec_items": [(k, run.spec.get(k)) for k in RunSpec.model_fields if k in run.spec]
         + [(k, v) for k, v in run.spec.items() if k not in RunSpec.model_fields],
-        "loss_chart": charts.loss_chart(
-            detail.loss,
-            total_steps=run.total_steps,
-            empty="No training steps were reported"
-            if run.status in TERMINAL
-            else "No loss reported yet",
-        ),
-        "phase_chart": charts.phase_strip(_phase_spans(detail)),
-        "timeline": [
-            {
-                "event": e,
-                "summary": _event_summary(e.type, e.data),
-                "note": _outcome_note(e.outcome),
-            }
-            for e in detail.events
-        ],
+        **_charts(detail),
         "final": final,
         "baseline": baseline,
-        "confusion": charts.confusion_heatmap(shown_eval.labels, shown_eval.confusion_matrix)
-        if shown_eval
-        else None,
-        "confusion_stage": shown_eval.stage if shown_eval else None,
         "class_rows": _class_rows(detail, sort, desc),
         "class_stage": "final" if detail.class_metrics.get("final") else "baseline",
         "sort": sort,
@@ -305,9 +285,38 @@ def run_context(request: Request, detail: detail_q.RunDetail, settings: Settings
         "gate_checks": _gate_checks(run)
         if run.gate_status in ("passed", "failed") or run.template_name
         else [],
-        # What api/services/champions.promote accepts: a succeeded run of a template. A run
+        # What api/templates/champions.promote accepts: a succeeded run of a template. A run
         # whose gate failed is offered "promote anyway" with a note (force), not the plain button.
         "can_promote": run.status == RunStatus.succeeded
         and run.template_name is not None
         and detail.champion_of is None,
+    }
+
+
+def _charts(detail: detail_q.RunDetail) -> dict[str, Any]:
+    """The run page's charts and timeline: loss, phases, the events, the confusion matrix of the
+    final evaluation (else the baseline's)."""
+    run = detail.run
+    shown_eval = detail.evaluations.get("final") or detail.evaluations.get("baseline")
+    return {
+        "loss_chart": charts.loss_chart(
+            detail.loss,
+            total_steps=run.total_steps,
+            empty="No training steps were reported"
+            if run.status in TERMINAL
+            else "No loss reported yet",
+        ),
+        "phase_chart": charts.phase_strip(_phase_spans(detail)),
+        "timeline": [
+            {
+                "event": e,
+                "summary": _event_summary(e.type, e.data),
+                "note": _outcome_note(e.outcome),
+            }
+            for e in detail.events
+        ],
+        "confusion": charts.confusion_heatmap(shown_eval.labels, shown_eval.confusion_matrix)
+        if shown_eval
+        else None,
+        "confusion_stage": shown_eval.stage if shown_eval else None,
     }
