@@ -17,6 +17,7 @@ from api.db import lock_row, utcnow
 from api.errors import Problem
 from api.runs import idempotency
 from api.runs import service as runs_service
+from api.runs.models import Run
 from api.templates.champions import current_champion
 from api.templates.gates import Gates
 from api.templates.models import (
@@ -73,6 +74,24 @@ def _public(session: Session, template: RunTemplate, version: TemplateVersion) -
         version_created_by=version.created_by,
         champion_run_id=champion.run_id if champion else None,
     )
+
+
+def webhook_secrets(session: Session, name: str, version: int) -> dict[str, str | None]:
+    """A version's webhook secrets by URL, for a form that keeps the secrets it does not show
+    (the public views never return them)."""
+    row = session.get(TemplateVersion, (name, version))
+    return {h["url"]: h.get("secret") for h in (row.webhooks if row else [])}
+
+
+def recent_runs(session: Session, name: str, limit: int) -> list[Run]:
+    """The newest `limit` runs made from template `name`, newest first."""
+    stmt = (
+        select(Run)
+        .where(Run.template_name == name)
+        .order_by(col(Run.created_at).desc())
+        .limit(limit)
+    )
+    return list(session.exec(stmt).all())
 
 
 def get_template(session: Session, name: str) -> TemplatePublic:
