@@ -1,9 +1,9 @@
 """The run spec: the one description of a fine-tuning run that the api stores and the trainer runs.
 
-Half of the api <-> trainer contract (DESIGN.md). It imports nothing heavier than pydantic because
-the api image ships this module without torch. Field names are the trainer's flag names with
-underscores, so `RunSpec.to_flags()` gives a command line that `python -m trainer` accepts, and
-the flags of the original `finetune_and_evaluate.py` script keep working.
+Half of the api <-> trainer contract (docs/architecture.md). It imports nothing heavier than
+pydantic because the api image ships this module without torch. Field names are the trainer's flag
+names with underscores, so `RunSpec.to_flags()` gives a command line that `python -m trainer`
+accepts, and the flags of the original `finetune_and_evaluate.py` script keep working.
 """
 
 from __future__ import annotations

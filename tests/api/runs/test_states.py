@@ -1,4 +1,5 @@
-"""Every (from, to) pair of run states against the table DESIGN.md's "Run states" implies."""
+"""Every (from, to) pair of run states against the table docs/architecture.md's "Run states"
+implies."""
 
 from __future__ import annotations
 
