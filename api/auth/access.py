@@ -17,12 +17,14 @@ import hmac
 import ipaddress
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 from starlette.responses import Response
 
+from api.auth.models import ApiToken
 from api.auth.tokens import (
     SCOPES,
     TOKEN_SHAPE,
@@ -101,11 +103,7 @@ def resolve_token(engine: object, raw: str) -> Principal:
     """The principal of a raw token, or a 401 Problem saying what is wrong with it."""
     if not TOKEN_SHAPE.match(raw):
         raise _unauthorized("that is not a tuneplane API token (they start with `tp_`)")
-    try:
-        token = authenticate(engine, raw)  # type: ignore[arg-type]
-    except TokenRefused as exc:
-        raise _unauthorized(str(exc)) from None
-    return Principal(name=token.name, scopes=frozenset(token.scopes), token_id=token.id)
+    return _principal(lambda: authenticate(engine, raw))  # type: ignore[arg-type]
 
 
 def authorize(request: Request, settings: SettingsDep, engine: EngineDep) -> None:
@@ -189,8 +187,13 @@ def _session_principal(request: Request, settings: Settings, engine: object) -> 
     token_id = read_session(settings, request.cookies.get(SESSION_COOKIE, ""))
     if token_id is None:
         raise _unauthorized("your dashboard session has expired; log in again at /login")
+    return _principal(lambda: authenticate_id(engine, token_id))  # type: ignore[arg-type]
+
+
+def _principal(look_up: Callable[[], ApiToken]) -> Principal:
+    """The principal of the token `look_up` finds; a 401 saying why it is refused."""
     try:
-        token = authenticate_id(engine, token_id)  # type: ignore[arg-type]
+        token = look_up()
     except TokenRefused as exc:
         raise _unauthorized(str(exc)) from None
     return Principal(name=token.name, scopes=frozenset(token.scopes), token_id=token.id)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -216,26 +216,31 @@ def _champion_checks(
         else f" ({len(shared)} of this run's {len(ours)} samples were also in the champion's "
         f"{len(theirs)})"
     )
+    paired = Paired(ours, theirs, shared, champion_id, coverage)
     checks: list[Check] = []
     if gates.no_worse_than_champion:
-        checks.append(_no_worse_check(gates, ours, theirs, shared, champion_id, coverage))
+        checks.append(_no_worse_check(gates, paired))
     if gates.max_class_f1_drop is not None:
-        checks.append(_class_drop_check(gates, ours, theirs, shared, champion_id, coverage))
+        checks.append(_class_drop_check(gates, paired))
     return checks
 
 
 Samples = dict[str, Mapping[str, Any]]  # a run's predictions by sample id
 
 
-def _no_worse_check(
-    gates: Gates,
-    ours: Samples,
-    theirs: Samples,
-    shared: list[str],
-    champion_id: str | None,
-    coverage: str,
-) -> Check:
+class Paired(NamedTuple):
+    """This run's and the champion's predictions, and the samples both were evaluated on."""
+
+    ours: Samples
+    theirs: Samples
+    shared: list[str]
+    champion_id: str | None
+    coverage: str  # "" when both covered the same samples, else how many were shared
+
+
+def _no_worse_check(gates: Gates, p: Paired) -> Check:
     """The paired test: is this run significantly worse than the champion on shared samples?"""
+    ours, theirs, shared, champion_id, coverage = p
     test = mcnemar([(bool(theirs[s]["correct"]), bool(ours[s]["correct"])) for s in shared])
     worse = test.p_worse < gates.significance
     verdict = (
@@ -261,15 +266,9 @@ def _no_worse_check(
     )
 
 
-def _class_drop_check(
-    gates: Gates,
-    ours: Samples,
-    theirs: Samples,
-    shared: list[str],
-    champion_id: str | None,
-    coverage: str,
-) -> Check:
+def _class_drop_check(gates: Gates, p: Paired) -> Check:
     """No class with enough shared samples may lose more than `max_class_f1_drop` F1."""
+    ours, theirs, shared, champion_id, coverage = p
     limit = gates.max_class_f1_drop
     assert limit is not None
     new_f1 = class_f1(

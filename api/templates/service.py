@@ -59,16 +59,24 @@ def _webhooks_out(hooks: list[dict[str, Any]]) -> list[WebhookOut]:
     return [WebhookOut(url=h["url"], has_own_secret=bool(h.get("secret"))) for h in hooks]
 
 
+def _shown(version: TemplateVersion) -> dict[str, Any]:
+    """The fields of TemplateContent a version gives, but `created_at` (whose time it is
+    depends on the view: the template's or the version's)."""
+    return {
+        "name": version.name,
+        "version": version.version,
+        "description": version.description,
+        "spec": version.spec,
+        "gates": Gates.model_validate(version.gates),
+        "webhooks": _webhooks_out(version.webhooks),
+        "auto_promote": version.auto_promote,
+    }
+
+
 def _public(session: Session, template: RunTemplate, version: TemplateVersion) -> TemplatePublic:
     champion = current_champion(session, template.name)
     return TemplatePublic(
-        name=template.name,
-        version=version.version,
-        description=version.description,
-        spec=version.spec,
-        gates=Gates.model_validate(version.gates),
-        webhooks=_webhooks_out(version.webhooks),
-        auto_promote=version.auto_promote,
+        **_shown(version),
         created_at=template.created_at,
         updated_at=template.updated_at,
         version_created_by=version.created_by,
@@ -116,17 +124,7 @@ def list_versions(session: Session, name: str) -> list[TemplateVersionPublic]:
         .order_by(col(TemplateVersion.version).desc())
     )
     return [
-        TemplateVersionPublic(
-            name=v.name,
-            version=v.version,
-            description=v.description,
-            spec=v.spec,
-            gates=Gates.model_validate(v.gates),
-            webhooks=_webhooks_out(v.webhooks),
-            auto_promote=v.auto_promote,
-            created_at=v.created_at,
-            created_by=v.created_by,
-        )
+        TemplateVersionPublic(**_shown(v), created_at=v.created_at, created_by=v.created_by)
         for v in rows
     ]
 
