@@ -1,8 +1,8 @@
 """What one run's page shows, built from its `RunDetail`: the timeline in words, the phase
 strip, the per-class table, sample predictions, where its log is, its quality gate's checks,
 whether it can be promoted, and its artifacts with download links. No routes here: the page,
-its live fragments (`dashboard_run_page`) and a failed action's re-render
-(`dashboard_run_actions`) all draw from `run_context` (the full page from `page_context`)."""
+its live fragments (`run_page`) and a failed action's re-render
+(`run_actions`) all draw from `run_context` (the full page from `page_context`)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 something is a new version, as `PUT /api/v1/templates/{name}`).
 
 Every write goes through `api.templates.service`, the functions behind /api/v1/templates, so
-both doors apply the same rules. The spec fields are the new-run form's (`dashboard_new_run`);
+both doors apply the same rules. The spec fields are the new-run form's (`forms`);
 the gate fields are built the same way from `Gates`. A form with errors is shown again with what
 was typed and each error beside its field. With auth on, `dashboard_access` lets only a session
 with `runs:write` (what the REST routes need) submit these forms.
