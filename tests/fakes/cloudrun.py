@@ -143,6 +143,18 @@ class FakeCloudRun(FakeGrpcServer):
         with self.lock:
             self.outcomes.append(outcome)
 
+    def seed_execution(self, name: str, env: dict[str, str]) -> FakeExecution:
+        """A live `manual` execution that exists as if some RunJob had started it (a test of a
+        reader of executions needs no Job for it)."""
+        variables = [run_v2.EnvVar(name=k, value=v) for k, v in env.items()]
+        template = run_v2.TaskTemplate(containers=[run_v2.Container(image="i", env=variables)])
+        operation = operations_pb2.Operation(name=f"{name}/operation")
+        ex = FakeExecution(name, name.split("/executions/")[0], template, operation.name, 0)
+        with self.lock:
+            self.operations[operation.name] = operation
+            self.executions[name] = ex
+        return ex
+
     def execution(self, name: str) -> FakeExecution:
         with self.lock:
             return self.executions[name]
