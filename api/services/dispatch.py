@@ -230,12 +230,9 @@ def _wait_for_platform(
         )
         run.waiting_since = None
         return "failed after waiting"
-    run.dispatch_attempts += 1
-    wait = min(
-        policy.quota_retry_seconds * 2 ** min(run.dispatch_attempts - 1, 10),
-        policy.max_backoff_seconds,
-        max(policy.wait_seconds - waited, 0.0),
-    )
+    # Backoff without a counter: wait about as long as the run has waited so far.
+    remaining = max(policy.wait_seconds - waited, 0.0)
+    wait = min(max(policy.quota_retry_seconds, waited), policy.max_backoff_seconds, remaining)
     run.not_before = now + timedelta(seconds=wait)
     run.status_reason = (
         f"waiting for {what} ({waited:.0f}s of {policy.wait_seconds:.0f}s): {error.message} "

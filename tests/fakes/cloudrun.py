@@ -1,21 +1,11 @@
-"""A fake Cloud Run Admin API v2 (Jobs, Executions, google.longrunning.Operations) over real gRPC.
-
-The client packages ship no servicers, so the services are built from gRPC's generic method
-handlers and the request/response types of `google.cloud.run_v2`. It keeps Jobs, plays each
-execution forward (pending -> running -> succeeded / failed / cancelled) like the platform does,
-records every request and answers an injected error on demand.
-
-An execution either follows a script (`next_outcome(...)`, for dispatcher tests) or, when the
-fake has a `trainer_command`, runs that command locally as the task's container would: with the
-Job's args and environment as overridden by RunJob, Cloud Run's own `CLOUD_RUN_*` variables,
-the task timeout and the Job's retries (a killed or failed attempt is started again with
-`CLOUD_RUN_TASK_ATTEMPT` one higher). A `manual` execution moves only when the test says so
-(`start_attempt`, `end_attempt`), so fault tests need no clock.
-
-Every Job and RunJob passes the documented rules of tests/fakes/cloudrun_rules.py first (launch
-stages of preview features, timeout caps, GPU minimums, override container names), and counts
-and conditions read as [execution.proto] defines them.
-"""
+"""A fake Cloud Run Admin API v2 (Jobs, Executions, google.longrunning.Operations) over real gRPC,
+built from gRPC's generic handlers and `google.cloud.run_v2`'s own types (the client packages ship
+no servicers). It keeps Jobs, records every request, answers an injected error on demand, and
+plays executions forward: by a script (`next_outcome`), by running a real trainer as the task's
+container (`trainer_command`; tests/fakes/cloudrun_trainer.py), or only when the test says so
+(`Outcome("manual")`, `start_attempt`, `end_attempt`: no clock decides). Every Job and RunJob
+passes the documented rules of tests/fakes/cloudrun_rules.py first, and counts and conditions
+read as execution.proto defines them (tests/fakes/cloudrun_execution.py)."""
 
 from __future__ import annotations
 
@@ -40,12 +30,10 @@ from google.rpc import status_pb2
 from tests.fakes import cloudrun_rules as rules
 from tests.fakes.cloudrun_execution import (
     ENDED,
-    TIMEOUT_MESSAGE,
     FakeExecution,
     Outcome,
-    exit_text,
 )
-from tests.fakes.cloudrun_trainer import play_script, play_trainer
+from tests.fakes.cloudrun_trainer import attempt_ended, play_script, play_trainer
 from tests.fakes.grpcfake import FakeGrpcServer
 
 Cond = run_v2.Condition
@@ -170,10 +158,8 @@ class FakeCloudRun(FakeGrpcServer):
 
     def log_text(self, name: str) -> str:
         """Every attempt's output, for assertion messages."""
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-6000:]}"
-            for p in self.execution(name).logs
-        )
+        logs = self.execution(name).logs
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-6000:]}" for p in logs)
 
     def kill_task(self, name: str, sig: int = signal.SIGKILL) -> None:
         """What platform maintenance does to a GPU task: the container dies mid-run."""
@@ -382,27 +368,7 @@ class FakeCloudRun(FakeGrpcServer):
         )
 
     def attempt_ended(self, ex: FakeExecution, code: int, timed_out: bool = False) -> bool:
-        """One attempt's container exited with `code`: the task succeeds, is retried (while
-        `max_retries` allows: [task_template.proto] "Number of retries allowed per Task, before
-        marking this Task failed"), or fails. True when another attempt follows."""
-        if ex.cancel_requested:
-            self.cancelled(ex)
-            return False
-        if code == 0:
-            self.set_state(ex, "succeeded", "Execution completed successfully.")
-            return False
-        if ex.attempt < ex.max_retries:
-            with self.lock:
-                ex.attempt += 1
-            self.set_state(ex, "retrying")
-            return True
-        message = f"Task {ex.short}-task0 failed with message: " + (
-            TIMEOUT_MESSAGE if timed_out else exit_text(code)
-        )
-        # [condition.proto] NON_ZERO_EXIT_CODE: "A task reached its retry limit and the last
-        # attempt failed due to the user container exiting with a non-zero exit code."
-        self.set_state(ex, "failed", message, Cond.ExecutionReason.NON_ZERO_EXIT_CODE)
-        return False
+        return attempt_ended(self, ex, code, timed_out)
 
     # A test moves a `manual` execution itself: no clock decides anything.
     def start_attempt(self, name: str) -> FakeExecution:

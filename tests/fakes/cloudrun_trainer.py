@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tests.fakes import cloudrun_rules as rules
-from tests.fakes.cloudrun_execution import FakeExecution, Outcome
+from tests.fakes.cloudrun_execution import TIMEOUT_MESSAGE, Cond, FakeExecution, Outcome, exit_text
 
 if TYPE_CHECKING:
     from tests.fakes.cloudrun import FakeCloudRun
@@ -94,3 +94,27 @@ def play_script(fake: FakeCloudRun, ex: FakeExecution, outcome: Outcome) -> None
         code = 0 if end == "succeed" else outcome.exit_code
         if not fake.attempt_ended(ex, code, timed_out=end == "timeout"):
             return
+
+
+def attempt_ended(fake: FakeCloudRun, ex: FakeExecution, code: int, timed_out: bool) -> bool:
+    """One attempt's container exited with `code`: the task succeeds, is retried (while
+    `max_retries` allows: [task_template.proto] "Number of retries allowed per Task, before
+    marking this Task failed"), or fails. True when another attempt follows."""
+    if ex.cancel_requested:
+        fake.cancelled(ex)
+        return False
+    if code == 0:
+        fake.set_state(ex, "succeeded", "Execution completed successfully.")
+        return False
+    if ex.attempt < ex.max_retries:
+        with fake.lock:
+            ex.attempt += 1
+        fake.set_state(ex, "retrying")
+        return True
+    message = f"Task {ex.short}-task0 failed with message: " + (
+        TIMEOUT_MESSAGE if timed_out else exit_text(code)
+    )
+    # [condition.proto] NON_ZERO_EXIT_CODE: "A task reached its retry limit and the last
+    # attempt failed due to the user container exiting with a non-zero exit code."
+    fake.set_state(ex, "failed", message, Cond.ExecutionReason.NON_ZERO_EXIT_CODE)
+    return False
