@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from api.db import session_scope
 from api.dispatch.base import Dispatcher, Execution, Found, Launch
 from api.services import dispatch as service
-from api.states import ACTIVE, RunStatus
+from api.states import RunStatus
 
 log = logging.getLogger("tuneplane.worker")
 ENDED = frozenset({"succeeded", "failed", "cancelled"})
@@ -72,7 +72,7 @@ def sweep_orphans(engine: Engine, dispatcher: Dispatcher, cancel: Callable[[str]
 
 
 def _keep(view: service.RunView, found: Found) -> bool:
-    if view.execution_name == found.name and view.status in ACTIVE:
-        return True
+    if view.execution_name == found.name:
+        return True  # its run's own (an ended run's is close_executions' to stop, after a grace)
     # Being dispatched: the marker is set for this segment and nothing is recorded yet.
     return view.status == RunStatus.queued and view.launched and view.segment == found.segment

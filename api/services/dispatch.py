@@ -309,13 +309,20 @@ def execution_ended(
     return str(run.status)
 
 
+# A trainer exits within seconds of its final event; one still running a minute after is stuck
+# (or a platform retry began): only then is it cancelled.
+CLOSE_GRACE = timedelta(seconds=60)
+
+
 def runs_to_close(session: Session) -> list[tuple[str, str]]:
-    """(run id, execution name) of ended runs whose execution was not yet seen ended."""
+    """(run id, execution name) of runs that ended over CLOSE_GRACE ago and whose execution was
+    not yet seen ended."""
     rows = session.exec(
         select(Run.id, Run.execution_name).where(
             col(Run.status).in_(list(TERMINAL)),
             col(Run.execution_ended).is_(False),
             col(Run.execution_name).is_not(None),
+            or_(col(Run.finished_at).is_(None), col(Run.finished_at) <= utcnow() - CLOSE_GRACE),
         )
     ).all()
     session.rollback()

@@ -114,13 +114,20 @@ def test_a_cancel_racing_a_retry_stops_the_retry_and_cancels_the_run(
 
 
 def test_a_run_that_ended_has_its_still_running_execution_cancelled(
-    client: TestClient, worker: Worker, fake_cloudrun: FakeCloudRun
+    client: TestClient, worker: Worker, fake_cloudrun: FakeCloudRun, engine: Engine
 ) -> None:
     run_id, name = dispatch_manual(client, worker, fake_cloudrun)
     fake_cloudrun.start_attempt(name)
     post(client, run_id, name, 0, {"type": "started"})
     post(client, run_id, name, 1, {"type": "failed", "data": {"error": "CUDA error"}})
     assert get_run(client, run_id)["status"] == "failed"
+    worker.close_executions()  # within the grace a trainer takes to exit: left alone
+    assert fake_cloudrun.calls("CancelExecution") == []
+    with session_scope(engine) as session:  # a minute passes (no clock in the test)
+        row = lock_run(session, run_id)
+        assert row.finished_at is not None
+        row.finished_at -= timedelta(seconds=61)
+        session.commit()
     worker.close_executions()  # the trainer hangs instead of exiting: Cloud Run is told to stop
     assert [r.name for r in fake_cloudrun.calls("CancelExecution")] == [name]
     fake_cloudrun.end_attempt(name, 143)
