@@ -96,18 +96,22 @@ def claim_runs(
     return claimed
 
 
+def _held_by(run_id: str, worker_id: str) -> list[ColumnElement[bool]]:
+    """The run is queued and claimed by this worker."""
+    return [
+        col(Run.id) == run_id,
+        col(Run.status) == RunStatus.queued,
+        col(Run.claimed_by) == worker_id,
+    ]
+
+
 def renew_claim(session: Session, run_id: str, worker_id: str, lease_seconds: int) -> Run | None:
     """Extend our claim right before starting the run, and return the run; None when it is not
     ours any more (cancelled, or our lease ran out and another worker took it)."""
     now = utcnow()
     result = session.execute(
         update(Run)
-        .where(
-            col(Run.id) == run_id,
-            col(Run.status) == RunStatus.queued,
-            col(Run.claimed_by) == worker_id,
-            col(Run.claim_expires_at) > now,
-        )
+        .where(*_held_by(run_id, worker_id), col(Run.claim_expires_at) > now)
         .values(claim_expires_at=now + timedelta(seconds=lease_seconds))
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -121,13 +125,7 @@ def mark_launch(session: Session, run_id: str, worker_id: str) -> bool:
     """Record, before `run_job`, that an execution of the current segment may start from now:
     if this worker dies before recording it, the next dispatch adopts it (never a second one)."""
     result = session.execute(
-        update(Run)
-        .where(
-            col(Run.id) == run_id,
-            col(Run.status) == RunStatus.queued,
-            col(Run.claimed_by) == worker_id,
-        )
-        .values(launched_at=utcnow())
+        update(Run).where(*_held_by(run_id, worker_id)).values(launched_at=utcnow())
     )
     session.commit()
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]

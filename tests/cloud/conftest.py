@@ -8,13 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from api import artifacts
 from api.config import Settings
-from api.db import make_engine, migrate
-from api.main import create_app
 from api.worker import Worker
 from tests.cloud.worker_world import NO_WAIT
 from tests.fakes.cloudrun import FakeCloudRun
@@ -98,25 +95,11 @@ def fresh_credentials() -> Iterator[None]:
 
 
 # The dispatch worker with the real CloudRunDispatcher against the fake, a real database and the
-# api (test_cloudrun_worker.py, test_cloudrun_faults.py). A module with its own `settings`
-# fixture keeps it.
+# api (test_cloudrun_worker.py, test_cloudrun_faults.py; `engine` and `client` are the root
+# conftest's, on these settings). A module with its own `settings` fixture keeps it.
 @pytest.fixture
 def settings(make_settings: Callable[..., Settings], fake_cloudrun: FakeCloudRun) -> Settings:
     return make_settings(**cloud_values(cloud_run_endpoint=fake_cloudrun.endpoint))
-
-
-@pytest.fixture
-def engine(settings: Settings) -> Iterator[Engine]:
-    eng = make_engine(settings.db_url)
-    migrate(eng)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def client(settings: Settings, engine: Engine) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
-        yield c
 
 
 @pytest.fixture
