@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from api import artifacts
 from api.config import Settings
-from api.worker import Worker
+from api.dispatch.worker import Worker
+from api.runs import artifacts
 from tests.cloud.worker_world import NO_WAIT
 from tests.fakes.cloudrun import FakeCloudRun
 from tests.fakes.gcs import FakeGcs

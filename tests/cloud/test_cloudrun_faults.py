@@ -26,12 +26,11 @@ from google.cloud import run_v2
 from sqlalchemy import Engine
 
 from api.config import Settings
-from api.db import session_scope
+from api.db import session_scope, utcnow
 from api.dispatch import cloudrun_job as cj
-from api.models.types import utcnow
-from api.services.dispatch import RetryPolicy
-from api.services.runs import lock_run
-from api.worker import Worker
+from api.dispatch.service import RetryPolicy
+from api.dispatch.worker import Worker
+from api.runs.service import lock_run
 from tests.cloud.conftest import SIGNING_KEY
 from tests.cloud.worker_world import (
     NO_WAIT,
@@ -243,7 +242,7 @@ WORKER = """
 import json, sys
 from api.config import Settings
 from api.db import make_engine
-from api.worker import Worker
+from api.dispatch.worker import Worker
 values = json.loads(sys.argv[1])
 settings = Settings(**values)
 Worker(settings, make_engine(settings.db_url)).dispatch_ready()

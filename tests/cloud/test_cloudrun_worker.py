@@ -9,7 +9,7 @@ import grpc
 import pytest
 from fastapi.testclient import TestClient
 
-from api.worker import Worker
+from api.dispatch.worker import Worker
 from tests.cloud.worker_world import (
     create_run,
     get_run,

@@ -8,8 +8,8 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from api.services.dispatch import RetryPolicy
-from api.worker import Worker
+from api.dispatch.service import RetryPolicy
+from api.dispatch.worker import Worker
 
 SPEC = {"model_id": "google/gemma-3-4b-it", "dataset": "digits", "time_budget_minutes": 20}
 NO_WAIT = RetryPolicy(max_attempts=3, first_backoff_seconds=0, quota_retry_seconds=0)

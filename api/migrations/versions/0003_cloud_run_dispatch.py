@@ -10,14 +10,14 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import api.models.types
+import api.db
 
 revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-UTC = api.models.types.UTCDateTime(timezone=True)
+UTC = api.db.UTCDateTime(timezone=True)
 
 
 def upgrade() -> None:
