@@ -41,13 +41,16 @@ def close_executions(engine: Engine, dispatcher: Dispatcher, cancel: Callable[[s
     with session_scope(engine) as session:
         rows = service.runs_to_close(session)
     for run_id, name in rows:
-        status = dispatcher.status(name)
-        if status.state in ENDED:
-            with session_scope(engine) as session:
-                service.execution_ended(session, run_id, name, status)
-            continue
-        log.warning("%s has ended but %s still runs; cancelling it", run_id, name)
-        cancel(name)
+        try:
+            status = dispatcher.status(name)
+            if status.state in ENDED:
+                with session_scope(engine) as session:
+                    service.execution_ended(session, run_id, name, status)
+            elif status.state in ("pending", "running"):  # "unknown": ask again next time
+                log.warning("%s has ended but %s still runs; cancelling it", run_id, name)
+                cancel(name)
+        except Exception:
+            log.exception("closing %s of %s failed; trying again next time", name, run_id)
 
 
 def sweep_orphans(engine: Engine, dispatcher: Dispatcher, cancel: Callable[[str], None]) -> None:
