@@ -221,7 +221,7 @@ def _wait_for_platform(
     run.waiting_since = run.waiting_since or now
     waited = (now - run.waiting_since).total_seconds()
     if waited >= policy.wait_seconds:
-        set_status(
+        finish_run(
             session,
             run,
             RunStatus.failed,

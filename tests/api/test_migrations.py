@@ -24,7 +24,7 @@ def test_the_migrated_schema_matches_the_models(engine: Engine) -> None:
     assert diff == []
 
 
-# Outcomes as the api wrote them before revision 0003, and the state each one means.
+# Outcomes as the api wrote them before revision 0004, and the state each one means.
 OLD_OUTCOMES = {
     "applied": "applied",
     "applied: the run is running": "applied",
@@ -39,10 +39,10 @@ OLD_OUTCOMES = {
 }
 
 
-def test_0003_reads_each_stored_events_state_from_its_outcome(settings: Settings) -> None:
+def test_0004_reads_each_stored_events_state_from_its_outcome(settings: Settings) -> None:
     engine = make_engine(settings.db_url)
     try:
-        migrate(engine, "0002")  # the schema before the state column
+        migrate(engine, "0003")  # the schema before the state column
         now = datetime.now(UTC)
         with engine.begin() as conn:
             conn.execute(
