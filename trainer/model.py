@@ -18,7 +18,10 @@ from typing import Any
 
 import torch
 
+from trainer import quiet
 from trainer.contract.spec import RunSpec
+
+quiet.install()  # before transformers, peft and bitsandbytes load (trainer/quiet.py says why)
 
 # Names of the module that maps vision features into the language model, across VLM families
 # (Gemma 3 / LLaVA, Idefics 3 / SmolVLM, Qwen2-VL).
