@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from api import errors, network_guard
 from api.config import Settings
 from api.db import make_engine
-from api.routes import api_router, dashboard, health, login, pages_router
+from api.routes import api_router, dashboard, docs, health, login, pages_router
 from api.secrets import resolve_secrets
 
 
@@ -45,12 +45,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Fine-tuning runs of vision-language models on serverless GPUs",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by api/routes/docs.py, without a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
     errors.install(app)
     login.install(app)  # /login, /logout, and the redirect of LoginRequired
     app.include_router(health.router)
+    docs.install(app)
     app.include_router(api_router)
     app.include_router(pages_router)  # the dashboard, behind a login with auth on
     app.mount("/static", dashboard.static_files(), name="static")
