@@ -19,6 +19,10 @@ from pathlib import Path
 import pytest
 
 from api.cli.demo import DEMO_SPEC
+from api.db import make_engine, session_scope
+from api.models import Run
+from api.routes.dashboard_format import secs
+from api.states import duration_seconds
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +71,28 @@ def test_demo_exit_runs_green_and_the_model_learns(tmp_path: Path) -> None:
     assert result.returncode == 0, out + result.stderr
     assert "building the tiny offline Gemma 3" in out
     assert (data_dir / "models" / "tiny-gemma3" / "config.json").is_file()
-    assert re.search(r"run run_\w+ succeeded in \d+ s", out), out
+    ran = re.search(r"^run (run_\w+) succeeded: ran (\S+)$", out, re.M)
+    assert ran, out
+    # Every phase once, in order; the training bar (one line per tenth of the steps, as the
+    # output is not a terminal) is labelled training, and its last line comes before final_eval.
+    lines = out.splitlines()
+    phases = [line for line in lines if line.startswith("phase: ")]
+    assert phases == [
+        f"phase: {p}" for p in ("loading", "baseline_eval", "training", "final_eval", "uploading")
+    ], out
+    bars = [i for i, line in enumerate(lines) if "[" in line and " steps" in line]
+    assert bars and all(lines[i].startswith("  training [") for i in bars), out
+    assert lines.index("phase: training") < bars[0]
+    assert lines[bars[-1]].split("] ")[1].startswith("352/352 steps"), out
+    assert bars[-1] < lines.index("phase: final_eval"), out
+    # The duration is the run's own, as its page shows it (api/states.py duration_seconds).
+    engine = make_engine(f"sqlite:///{data_dir / 'tuneplane.db'}")
+    with session_scope(engine) as session:
+        stored = session.get(Run, ran[1])
+        assert stored is not None
+        shown = secs(duration_seconds(stored))
+    engine.dispose()
+    assert ran[2] == shown, out
     figures = {
         m["stage"]: (float(m["acc"]), float(m["f1"]))
         for m in re.finditer(

@@ -10,7 +10,8 @@ from typing import Any
 
 from api.models import Run
 from api.models.types import utcnow
-from api.states import ACTIVE
+from api.plural import count
+from api.states import duration_seconds
 
 STATUS_ICONS = {
     "queued": "◷",
@@ -73,10 +74,14 @@ def when(at: datetime | None) -> str:
 
 
 def duration(run: Run) -> str:
-    if run.started_at is None:
-        return "—"
-    end = run.finished_at or (utcnow() if run.status in ACTIVE else run.updated_at)
-    return secs((end - run.started_at).total_seconds())
+    seconds = duration_seconds(run, utcnow())
+    return "—" if seconds is None else secs(seconds)
+
+
+def duration_value(run: Run) -> float:
+    """The duration as a sort key (-1: not started)."""
+    seconds = duration_seconds(run, utcnow())
+    return -1 if seconds is None else round(seconds, 3)
 
 
 def num(v: Any) -> str:
@@ -103,5 +108,7 @@ FILTERS = {
     "when": when,
     "secs": secs,
     "duration": duration,
+    "duration_value": duration_value,
     "num": num,
+    "count": count,
 }
