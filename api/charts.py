@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from markupsafe import Markup, escape
 
-from api.plural import count
+from api.wording import count
 
 # Colours come from CSS custom properties where possible (light and dark themes); the fallbacks
 # keep a chart readable when it is opened on its own.

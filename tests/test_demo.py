@@ -21,8 +21,8 @@ import pytest
 from api.cli.demo import DEMO_SPEC
 from api.db import make_engine, session_scope
 from api.models import Run
-from api.routes.dashboard_format import secs
 from api.states import duration_seconds
+from api.wording import secs
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

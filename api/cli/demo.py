@@ -32,7 +32,7 @@ from api.cli.ports import PortUnavailable, bind
 from api.cli.settings import settings_errors
 from api.config import Settings
 from api.db import make_engine, migrate, session_scope
-from api.routes.dashboard_format import secs
+from api.wording import secs
 
 # The tiny model learns digits with these (shared/notes/tiny-gemma3.md: lr ~3e-3, batch 16,
 # ~4 epochs over ~1,500 images reach 0.8-0.96 accuracy from a baseline near 0). One-token

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from api.cli.http import ApiError, get_json, make_client
-from api.routes.dashboard_format import secs
+from api.wording import secs
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import urllib.parse
 from collections.abc import Mapping
 from datetime import datetime
@@ -10,8 +9,8 @@ from typing import Any
 
 from api.models import Run
 from api.models.types import utcnow
-from api.plural import count
 from api.states import duration_seconds
+from api.wording import count, secs
 
 STATUS_ICONS = {
     "queued": "◷",
@@ -39,19 +38,6 @@ def change_class(base: float | None, final: float | None) -> str:
         return ""
     d = final - base
     return "up" if d > 0.0005 else "down" if d < -0.0005 else "flat"
-
-
-def secs(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "—"
-    s = int(max(seconds, 0))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
 def ago(when: datetime | None) -> str:

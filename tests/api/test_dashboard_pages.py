@@ -225,7 +225,7 @@ def test_keyset_pages_cover_every_run_once_in_both_directions(
      (37, ("class", "classes"), "37 classes")],
 )  # fmt: skip
 def test_counts_agree_with_their_noun(n: int, args: tuple[str, ...], shown: str) -> None:
-    from api.plural import count
+    from api.wording import count
 
     assert count(n, *args) == shown
 
