@@ -146,6 +146,8 @@ class Execution:
             )
             if restored:
                 log(f"resuming from {restored.uri} (step {resumed_from})")
+            if warning := model.cpu_hub_warning(spec.model_id, device):
+                log(f"warning: {warning}")
 
             with self.phase("loading"):
                 splits = data.load_splits(spec.data, spec.train_size, spec.eval_size, spec.seed)

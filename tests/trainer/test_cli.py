@@ -507,6 +507,7 @@ def test_an_invalid_spec_exits_2_with_the_reason(
 def test_a_failure_is_reported_and_exits_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    err: list[str] = []
     code, events = _run_in_process(
         [
             "--model-id",
@@ -522,9 +523,13 @@ def test_a_failure_is_reported_and_exits_1(
         ],
         monkeypatch,
         capsys,
+        stderr=err,
         TUNEPLANE_RUN_ID="run-fail",
     )
     assert code == 1
+    # Said before the model is looked for: on a CPU, an id that is no directory means the Hub.
+    warning, failure = err[0].index("is not a local directory"), err[0].index("failed: ")
+    assert warning < failure and "python -m trainer.tiny DIR" in err[0]
     assert events[0].type == "started" and events[-1].type == "failed"
     failed = events[-1].data
     assert "no-such-model" in failed.error and "Traceback" in failed.traceback_tail
