@@ -20,8 +20,8 @@ import pytest
 
 from api.cli.demo import DEMO_SPEC
 from api.db import make_engine, session_scope
-from api.models import Run
-from api.states import duration_seconds
+from api.runs.models import Run
+from api.runs.states import duration_seconds
 from api.wording import secs
 from tests.conftest import free_port
 
@@ -85,7 +85,7 @@ def test_demo_exit_runs_green_and_the_model_learns(tmp_path: Path) -> None:
     assert lines.index("phase: training") < bars[0]
     assert lines[bars[-1]].split("] ")[1].startswith("352/352 steps"), out
     assert bars[-1] < lines.index("phase: final_eval"), out
-    # The duration is the run's own, as its page shows it (api/states.py duration_seconds).
+    # The duration is the run's own, as its page shows it (api/runs/states.py duration_seconds).
     engine = make_engine(f"sqlite:///{data_dir / 'tuneplane.db'}")
     with session_scope(engine) as session:
         stored = session.get(Run, ran[1])

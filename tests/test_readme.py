@@ -22,10 +22,12 @@ import pytest
 from pydantic_settings import BaseSettings
 from sqlmodel import select
 
+from api.auth.models import ApiToken
 from api.config import ClientSettings, Settings
 from api.db import make_engine, session_scope
 from api.main import create_app
-from api.models import ApiToken, Run, RunTemplate
+from api.runs.models import Run
+from api.templates.models import RunTemplate
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 """/docs and /redoc render in Chromium with no network: every script, style, font and image
-they need comes from the api itself (api/routes/docs.py). A request to anywhere else is refused
+they need comes from the api itself (api/web/docs.py). A request to anywhere else is refused
 by the browser context and fails the test (`Watch`)."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def offline_page(browser: Browser, server: LiveServer) -> Iterator[Page]:
     context.close()
     assert not sent_off, f"requests that tried to leave the machine: {sent_off}"
     # ReDoc's sidebar always asks for Redocly's logo: the page's own Content-Security-Policy
-    # refuses it in the browser (api/routes/docs.py), so it never reaches the network; Watch
+    # refuses it in the browser (api/web/docs.py), so it never reaches the network; Watch
     # still sees the attempt. Forgiven only when the refusal was the CSP's.
     if REDOCLY_LOGO in refused_by_csp:
         watch.problems = [p for p in watch.problems if REDOCLY_LOGO not in p]
