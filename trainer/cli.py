@@ -276,7 +276,13 @@ class Execution:
             self.events.emit(
                 "failed", ev.Failed(error=results.error[: ev.MAX_TEXT], traceback_tail=tail)
             )
-            return 1
+            # On Cloud Run, exit 0 on purpose: a reported failure is the trainer's verdict, and a
+            # non-zero exit would have Cloud Run retry the task up to max_retries times (each up
+            # to the task timeout of GPU) on a failure that repeats. tuneplane decides: the run
+            # failed with this error, and a retry is the user's choice. Platform retries stay
+            # for what the trainer cannot report: a container killed by maintenance, OOM, a lost
+            # node. Run by hand (no CLOUD_RUN_EXECUTION), a failure exits 1.
+            return 0 if self.env.execution else 1
 
     # ---- helpers ----------------------------------------------------------------------------
 
