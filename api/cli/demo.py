@@ -16,7 +16,6 @@ import argparse
 import fcntl
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from api.cli.demo_run import Monitor
+from api.cli.ports import PortUnavailable, bind
 from api.cli.settings import settings_errors
 from api.config import Settings
 from api.db import make_engine, migrate, session_scope
@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         data_dir = args.data_dir.expanduser().resolve()
         lock = _lock_data_dir(data_dir)
-        sock = _bind("127.0.0.1", args.port)
-    except DemoError as exc:
+        sock = bind("127.0.0.1", args.port)
+    except (DemoError, PortUnavailable) as exc:
         print(f"tuneplane demo: {exc}", file=sys.stderr)
         return 2
     # The tiny model's tensors are too small for intra-op threads to pay, and on a busy machine
@@ -209,22 +209,6 @@ def _lock_data_dir(data_dir: Path) -> _Lock:
             "choose a writable one with --data-dir"
         ) from exc
     return _Lock(fd)
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno in (98, 48):  # EADDRINUSE on Linux, macOS
-            raise DemoError(
-                f"port {port} is already in use (another server?); choose another with --port"
-            ) from None
-        raise DemoError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(128)
-    return sock
 
 
 def _tiny_model(settings: Settings, out: TextIO) -> Path:

@@ -30,6 +30,7 @@ from api.web.chart_svg import (
     x_labels,
     y_grid,
 )
+from api.wording import count
 
 # ---- loss curve -----------------------------------------------------------------------------
 
@@ -132,7 +133,7 @@ def history_chart(
     def fy(v: float) -> float:
         return (v - y_lo) / (y_hi - y_lo)
 
-    label = f"{metric} of {len(pts)} finished runs over time, baseline beside final"
+    label = f"{metric} of {count(len(pts), 'finished run')} over time, baseline beside final"
     parts = open_svg(f, label, "chart-history")
     y_grid(parts, f, [(fy(t), f"{t * 100:.0f}%") for t in y_ticks])
     span = t_hi - t_lo
