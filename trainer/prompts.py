@@ -10,27 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trainer.contract.chat import AnswerFormat, answer_format
+from trainer.contract.chat import AnswerFormat, answer_format, instruction, messages
 
-
-def instruction(labels: Sequence[str]) -> str:
-    return (
-        "What is in this image? Answer with exactly one of these labels: "
-        + ", ".join(labels)
-        + ". Answer with only the label."
-    )
-
-
-def messages(labels: Sequence[str], answer: str | None = None) -> list[dict[str, Any]]:
-    turns: list[dict[str, Any]] = [
-        {
-            "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": instruction(labels)}],
-        }
-    ]
-    if answer is not None:
-        turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    return turns
+__all__ = ["Format", "instruction", "messages", "prompt_format", "prompt_text"]
 
 
 def tokenizer_of(processor: Any) -> Any:

@@ -11,10 +11,33 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 # Thinking channels a generated answer may hold before the label: (open, close) markers.
 # Gemma 4's `<|channel>thought\n...<channel|>`, Qwen3 / DeepSeek style `<think>...</think>`.
 THINKING_CHANNELS = (("<|channel>", "<channel|>"), ("<think>", "</think>"))
+
+
+def instruction(labels: Sequence[str]) -> str:
+    return (
+        "What is in this image? Answer with exactly one of these labels: "
+        + ", ".join(labels)
+        + ". Answer with only the label."
+    )
+
+
+def messages(labels: Sequence[str], answer: str | None = None) -> list[dict[str, Any]]:
+    """The conversation the trainer renders: one user turn (an image, the instruction) and,
+    for training, one assistant turn (the label)."""
+    turns: list[dict[str, Any]] = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": instruction(labels)}],
+        }
+    ]
+    if answer is not None:
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return turns
 
 
 class ChatFormatError(ValueError):

@@ -41,6 +41,7 @@ def _llava_config(cls: Any, tok: Any, **extra: Any) -> Any:
         ),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
+        image_seq_length=16,  # (32 / 8)^2 patches: the processor's count for the base image
         vision_feature_select_strategy="default",
         **extra,
     )
