@@ -100,6 +100,11 @@ class RunSpec(BaseModel):
     max_length: int = _bounded(512, ge=16, le=32_768, description="tokens per training example")
     max_new_tokens: int = _bounded(16, ge=1, le=256, description="tokens generated per answer")
     gradient_checkpointing: bool = True
+    merge: bool = Field(
+        False,
+        description="also save the base model with the adapter merged in, in bf16, for "
+        "serving engines that cannot load the adapter",
+    )
     save_steps: int = _bounded(50, ge=1, le=1_000_000, description="optimizer steps per checkpoint")
     seed: int = _bounded(42, ge=0, le=2**32 - 1)
     gpu_type: GpuType = "nvidia-l4"
