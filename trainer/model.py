@@ -14,6 +14,7 @@ initialised Gemma 3 projector is all zeros, so without it a model never learns t
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,19 @@ def load_processor(model_id: str) -> Any:
     return AutoProcessor.from_pretrained(model_id)
 
 
-def load_base(model_id: str, device: torch.device) -> Any:
+def meta_model(model_id: str) -> Any:
+    """The model built from its config.json on the meta device: every module, no weight."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(model_id)
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
+
+
+def load_base(model_id: str, device: torch.device, keep: Sequence[str] = ()) -> Any:
+    """The base model: 4-bit on CUDA except the modules in `keep` (the projector, which is
+    trained in full and so must stay in bf16: a 4-bit weight cannot take gradients), fp32 on
+    the CPU."""
     from transformers import AutoModelForImageTextToText
 
     if device.type == "cuda":
@@ -99,6 +112,8 @@ def load_base(model_id: str, device: torch.device) -> Any:
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
+            # Naming modules replaces the default list, which holds the output head.
+            llm_int8_skip_modules=[*keep, "lm_head"],
         )
         return AutoModelForImageTextToText.from_pretrained(
             model_id,
@@ -207,8 +222,9 @@ def load(spec: RunSpec, device: torch.device) -> Loaded:
     from peft import get_peft_model
 
     processor = load_processor(spec.model_id)
-    base = load_base(spec.model_id, device)
     quantized = device.type == "cuda"
+    keep = resolve_targets(meta_model(spec.model_id), spec).projector if quantized else []
+    base = load_base(spec.model_id, device, keep)
     checkpointing = spec.gradient_checkpointing and device.type == "cuda"
     if quantized:
         from peft import prepare_model_for_kbit_training
