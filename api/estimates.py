@@ -157,19 +157,29 @@ def estimate(spec: RunSpec, config: dict[str, Any] | None = None) -> Estimate:
 def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:
     b, t, h = spec.batch_size, spec.max_length, arch.hidden
     bf16 = 2
-    # NF4 is 4 bits per weight; double quantization adds ~0.127 bits of block constants.
-    weights = arch.layers * arch.layer_params * (4.127 / 8)
-    weights += (arch.embed_params + arch.vision_params) * bf16
-    trainable = _lora_params(spec, arch)
+    # NF4 is 4 bits per weight; double quantization adds ~0.127 bits of block constants. Every
+    # linear layer is quantized, the vision tower's too; what is not (embeddings, an untied
+    # head, the projector kept out of 4-bit to be trained) peft's prepare_model_for_kbit_training
+    # casts to fp32: 4 bytes each.
+    weights = (arch.layers * arch.layer_params + arch.vision_params) * (4.127 / 8)
+    weights += (arch.embed_params + arch.projector_params) * 4
+    trainable = _lora_params(spec, arch) + arch.projector_params
     adapters = trainable * 16  # fp32 weight + gradient + two AdamW moments
     if spec.gradient_checkpointing:
         # Each layer keeps its input; one layer at a time is recomputed in full.
         activations = arch.layers * b * t * h * bf16 + b * t * (4 * h + 3 * arch.intermediate) * 4
     else:
         activations = arch.layers * b * t * (12 * h + 4 * arch.intermediate) * bf16
-    logits = b * t * arch.vocab * (bf16 + 4 + 2)
+    # Per logit: bf16 logits (2), their fp32 copy for the loss (4), the saved log-softmax (4),
+    # its fp32 gradient (4) and the bf16 one (2); a final soft-cap (Gemma 2 and 4) keeps two
+    # more bf16 intermediates (4).
+    logits = b * t * arch.vocab * (16 + (4 if arch.softcap else 0))
     subtotal = weights + adapters + activations + logits
-    overhead = 1.0 * GIB + 0.08 * subtotal
+    # CUDA context, and the caching allocator's reserve: freed logits-sized blocks of varying
+    # sizes (every batch has its own length) stay reserved. Calibrated on the H200 runs in
+    # bench/results/gpu_trainer (Gemma 3 4B: 36.6 GiB reserved) and gpu_families (Gemma 4 31B
+    # widths: 25.0 GiB); Qwen2.5-VL-7B there checks it.
+    overhead = 1.0 * GIB + 0.08 * subtotal + 0.6 * logits
     total = subtotal + overhead
     memory = MemoryEstimate(
         weights_gib=_gib(weights),
