@@ -33,9 +33,12 @@ from trainer.contract.spec import RunSpec
 __all__ = ["KNOWN", "Estimate", "estimate", "model_size", "refusal_detail"]
 
 GIB = 1024**3
-# The instruction and label list around the image, and the answer: a prompt listing 37 pet
-# breeds takes about 230 tokens with Gemma's tokenizer.
-PROMPT_TOKENS = 64
+# The instruction with its label list around the image, the turn markers and the answer, by
+# data set: ten digit names; 37 pet breeds (about 230 tokens with Gemma's tokenizer); an image
+# folder's labels are unknown here, counted like the pets.
+PROMPT_TOKENS = {"digits": 80, "oxford-iiit-pet": 240, "imagefolder": 240}
+# The least room a prompt needs beside the image (a max_length below image + this is refused).
+MIN_PROMPT_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -131,13 +134,13 @@ def estimate(spec: RunSpec, config: dict[str, Any] | None = None) -> Estimate:
             "each resumes from the previous one's checkpoint and reloads the model"
         )
     fits = memory.total_gib <= memory.gpu_gib
-    if arch.image_tokens and spec.max_length < arch.image_tokens + PROMPT_TOKENS:
+    if arch.image_tokens and spec.max_length < arch.image_tokens + MIN_PROMPT_TOKENS:
         # The trainer would stop at its first batch (PromptTooLong): refuse it here instead.
         fits = False
         notes.append(
             f"max_length {spec.max_length} cannot hold one image ({arch.image_tokens} tokens in "
             f"{arch.name}) and the prompt: raise max_length to at least "
-            f"{arch.image_tokens + PROMPT_TOKENS}"
+            f"{arch.image_tokens + MIN_PROMPT_TOKENS}"
         )
     return Estimate(
         model_id=spec.model_id,
@@ -154,8 +157,17 @@ def estimate(spec: RunSpec, config: dict[str, Any] | None = None) -> Estimate:
     )
 
 
+def sequence_length(spec: RunSpec, arch: Arch) -> int:
+    """Tokens per training example: batches are padded to their longest example, not to
+    max_length, and an example is the image's tokens, the instruction with its label list and
+    the answer. Without the image's count, max_length (an upper bound)."""
+    if not arch.image_tokens:
+        return spec.max_length
+    return min(spec.max_length, arch.image_tokens + PROMPT_TOKENS[spec.data.kind])
+
+
 def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:
-    b, t, h = spec.batch_size, spec.max_length, arch.hidden
+    b, t, h = spec.batch_size, sequence_length(spec, arch), arch.hidden
     bf16 = 2
     # NF4 is 4 bits per weight; double quantization adds ~0.127 bits of block constants. Every
     # linear layer is quantized, the vision tower's too; what is not (embeddings, an untied
@@ -175,11 +187,10 @@ def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:
     # more bf16 intermediates (4).
     logits = b * t * arch.vocab * (16 + (4 if arch.softcap else 0))
     subtotal = weights + adapters + activations + logits
-    # CUDA context, and the caching allocator's reserve: freed logits-sized blocks of varying
-    # sizes (every batch has its own length) stay reserved. Calibrated on the H200 runs in
-    # bench/results/gpu_trainer (Gemma 3 4B: 36.6 GiB reserved) and gpu_families (Gemma 4 31B
-    # widths: 25.0 GiB); Qwen2.5-VL-7B there checks it.
-    overhead = 1.0 * GIB + 0.08 * subtotal + 0.6 * logits
+    # CUDA context and allocator fragmentation. Compared with the peak PyTorch allocates (what
+    # a card must hold; on an 141 GB H200 the caching allocator reserves far more than that,
+    # because nothing makes it give memory back): bench/results/gpu_trainer and gpu_families.
+    overhead = 1.0 * GIB + 0.08 * subtotal
     total = subtotal + overhead
     memory = MemoryEstimate(
         weights_gib=_gib(weights),

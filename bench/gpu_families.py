@@ -241,7 +241,9 @@ def api_estimate(model_dir: Path, flags: dict[str, Any]) -> dict[str, Any]:
     from trainer.contract.spec import RunSpec
 
     config = json.loads((model_dir / "config.json").read_text())
-    spec = RunSpec.model_validate({"model_id": str(model_dir), "dataset": "digits", **flags})
+    spec = RunSpec.model_validate(
+        {"model_id": str(model_dir), "dataset": f"imagefolder:{model_dir}", **flags}
+    )
     est = estimate(spec, config)
     assert est.memory is not None
     return {"architecture": est.architecture, "parameters": est.parameters,
