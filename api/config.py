@@ -24,7 +24,7 @@ class Settings(BaseSettings):
         env_prefix="TUNEPLANE_", env_file=".env", extra="ignore", frozen=True
     )
 
-    # -- storage ---------------------------------------------------------------------------
+    # -- storage --------------------------------------------------------------------------
     data_dir: Path = Field(
         Path(".tuneplane"), description="local state: SQLite file, logs, artifacts, signing key"
     )
@@ -32,7 +32,7 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL; default: SQLite file `DATA_DIR/tuneplane.db`"
     )
 
-    # -- serving ---------------------------------------------------------------------------
+    # -- serving --------------------------------------------------------------------------
     public_url: str = Field(
         "http://127.0.0.1:8000",
         description="the api's URL as trainers and browsers reach it (callbacks, links); must "
@@ -43,10 +43,10 @@ class Settings(BaseSettings):
     hub_url: str = Field(
         "https://huggingface.co",
         description="where a Hub model id's config.json and chat template are read when a run "
-        "is created (api/model_check.py); empty: only local model directories are checked",
+        "is created (api/runs/model_check.py); empty: only local model directories are checked",
     )
 
-    # -- access (api/auth.py) --------------------------------------------------------------
+    # -- access (api/auth/access.py) ------------------------------------------------------
     auth_enabled: bool = Field(
         False, description="require API tokens on /api/v1 and a login on the dashboard"
     )
@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     )
     session_hours: float = Field(12.0, gt=0, le=24 * 30, description="dashboard login lifetime")
 
-    # -- outgoing notifications (api/notify.py) --------------------------------------------
+    # -- outgoing notifications (api/notify/service.py) -----------------------------------
     webhook_secret: SecretStr | None = Field(
         None, description="HMAC key of template webhooks that do not set their own `secret`"
     )
@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     )
     webhook_timeout_seconds: float = Field(10.0, gt=0, le=120, description="per post")
 
-    # -- dispatch --------------------------------------------------------------------------
+    # -- dispatch -------------------------------------------------------------------------
     dispatcher: Literal["local", "cloudrun"] = Field(
         "local", description="`local`: trainer subprocesses; `cloudrun`: Cloud Run Jobs"
     )
@@ -116,7 +116,19 @@ class Settings(BaseSettings):
         3, ge=0, le=10, description="platform retries of a task; a retry resumes from a checkpoint"
     )
     cloud_run_timeout_margin_minutes: int = Field(
-        5, ge=1, le=60, description="task timeout beyond the time budget (final save, upload)"
+        5, ge=1, le=30, description="task timeout beyond the time budget (final save, upload)"
+    )
+    cloud_run_long_gpu_tasks: bool = Field(
+        False,
+        description="use Cloud Run's preview 'long running GPU jobs' (task timeouts up to 12 h "
+        "instead of 1 h): fewer segments, but the Job runs at launch stage BETA",
+    )
+    cloud_run_wait_seconds: int = Field(
+        3600,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="how long a run waits for a GPU (stock-out, quota) or for IAM to propagate "
+        "before it fails with the reason",
     )
     vpc_network: str | None = Field(None, description="VPC network of the trainer (Direct VPC)")
     vpc_subnet: str | None = Field(None, description="subnetwork of the trainer (Direct VPC)")

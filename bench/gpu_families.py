@@ -15,7 +15,7 @@ LoRA (rank 16 on the seven projections).
 
 Each run is `trainer.cli.main` (preflight, 4-bit NF4 load through `from_pretrained`, baseline
 evaluation, training, final evaluation, save) on 37 classes of 500x375 JPEGs, then the api's
-estimate (api/estimates.py, from the saved config.json, at the measured sequence length) beside
+estimate (api/runs/estimates.py, from the saved config.json, at the measured sequence length) beside
 the measured peak. Writes `$OUT/gpu_families-<arch>.json` and `.md`.
 """
 
@@ -237,7 +237,7 @@ def sequence_length(model_dir: Path, data_dir: Path) -> int:
 
 
 def api_estimate(model_dir: Path, flags: dict[str, Any]) -> dict[str, Any]:
-    from api.estimates import estimate
+    from api.runs.estimates import estimate
     from trainer.contract.spec import RunSpec
 
     config = json.loads((model_dir / "config.json").read_text())

@@ -543,3 +543,21 @@ def test_device_cuda_without_a_gpu_fails_fast_and_says_why(
     assert time.monotonic() - started < 30
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["outcome"] == "failed" and "no CUDA device" in results["error"]
+
+
+def test_a_reported_failure_on_cloud_run_exits_0_so_cloud_run_does_not_retry_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A non-zero exit makes Cloud Run retry the task (max_retries times, each up to the task
+    # timeout of GPU); a failure the trainer reported is final, and tuneplane decides.
+    code, events = _run_in_process(
+        ["--model-id", str(tmp_path / "no-such-model"), "--dataset", "digits",
+         "--train-size", "4", "--eval-size", "2", "--output-dir", str(tmp_path / "out")],
+        monkeypatch,
+        capsys,
+        TUNEPLANE_RUN_ID="run-fail",
+        CLOUD_RUN_EXECUTION="tuneplane-trainer-l4-abcde",
+        CLOUD_RUN_TASK_ATTEMPT="0",
+    )  # fmt: skip
+    assert code == 0
+    assert events[-1].type == "failed" and "no-such-model" in events[-1].data.error

@@ -1,0 +1,333 @@
+"""Estimate a run's GPU memory, time and cost from its spec, before anything is dispatched
+(DESIGN.md step 1). A spec whose estimate does not fit its GPU is refused at submission, which
+is far cheaper than an out-of-memory kill twenty minutes into a Cloud Run execution.
+
+The model's size comes from its config.json when the create-run check could read it
+(`arch_from_config`: a local directory, or the Hub), else from its id: the families the trainer
+supports are known (`KNOWN`, from their public configs); any other id that names its size
+(`...-7B-...`, `...-256M-...`) gets a generic decoder architecture inferred from the parameter
+count; an id that names no size and has no readable config gets no estimate and is never
+refused.
+
+The memory model is the QLoRA set-up the trainer uses on CUDA: 4-bit NF4 weights with double
+quantization, embeddings and the vision tower in bf16, LoRA adapters with AdamW in fp32,
+activations (with or without gradient checkpointing) and the logits, which for Gemma's
+262k-token vocabulary are often the largest single item. Time is calibrated on the published
+Gemma 3 27B figures on one RTX PRO 6000 (1,000 / 2,500 / 3,600 samples in 1.1 / 2.3 / 3.3 h,
+500 evaluation samples each side); the L4 figures are scaled by its peak bf16 throughput and
+memory bandwidth. Prices are Cloud Run list prices (us-central1, no zonal redundancy) at the
+time of writing; they go stale: check https://cloud.google.com/run/pricing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from api.runs.model_archs import KNOWN, Arch, model_size
+from trainer.contract.spec import RunSpec
+
+__all__ = ["KNOWN", "Estimate", "estimate", "model_size", "refusal_detail"]
+
+GIB = 1024**3
+# The instruction with its label list around the image, the turn markers and the answer, by
+# data set: ten digit names; 37 pet breeds (about 230 tokens with Gemma's tokenizer); an image
+# folder's labels are unknown here, counted like the pets.
+PROMPT_TOKENS = {"digits": 80, "oxford-iiit-pet": 240, "imagefolder": 240}
+# The least room a prompt needs beside the image (a max_length below image + this is refused).
+MIN_PROMPT_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Gpu:
+    label: str
+    memory_gib: float  # what a process can allocate, not the marketing figure
+    train_tflops: float  # effective for QLoRA training (calibrated, not the peak)
+    bandwidth_gbs: float  # memory bandwidth, GB/s: bounds token-by-token generation
+    vcpu: int  # Cloud Run's minimum CPU and memory for this GPU (DESIGN.md)
+    memory_gib_host: int
+    gpu_usd_per_second: float
+
+
+# CPU and memory prices of a Cloud Run instance with a GPU (instance-based billing).
+VCPU_USD_PER_SECOND = 0.000018
+HOST_GIB_USD_PER_SECOND = 0.000002
+
+GPUS: dict[str, Gpu] = {
+    # 24 GB card; nvidia-smi shows 23,034 MiB of which the driver keeps a little.
+    "nvidia-l4": Gpu("NVIDIA L4 (24 GB)", 22.0, 14.0, 300, 4, 16, 0.0001867),
+    # 96 GB card; 97,887 MiB visible.
+    "nvidia-rtx-pro-6000": Gpu("NVIDIA RTX PRO 6000 (96 GB)", 94.0, 37.5, 1792, 20, 80, 0.00055),
+}
+
+
+class MemoryEstimate(BaseModel):
+    weights_gib: float = Field(description="4-bit language model, bf16 embeddings and vision tower")
+    adapters_gib: float = Field(description="LoRA weights, gradients and AdamW state (fp32)")
+    activations_gib: float
+    logits_gib: float = Field(description="bf16 logits and their fp32 copy for the loss")
+    overhead_gib: float = Field(description="CUDA context, allocator fragmentation")
+    total_gib: float
+    gpu_gib: float = Field(description="what the GPU can allocate")
+    instance_gib: float | None = Field(
+        None, description="the instance's (host) memory the task needs, in-memory disk included"
+    )
+    instance_limit_gib: float | None = Field(None, description="the instance's memory")
+
+
+class TimeEstimate(BaseModel):
+    load_seconds: float = Field(description="download and quantize the model, per segment")
+    train_seconds: float
+    eval_seconds: float = Field(description="baseline and final evaluation")
+    segments: int = Field(description="executions needed with the spec's time budget")
+    total_seconds: float
+
+
+class Estimate(BaseModel):
+    model_id: str
+    gpu_type: str
+    parameters: int | None = Field(description="null: the model id names no size")
+    architecture: str | None = Field(
+        description="a known config, or `inferred` from the parameter count"
+    )
+    trainable_parameters: int | None
+    memory: MemoryEstimate | None
+    time: TimeEstimate | None
+    cost_usd: float | None = Field(description="GPU, CPU and memory of all segments")
+    usd_per_hour: float
+    fits: bool | None = Field(description="null when unknown; false refuses the run")
+    notes: list[str]
+
+
+def estimate(spec: RunSpec, config: dict[str, Any] | None = None) -> Estimate:
+    gpu = GPUS[spec.gpu_type]
+    usd_per_second = (
+        gpu.gpu_usd_per_second
+        + gpu.vcpu * VCPU_USD_PER_SECOND
+        + gpu.memory_gib_host * HOST_GIB_USD_PER_SECOND
+    )
+    params, arch = model_size(spec.model_id, config)
+    if params is None or arch is None:
+        return Estimate(
+            model_id=spec.model_id,
+            gpu_type=spec.gpu_type,
+            parameters=None,
+            architecture=None,
+            trainable_parameters=None,
+            memory=None,
+            time=None,
+            cost_usd=None,
+            usd_per_hour=round(usd_per_second * 3600, 2),
+            fits=None,
+            notes=[
+                "the model id names no size, so memory, time and cost are unknown; "
+                "a Hub id like 'google/gemma-3-4b-it' gets an estimate"
+            ],
+        )
+    memory, trainable = _memory(spec, arch, gpu)
+    time = _time(spec, arch, gpu, params)
+    notes = []
+    if not arch.exact:
+        notes.append("architecture inferred from the parameter count: a rough estimate")
+    if time.segments > 1:
+        notes.append(
+            f"needs {time.segments} executions of at most {spec.time_budget_minutes} min; "
+            "each resumes from the previous one's checkpoint and reloads the model"
+        )
+    host = instance_memory_gib(spec, memory, params)
+    memory = memory.model_copy(
+        update={"instance_gib": host, "instance_limit_gib": float(gpu.memory_gib_host)}
+    )
+    fits = memory.total_gib <= memory.gpu_gib and host <= gpu.memory_gib_host
+    if host > gpu.memory_gib_host:
+        notes.append(instance_note(spec, host, gpu.memory_gib_host))
+    if arch.image_tokens and spec.max_length < arch.image_tokens + MIN_PROMPT_TOKENS:
+        # The trainer would stop at its first batch (PromptTooLong): refuse it here instead.
+        fits = False
+        notes.append(too_short_note(spec, arch))
+    return Estimate(
+        model_id=spec.model_id,
+        gpu_type=spec.gpu_type,
+        parameters=params,
+        architecture=arch.name,
+        trainable_parameters=trainable,
+        memory=memory,
+        time=time,
+        cost_usd=round(time.total_seconds * usd_per_second, 2),
+        usd_per_hour=round(usd_per_second * 3600, 2),
+        fits=fits,
+        notes=notes,
+    )
+
+
+def sequence_length(spec: RunSpec, arch: Arch) -> int:
+    """Tokens per training example: batches are padded to their longest example, not to
+    max_length, and an example is the image's tokens, the instruction with its label list and
+    the answer. Without the image's count, max_length (an upper bound)."""
+    if not arch.image_tokens:
+        return spec.max_length
+    return min(spec.max_length, arch.image_tokens + PROMPT_TOKENS[spec.data.kind])
+
+
+def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:
+    b, t, h = spec.batch_size, sequence_length(spec, arch), arch.hidden
+    bf16 = 2
+    # NF4 is 4 bits per weight; double quantization adds ~0.127 bits of block constants. Every
+    # linear layer is quantized, the vision tower's too; what is not (embeddings, an untied
+    # head, the projector kept out of 4-bit to be trained) peft's prepare_model_for_kbit_training
+    # casts to fp32: 4 bytes each.
+    weights = (arch.layers * arch.layer_params + arch.vision_params) * (4.127 / 8)
+    weights += (arch.embed_params + arch.projector_params) * 4
+    trainable = _lora_params(spec, arch) + arch.projector_params
+    adapters = trainable * 16  # fp32 weight + gradient + two AdamW moments
+    if spec.gradient_checkpointing:
+        # Each layer keeps its input; one layer at a time is recomputed in full.
+        activations = arch.layers * b * t * h * bf16 + b * t * (4 * h + 3 * arch.intermediate) * 4
+    else:
+        activations = arch.layers * b * t * (12 * h + 4 * arch.intermediate) * bf16
+    # Per logit: bf16 logits (2), their fp32 copy for the loss (4), the saved log-softmax (4),
+    # its fp32 gradient (4) and the bf16 one (2); a final soft-cap (Gemma 2 and 4) keeps two
+    # more bf16 intermediates (4).
+    logits = b * t * arch.vocab * (16 + (4 if arch.softcap else 0))
+    subtotal = weights + adapters + activations + logits
+    # CUDA context and allocator fragmentation. Compared with the peak PyTorch allocates (what
+    # a card must hold; on an 141 GB H200 the caching allocator reserves far more than that,
+    # because nothing makes it give memory back): bench/results/gpu_trainer and gpu_families.
+    overhead = 1.0 * GIB + 0.08 * subtotal
+    total = subtotal + overhead
+    memory = MemoryEstimate(
+        weights_gib=_gib(weights),
+        adapters_gib=_gib(adapters),
+        activations_gib=_gib(activations),
+        logits_gib=_gib(logits),
+        overhead_gib=_gib(overhead),
+        total_gib=_gib(total),
+        gpu_gib=gpu.memory_gib,
+    )
+    return memory, trainable
+
+
+def _lora_params(spec: RunSpec, arch: Arch) -> int:
+    h, i = arch.hidden, arch.intermediate
+    shapes = {
+        "q_proj": (h, arch.q_dim),
+        "k_proj": (h, arch.kv_dim),
+        "v_proj": (h, arch.kv_dim),
+        "o_proj": (arch.q_dim, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+    # A module name this table does not know is counted as a square h x h projection;
+    # `all-linear` is the seven projections of a decoder layer.
+    names = list(shapes) if spec.lora_target_modules == ["all-linear"] else spec.lora_target_modules
+    per_layer = sum(sum(shapes.get(m, (h, h))) for m in names) * spec.lora_r
+    return per_layer * arch.layers
+
+
+def _time(spec: RunSpec, arch: Arch, gpu: Gpu, params: int) -> TimeEstimate:
+    flops_rate = gpu.train_tflops * 1e12
+    tokens = spec.max_length  # an upper bound: real examples are often shorter
+    passes = 8 if spec.gradient_checkpointing else 6  # forward, backward (+ recomputation)
+    train = passes * params * tokens * spec.train_size * spec.num_epochs / flops_rate
+    # Evaluation: the prompt in one pass, then the answer token by token, each step reading
+    # every weight (memory-bound; ~30% of peak bandwidth with 4-bit dequantization).
+    weight_bytes = params * 0.55
+    batches = math.ceil(spec.eval_size / spec.eval_batch_size)
+    step = weight_bytes / (gpu.bandwidth_gbs * 1e9 * 0.3)
+    one_eval = (
+        2 * params * tokens * spec.eval_size / flops_rate + batches * spec.max_new_tokens * step
+    )
+    evals = 2 * one_eval
+    # Downloading bf16 weights at ~500 MB/s, then quantizing them (~2 s per billion).
+    load = params * 2 / 500e6 + params / 1e9 * 2 + 20
+    work = train + evals
+    usable = spec.time_budget_minutes * 60 - load - 60  # a minute to checkpoint and upload
+    segments = max(1, math.ceil(work / usable)) if usable > 0 else 0
+    total = work + max(segments, 1) * load
+    return TimeEstimate(
+        load_seconds=round(load),
+        train_seconds=round(train),
+        eval_seconds=round(evals),
+        segments=segments,
+        total_seconds=round(total),
+    )
+
+
+# -- instance memory (Cloud Run) -----------------------------------------------------------------
+# A Cloud Run instance's file system is in memory and "counts against" its memory
+# (https://cloud.google.com/run/docs/container-contract#filesystem). The Job keeps the Hugging
+# Face cache on a bucket mount (api/dispatch/cloudrun_job.py), which stages one file at a time
+# in memory while it is written; loading then reads one shard at a time to quantize it. A model
+# whose files sit on the in-memory disk itself (a path under /tmp) has all of them in memory.
+HOST_BASE_GIB = 6.0  # Python, torch, CUDA host libraries, processor, data set: a rough figure
+SHARD_BYTES = 5e9  # transformers' default max_shard_size ("5GB")
+IN_MEMORY_DISK = "/tmp/"
+
+
+def instance_memory_gib(spec: RunSpec, memory: MemoryEstimate, params: int) -> float:
+    weights = params * 2  # bf16 files
+    resident = weights if spec.model_id.startswith(IN_MEMORY_DISK) else 0.0
+    # One file at a time: staged while it is downloaded, then (later) one shard while it is
+    # quantized; the two do not overlap.
+    shard = min(weights, SHARD_BYTES)
+    checkpoint = memory.adapters_gib * GIB  # adapters and optimizer state on the in-memory disk
+    return _gib(HOST_BASE_GIB * GIB + resident + shard + checkpoint)
+
+
+def instance_note(spec: RunSpec, need: float, have: int) -> str:
+    where = (
+        "its weights sit on the in-memory disk (/tmp); load it from the bucket mount "
+        "(/mnt/bucket/...) or by Hub id (cached on the bucket)"
+        if spec.model_id.startswith(IN_MEMORY_DISK)
+        else "pick the GPU type with more instance memory"
+    )
+    return (
+        f"needs about {need:g} GiB of instance memory; a {spec.gpu_type} instance has {have} GiB "
+        f"(Cloud Run's in-memory disk counts against it): {where}"
+    )
+
+
+def too_short_note(spec: RunSpec, arch: Arch) -> str:
+    return (
+        f"max_length {spec.max_length} cannot hold one image ({arch.image_tokens} tokens in "
+        f"{arch.name}) and the prompt: raise max_length to at least "
+        f"{arch.image_tokens + MIN_PROMPT_TOKENS}"
+    )
+
+
+def _gib(value: float) -> float:
+    return round(value / GIB, 1)
+
+
+def refusal_detail(spec: RunSpec, est: Estimate) -> str:
+    """Why a run does not fit, and what would make it fit."""
+    assert est.memory is not None
+    need, have = est.memory.total_gib, est.memory.gpu_gib
+    host, limit = est.memory.instance_gib, est.memory.instance_limit_gib
+    if need <= have and host is not None and limit is not None and host > limit:
+        return instance_note(spec, host, int(limit))  # the GPU is not the problem
+    if need <= have:  # refused for what max_length cannot hold, not for memory
+        return f"{spec.model_id}: " + "; ".join(n for n in est.notes if "max_length" in n)
+    parts = [
+        f"{spec.model_id} on {spec.gpu_type} needs about {need:g} GiB of GPU memory; "
+        f"the GPU has {have:g} GiB"
+    ]
+    for bs in (bs for bs in (64, 32, 16, 8, 4, 2, 1) if bs < spec.batch_size):
+        smaller = spec.model_copy(update={"batch_size": bs})
+        if estimate(smaller).fits:
+            accum = math.ceil(spec.effective_batch_size / bs)
+            parts.append(
+                f"batch_size {bs} with gradient_accumulation_steps {accum} would fit "
+                "(same effective batch)"
+            )
+            break
+    for other in GPUS:
+        if other != spec.gpu_type and estimate(spec.model_copy(update={"gpu_type": other})).fits:
+            parts.append(f"gpu_type {other!r} would fit as it is")
+    if len(parts) == 1:
+        parts.append("no batch size or GPU makes it fit: lower max_length or pick a smaller model")
+    return "; ".join(parts)
