@@ -7,13 +7,13 @@ import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, computed_field, field_validator
 from pydantic import Field as PField
 from sqlalchemy import JSON, Column, String
 from sqlmodel import Field, SQLModel
 
 from api.db import UTCDateTime, new_id, utcnow
-from api.runs.states import RunStatus
+from api.runs.states import RunStatus, duration_seconds
 from trainer.contract.spec import RunSpec
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/=+-]{0,63}$")
@@ -153,6 +153,15 @@ class RunPublic(RunBase):
     ci: dict[str, Any] | None = None
     gate_status: str | None = None
     gate_reasons: list[dict[str, Any]] | None = None
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="seconds from the trainer's start to the run's end (or now, while active); "
+        "null before it started (api/runs/states.py duration_seconds)"
+    )
+    @property
+    def duration_seconds(self) -> float | None:
+        seconds = duration_seconds(self)
+        return None if seconds is None else round(seconds, 3)
 
 
 class RunsPage(BaseModel):
