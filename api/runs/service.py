@@ -17,7 +17,7 @@ from sqlmodel import Session
 from api.config import Settings
 from api.db import lock_row
 from api.errors import Problem
-from api.runs import idempotency
+from api.runs import idempotency, model_check
 from api.runs.estimates import estimate, refusal_detail
 from api.runs.finish import finish_run
 from api.runs.models import RetrainRequest, Run, RunCreate, RunPublic, RunTag
@@ -61,6 +61,11 @@ class NewRun:
     notes: str = ""
     tags: Sequence[str] = ()
     base: str = "body.spec"
+    # Read the model's own files (config.json, chat template) first, where `hub_url` or a local
+    # directory has them: a model the trainer cannot fine-tune is refused before a GPU is paid
+    # for, and its config sharpens the estimate.
+    check_model: bool = False
+    hub_url: str = ""  # settings.hub_url, when check_model
     parent_id: str | None = None
     template_name: str | None = None
     template_version: int | None = None
@@ -77,7 +82,9 @@ def new_run(
     check_tags(meta.tags, "body.tags")
     spec = merged_spec(base_spec, overrides, meta.base)
     check_storable(meta.request.model_dump(mode="json"), "body")
-    est = estimate_or_refuse(spec, "body.overrides" if meta.base != "body.spec" else "body.spec")
+    config = model_check.check(spec.model_id, meta.hub_url) if meta.check_model else None
+    where = "body.overrides" if meta.base != "body.spec" else "body.spec"
+    est = estimate_or_refuse(spec, where, config)
 
     def insert() -> str:
         run = Run(
@@ -128,6 +135,8 @@ def create_run(
         name=data.name,
         notes=data.notes,
         tags=data.tags,
+        check_model=True,
+        hub_url=settings.hub_url,
     )
     return new_run(session, spec.model_dump(), {}, meta)
 
@@ -220,17 +229,22 @@ def merged_spec(base: dict[str, Any], overrides: dict[str, Any], base_name: str)
         ) from None
 
 
-def estimate_or_refuse(spec: RunSpec, field: str) -> dict[str, Any]:
+def estimate_or_refuse(
+    spec: RunSpec, field: str, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The spec's estimate as stored on `Run.estimate`; a 422 problem carrying the estimate
     when it cannot fit its GPU (`field` is where the spec sits in the request)."""
-    est = estimate(spec)
+    est = estimate(spec, config)
     if est.fits is False:
         detail = refusal_detail(spec, est)
+        memory_fits = est.memory is not None and est.memory.total_gib <= est.memory.gpu_gib
+        too_short = memory_fits and any("max_length" in n for n in est.notes)
+        culprit = "max_length" if too_short else "gpu_type"
         raise Problem(
             422,
             "Run does not fit the GPU",
             detail,
             estimate=est.model_dump(mode="json"),
-            errors=[{"field": f"{field}.gpu_type", "message": detail}],
+            errors=[{"field": f"{field}.{culprit}", "message": detail}],
         )
     return est.model_dump(mode="json")
