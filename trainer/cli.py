@@ -116,7 +116,7 @@ class Execution:
     def run(self) -> int:
         from trainer.deadline import Stopper
 
-        stopper = Stopper(self.env.deadline)
+        stopper = Stopper(self.env.deadline, max_steps=self.env.segment_max_steps)
         with stopper.handling_sigterm():
             return self._run(stopper)
 

@@ -165,7 +165,8 @@ class Trainer:
         """Train until the planned steps are done; raises SegmentEnd when the segment must stop
         first (the caller saves: `save_checkpoint` is the same for every place that stops).
 
-        The deadline is checked between optimizer steps, where the next step's length is known.
+        The deadline (and a test's step limit) is checked between optimizer steps, where the
+        next step's length is known.
         SIGTERM is checked after every micro-batch as well: Cloud Run kills a task about 10 s
         after SIGTERM, and one step of a large model with a long accumulation can take longer.
         A step cut short is abandoned (`_abandon_step`), so the checkpoint is the last step's.
@@ -218,7 +219,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 boundary = self._boundary()
-                self.stopper.progressed = True
+                self.stopper.step_taken()
                 now = time.perf_counter()
                 step_seconds = now - step_t0
                 state.train_seconds += step_seconds
@@ -247,7 +248,7 @@ class Trainer:
                 if state.step % spec.save_steps == 0:
                     self.save_checkpoint()
                     step_t0 = time.perf_counter()  # saving is not training time
-                reason = self.stopper.should_stop(step_seconds)
+                reason = self.stopper.should_stop_after_step(step_seconds)
                 if reason:
                     raise SegmentEnd(reason)
         finally:

@@ -125,6 +125,7 @@ def test_dispatch_builds_the_launch_and_records_the_execution(
     platform = FakePlatform()
     before = datetime.now(UTC)
     assert make_worker(settings, engine, platform).dispatch_ready() == 1
+    after = datetime.now(UTC)
 
     (launch,) = platform.launches
     env = launch.env
@@ -134,8 +135,10 @@ def test_dispatch_builds_the_launch_and_records_the_execution(
     assert env.callback_token is not None
     verify_token(settings.signing_key, env.callback_token.get_secret_value(), run_id)
     budget = timedelta(minutes=launch.spec.time_budget_minutes)
-    assert env.deadline is not None and before + budget <= env.deadline <= before + budget * 1.01
+    # Bounded by the clock read before and after, not by a slack a slow machine could exceed.
+    assert env.deadline is not None and before + budget <= env.deadline <= after + budget
     assert env.segment == 0
+    assert env.segment_max_steps is None  # production: segments end at their deadline only
 
     run = load(engine, run_id)
     assert run.status == RunStatus.dispatched
@@ -144,6 +147,18 @@ def test_dispatch_builds_the_launch_and_records_the_execution(
     assert run.artifact_uri == f"mem://runs/{run_id}"
     assert run.checkpoint_uri == f"mem://runs/{run_id}/checkpoints"
     assert run.claimed_by is None and run.dispatch_attempts == 0
+
+
+def test_the_segment_step_limit_reaches_the_trainer(
+    make_settings: Callable[..., Settings], engine: Engine
+) -> None:
+    settings = make_settings(segment_max_steps=7)
+    insert_runs(engine, status=RunStatus.queued)
+    platform = FakePlatform()
+    assert make_worker(settings, engine, platform).dispatch_ready() == 1
+    (launch,) = platform.launches
+    assert launch.env.segment_max_steps == 7
+    assert launch.env.as_environ()["TUNEPLANE_SEGMENT_MAX_STEPS"] == "7"
 
 
 def test_max_concurrency_counts_dispatched_running_and_cancelling(
