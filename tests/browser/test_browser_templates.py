@@ -21,7 +21,7 @@ from api.models import Run, TemplateVersion
 from api.models.tokens import TokenCreate
 from api.services.tokens import create_token
 from tests.api.templating import SPEC
-from tests.browser.conftest import DESKTOP, Site, Watch
+from tests.browser.conftest import DESKTOP, HANG_GUARD_MS, Site, Watch
 from tests.conftest import LiveServer
 
 pytestmark = pytest.mark.browser
@@ -113,6 +113,7 @@ def test_login_page_and_a_read_only_session_saving_a_template(
     server = LiveServer(create_app(settings)).start()
     watch = Watch(server.url)
     context = browser.new_context(viewport=DESKTOP, base_url=server.url)
+    context.set_default_timeout(HANG_GUARD_MS)
     try:
         r = httpx.post(
             f"{server.url}/api/v1/templates",

@@ -67,7 +67,7 @@ def get_run(client: TestClient, run_id: str) -> dict[str, Any]:
 def reconcile_until(
     worker: Worker, client: TestClient, run_id: str, *states: str
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 120  # a hang guard
     while time.monotonic() < deadline:
         worker.reconcile()
         run = get_run(client, run_id)
@@ -80,7 +80,7 @@ def reconcile_until(
 def test_the_execution_name_is_stored_as_soon_as_it_is_started(
     client: TestClient, worker: Worker, fake_cloudrun: FakeCloudRun
 ) -> None:
-    fake_cloudrun.next_outcome(Outcome("hang", pending_s=5))
+    fake_cloudrun.next_outcome(Outcome("hang", pending_s=600))  # pending throughout the test
     run_id = create_run(client)
     assert worker.dispatch_ready() == 1
     run = get_run(client, run_id)
@@ -125,7 +125,7 @@ def test_a_cancelled_run_is_cancelled_through_cloud_run(
     run_id = create_run(client)
     worker.dispatch_ready()
     assert client.post(f"/api/v1/runs/{run_id}/cancel").status_code == 200
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 120  # a hang guard
     while get_run(client, run_id)["status"] != "cancelled":
         assert time.monotonic() < deadline, get_run(client, run_id)
         worker.finish_cancels()

@@ -49,6 +49,9 @@ class Outcome:
     pending_s: float = 0.05
     running_s: float = 0.2
     exit_code: int = 1
+    # Set by the test to end `pending` at once: a test that asserts "still pending" holds the
+    # execution there with a long pending_s and lets it go with this, not with a short delay.
+    leave_pending: threading.Event | None = None
 
 
 @dataclass
@@ -209,7 +212,7 @@ class FakeCloudRun(FakeGrpcServer):
         with self.lock:
             return self.executions[name]
 
-    def wait_for(self, name: str, *states: str, timeout: float = 30.0) -> FakeExecution:
+    def wait_for(self, name: str, *states: str, timeout: float = 120.0) -> FakeExecution:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ex = self.execution(name)
@@ -416,11 +419,22 @@ class FakeCloudRun(FakeGrpcServer):
                 else:
                     operation.error.CopyFrom(status_pb2.Status(code=2, message=message))
 
+    def _pending(self, outcome: Outcome) -> bool:
+        """Wait out `pending`; True when the fake was stopped meanwhile."""
+        end = time.monotonic() + outcome.pending_s
+        while time.monotonic() < end:
+            if outcome.leave_pending is not None and outcome.leave_pending.is_set():
+                break
+            if self._stopping.wait(0.02):
+                break
+        return self._stopping.is_set()
+
     def _cancelled(self, ex: FakeExecution) -> None:
         self._set(ex, "cancelled", "The execution was cancelled.", Cond.ExecutionReason.CANCELLED)
 
     def _play_script(self, ex: FakeExecution, outcome: Outcome) -> None:
-        time.sleep(outcome.pending_s)
+        if self._pending(outcome):
+            return
         if ex.cancel_requested:
             return self._cancelled(ex)
         self._set(ex, "running")
@@ -462,7 +476,8 @@ class FakeCloudRun(FakeGrpcServer):
 
     def _play_trainer(self, ex: FakeExecution, outcome: Outcome) -> None:
         assert self.trainer_command is not None
-        time.sleep(outcome.pending_s)
+        if self._pending(outcome):
+            return
         timeout = ex.template.timeout.total_seconds() if ex.template.timeout else 600.0
         while True:
             if ex.cancel_requested:
