@@ -24,7 +24,7 @@ class Settings(BaseSettings):
         env_prefix="TUNEPLANE_", env_file=".env", extra="ignore", frozen=True
     )
 
-    # -- storage ---------------------------------------------------------------------------
+    # -- storage --------------------------------------------------------------------------
     data_dir: Path = Field(
         Path(".tuneplane"), description="local state: SQLite file, logs, artifacts, signing key"
     )
@@ -32,7 +32,7 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL; default: SQLite file `DATA_DIR/tuneplane.db`"
     )
 
-    # -- serving ---------------------------------------------------------------------------
+    # -- serving --------------------------------------------------------------------------
     public_url: str = Field(
         "http://127.0.0.1:8000",
         description="the api's URL as trainers and browsers reach it (callbacks, links); must "
@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     )
     run_worker: bool = Field(True, description="run the dispatch worker inside the api process")
 
-    # -- access (api/auth.py) --------------------------------------------------------------
+    # -- access (api/auth/access.py) ------------------------------------------------------
     auth_enabled: bool = Field(
         False, description="require API tokens on /api/v1 and a login on the dashboard"
     )
@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     )
     session_hours: float = Field(12.0, gt=0, le=24 * 30, description="dashboard login lifetime")
 
-    # -- outgoing notifications (api/notify.py) --------------------------------------------
+    # -- outgoing notifications (api/notify/service.py) -----------------------------------
     webhook_secret: SecretStr | None = Field(
         None, description="HMAC key of template webhooks that do not set their own `secret`"
     )
@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     )
     webhook_timeout_seconds: float = Field(10.0, gt=0, le=120, description="per post")
 
-    # -- dispatch --------------------------------------------------------------------------
+    # -- dispatch -------------------------------------------------------------------------
     dispatcher: Literal["local", "cloudrun"] = Field(
         "local", description="`local`: trainer subprocesses; `cloudrun`: Cloud Run Jobs"
     )

@@ -7,11 +7,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import errors, network_guard
+from api import errors, health
+from api.auth import network_guard
 from api.config import Settings
 from api.db import make_engine
-from api.routes import api_router, dashboard, health, login, pages_router
+from api.routers import api_router, pages_router
 from api.secrets import resolve_secrets
+from api.web import login
+from api.web import pages as dashboard
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -24,12 +27,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The dispatch worker lives with the app unless it runs alone (`tuneplane worker`).
         worker = notifier = None
         if settings.run_worker:
-            from api.notify import Notifier
-            from api.worker import Worker
+            from api.dispatch.worker import Worker
+            from api.notify.service import Notifier
 
             worker = Worker(settings, engine)
             worker.start()
-            notifier = Notifier(settings, engine)  # webhooks of finished runs (api/notify.py)
+            # Webhooks of finished runs (api/notify/service.py).
+            notifier = Notifier(settings, engine)
             notifier.start()
         try:
             yield

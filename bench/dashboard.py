@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from api.config import Settings
 from api.db import make_engine, migrate
 from api.main import create_app
-from api.models import Run, RunTag
+from api.runs.models import Run, RunTag
 from tests.conftest import LiveServer
 
 MODELS = [

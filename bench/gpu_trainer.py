@@ -18,7 +18,7 @@ final eval -> save) twice in this process:
 
 after one short throwaway warm-up run, and prints samples/s for training and for the final
 evaluation, peak GPU memory (allocated and reserved by PyTorch's caching allocator), and what
-the api's admission check (api/estimates.py) predicts for the real google/gemma-3-4b-it.
+the api's admission check (api/runs/estimates.py) predicts for the real google/gemma-3-4b-it.
 Everything goes to `$OUT` when set (else WORK_DIR/out): `gpu_trainer.json`, `gpu_trainer.md`,
 and each run's results.json. Random weights mean accuracy is meaningless here; speed and
 memory are not.
@@ -183,11 +183,11 @@ SETTINGS = {
 
 
 def estimated_gib(s: dict[str, int], args: argparse.Namespace) -> float | None:
-    """What the api's admission check (api/estimates.py) predicts for google/gemma-3-4b-it
+    """What the api's admission check (api/runs/estimates.py) predicts for google/gemma-3-4b-it
     with these settings: the figure this bench exists to check."""
     if args.config != "4b":
         return None
-    from api.estimates import estimate
+    from api.runs.estimates import estimate
     from trainer.contract.spec import RunSpec
 
     spec = RunSpec(

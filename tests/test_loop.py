@@ -20,8 +20,8 @@ from sqlmodel import col, select
 from api.config import Settings
 from api.db import make_engine, migrate, session_scope
 from api.dispatch.local import LocalDispatcher
+from api.events.models import RunEvent
 from api.main import create_app
-from api.models import RunEvent
 from tests.conftest import LiveServer, free_port
 from trainer.contract.spool import spool_file
 

@@ -19,7 +19,7 @@ from sqlmodel import select
 from api.config import ClientSettings, Settings
 from api.db import session_scope
 from api.main import create_app
-from api.models import Run
+from api.runs.models import Run
 from tests.conftest import LiveServer
 
 ROOT = Path(__file__).resolve().parent.parent

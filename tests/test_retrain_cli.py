@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api.auth.models import TokenCreate
+from api.auth.tokens import create_token
 from api.config import Settings
 from api.db import make_engine, migrate, session_scope
 from api.main import create_app
-from api.models.tokens import TokenCreate
-from api.services.tokens import create_token
 from tests.conftest import LiveServer, free_port
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 class Command(NamedTuple):
     module: str  # defines `register(subparsers)`, which adds the parser of this name
-    help: str  # the line in `tuneplane --help`; tests/api/test_tuneplane_cli.py checks it
+    help: str  # the line in `tuneplane --help`; tests/api/cli/test_tuneplane_cli.py checks it
 
 
 COMMANDS: dict[str, Command] = {

@@ -271,8 +271,8 @@ def _tiny_model(settings: Settings, out: TextIO) -> Path:
 
 def _cancel_unfinished(settings: Settings, run_id: str, out: TextIO) -> None:
     """Ctrl-C while the run is going: stop its trainer too, rather than leave it running."""
-    from api.services.runs import cancel_run
-    from api.worker import Worker
+    from api.dispatch.worker import Worker
+    from api.runs.service import cancel_run
 
     print(f"tuneplane demo: cancelling {run_id} (Ctrl-C again to leave it)…", file=out, flush=True)
     engine = make_engine(settings.db_url)
@@ -284,7 +284,7 @@ def _cancel_unfinished(settings: Settings, run_id: str, out: TextIO) -> None:
         while time.monotonic() < deadline:
             worker.finish_cancels()
             with session_scope(engine) as session:
-                from api.models import Run
+                from api.runs.models import Run
 
                 run = session.get(Run, run_id)
                 if run is None or run.status not in ("cancelling", "queued"):

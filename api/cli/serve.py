@@ -37,10 +37,10 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings("tuneplane", public_url=local_url(args.host, args.port))
     if settings is None:
         return 2
-    from api.auth import ExposureRefused, check_exposure
+    from api.auth.access import ExposureRefused, check_exposure
 
     try:
-        check_exposure(args.host, settings)  # no open api on a network (api/auth.py)
+        check_exposure(args.host, settings)  # no open api on a network (api/auth/access.py)
     except ExposureRefused as exc:
         print(f"tuneplane: {exc}", file=sys.stderr)
         return 2

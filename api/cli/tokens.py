@@ -50,10 +50,10 @@ def _engine() -> Engine | None:
 
 
 def create_token(args: argparse.Namespace) -> int:
+    from api.auth import tokens as service
+    from api.auth.models import TokenCreate
     from api.db import session_scope
     from api.errors import Problem
-    from api.models.tokens import TokenCreate
-    from api.services import tokens as service
 
     try:
         body = TokenCreate(
@@ -89,8 +89,8 @@ def create_token(args: argparse.Namespace) -> int:
 
 
 def list_tokens(args: argparse.Namespace) -> int:
+    from api.auth import tokens as service
     from api.db import session_scope
-    from api.services import tokens as service
 
     engine = _engine()
     if engine is None:
@@ -118,9 +118,9 @@ def list_tokens(args: argparse.Namespace) -> int:
 
 
 def revoke_token(args: argparse.Namespace) -> int:
+    from api.auth import tokens as service
     from api.db import session_scope
     from api.errors import Problem
-    from api.services import tokens as service
 
     engine = _engine()
     if engine is None:

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from api.worker import Worker
+    from api.dispatch.worker import Worker
 
     settings = load_settings("tuneplane worker")
     if settings is None:
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         "(Ctrl-C stops it)",
         flush=True,
     )
-    from api.notify import Notifier
+    from api.notify.service import Notifier
 
     notifier = Notifier(settings, engine)  # webhooks of finished runs go out from here too
     notifier.start()

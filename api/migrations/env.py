@@ -3,7 +3,7 @@
 from alembic import context
 from sqlmodel import SQLModel
 
-import api.models  # noqa: F401  (registers the tables on SQLModel.metadata for autogenerate)
+import api.tables  # noqa: F401  (registers the tables on SQLModel.metadata for autogenerate)
 
 engine = context.config.attributes["engine"]
 with engine.connect() as connection:

@@ -7,11 +7,11 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from api.callback_auth import mint_token
+from api.auth.callback import mint_token
 from api.config import Settings
 from api.db import session_scope
-from api.models import Run
-from api.states import RunStatus
+from api.runs.models import Run
+from api.runs.states import RunStatus
 from trainer.contract import events as ev
 from trainer.contract.spec import RunSpec
 

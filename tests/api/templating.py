@@ -12,9 +12,9 @@ from sqlalchemy import Engine
 
 from api.config import Settings
 from api.db import session_scope
-from api.services.runs import lock_run
-from api.services.status import set_status
-from api.states import RunStatus
+from api.runs.service import lock_run
+from api.runs.states import RunStatus
+from api.runs.status import set_status
 from tests.api.factories import token_for
 from trainer.contract import events as ev
 

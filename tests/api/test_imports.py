@@ -39,7 +39,7 @@ def test_no_api_module_imports_the_trainer_stack() -> None:
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert "api.main" in result["modules"] and "api.routes.runs" in result["modules"]
+    assert "api.main" in result["modules"] and "api.runs.routes" in result["modules"]
     assert len(result["modules"]) > 20
     assert result["heavy"] == []
     outside_contract = [

@@ -7,7 +7,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine
 from sqlmodel import SQLModel
 
-import api.models  # noqa: F401  (registers every table on SQLModel.metadata)
+import api.tables  # noqa: F401  (registers every table on SQLModel.metadata)
 
 
 def test_the_migrated_schema_matches_the_models(engine: Engine) -> None:

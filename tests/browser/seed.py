@@ -20,12 +20,13 @@ from typing import Any, Protocol
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from api.callback_auth import mint_token
+from api.auth.callback import mint_token
 from api.config import Settings
-from api.models import Run, RunCreate, RunEvent, RunTag
-from api.services import runs as runs_service
-from api.services.status import set_status
-from api.states import RunStatus
+from api.events.models import RunEvent
+from api.runs import service as runs_service
+from api.runs.models import Run, RunCreate, RunTag
+from api.runs.states import RunStatus
+from api.runs.status import set_status
 from trainer.contract import events as ev
 from trainer.contract.spec import RunSpec
 

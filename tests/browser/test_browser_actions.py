@@ -11,8 +11,8 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 from sqlmodel import Session, select
 
-from api.models import Run, RunTag
-from api.services import dashboard as q
+from api.runs import query as q
+from api.runs.models import Run, RunTag
 from tests.browser.conftest import DESKTOP, HANG_GUARD_MS, Site, Watch
 
 pytestmark = pytest.mark.browser

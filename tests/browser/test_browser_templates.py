@@ -14,12 +14,13 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 from sqlmodel import Session
 
+from api.auth.models import TokenCreate
+from api.auth.tokens import create_token
 from api.config import Settings
 from api.db import make_engine, migrate, session_scope
 from api.main import create_app
-from api.models import Run, TemplateVersion
-from api.models.tokens import TokenCreate
-from api.services.tokens import create_token
+from api.runs.models import Run
+from api.templates.models import TemplateVersion
 from tests.api.templating import SPEC
 from tests.browser.conftest import DESKTOP, HANG_GUARD_MS, Site, Watch
 from tests.conftest import LiveServer

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from api import artifacts
 from api.config import Settings
+from api.runs import artifacts
 from tests.fakes.cloudrun import FakeCloudRun
 from tests.fakes.gcs import FakeGcs
 from tests.fakes.secretmanager import FakeSecretManager

@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from api import artifacts
 from api.config import Settings
 from api.db import make_engine, migrate
 from api.main import create_app
+from api.runs import artifacts
 from tests.api.factories import insert_runs, token_for
 from tests.cloud.conftest import PROJECT, cloud_values
 from tests.fakes.gcs import FakeGcs

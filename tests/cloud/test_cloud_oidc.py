@@ -15,15 +15,15 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from api.auth.oidc import OidcRejected, looks_like_id_token, verify_callback
 from api.config import Settings
 from api.db import make_engine, migrate
 from api.dispatch.base import Dispatcher, Execution, ExecutionStatus, Launch
 from api.dispatch.cloudrun import CloudRunDispatcher
+from api.dispatch.service import RetryPolicy
+from api.dispatch.worker import Worker
 from api.main import create_app
-from api.oidc_auth import OidcRejected, looks_like_id_token, verify_callback
-from api.services.dispatch import RetryPolicy
-from api.states import RunStatus
-from api.worker import Worker
+from api.runs.states import RunStatus
 from tests.api.factories import insert_runs, token_for
 from tests.cloud.conftest import TRAINER_SA, cloud_values
 from tests.fakes.cloudrun import FakeCloudRun, Outcome
@@ -304,7 +304,7 @@ def test_a_trainer_faster_than_the_dispatch_record_is_told_to_retry_not_refused(
     make_settings: Callable[..., Settings],
     segment: int,
 ) -> None:
-    """OIDC twin of tests/api/test_worker.py's token-mode test of the same race: the token
+    """OIDC twin of tests/api/dispatch/test_worker.py's token-mode test of the same race: the token
     cannot be bound to the run before its execution is stored, so the answer is 503 (retried
     by the trainer), never 403 (dropped). Segment 1: the previous segment's execution is still
     the stored one."""

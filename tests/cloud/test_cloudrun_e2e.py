@@ -24,8 +24,8 @@ from sqlmodel import col, select
 
 from api.config import Settings
 from api.db import make_engine, migrate, session_scope
+from api.events.models import RunEvent
 from api.main import create_app
-from api.models import RunEvent
 from tests.cloud.conftest import PROJECT, TRAINER_SA, cloud_values
 from tests.conftest import LiveServer, free_port
 from tests.fakes.cloudrun import FakeCloudRun

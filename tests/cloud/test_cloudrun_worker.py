@@ -14,9 +14,9 @@ from sqlalchemy import Engine
 
 from api.config import Settings
 from api.db import make_engine, migrate
+from api.dispatch.service import RetryPolicy
+from api.dispatch.worker import Worker
 from api.main import create_app
-from api.services.dispatch import RetryPolicy
-from api.worker import Worker
 from tests.cloud.conftest import cloud_values
 from tests.fakes.cloudrun import FakeCloudRun, Outcome
 

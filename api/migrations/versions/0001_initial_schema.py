@@ -10,7 +10,7 @@ import sqlalchemy as sa
 import sqlmodel.sql.sqltypes
 from alembic import op
 
-import api.models.types
+import api.db
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -26,7 +26,7 @@ def upgrade() -> None:
         sa.Column("key", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
         sa.Column("request_hash", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
         sa.Column("resource_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=True),
-        sa.Column("created_at", api.models.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", api.db.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("scope", "key"),
     )
     op.create_table(
@@ -41,10 +41,10 @@ def upgrade() -> None:
         sa.Column("dataset", sqlmodel.sql.sqltypes.AutoString(length=500), nullable=False),
         sa.Column("gpu_type", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
         sa.Column("parent_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=True),
-        sa.Column("created_at", api.models.types.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", api.models.types.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("started_at", api.models.types.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("finished_at", api.models.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", api.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", api.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("started_at", api.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("finished_at", api.db.UTCDateTime(timezone=True), nullable=True),
         sa.Column("execution_name", sqlmodel.sql.sqltypes.AutoString(length=500), nullable=True),
         sa.Column("log_uri", sqlmodel.sql.sqltypes.AutoString(length=1000), nullable=True),
         sa.Column("segment", sa.Integer(), nullable=False),
@@ -58,9 +58,9 @@ def upgrade() -> None:
         sa.Column("final_macro_f1", sa.Float(), nullable=True),
         sa.Column("estimate", sa.JSON(), nullable=True),
         sa.Column("dispatch_attempts", sa.Integer(), nullable=False),
-        sa.Column("not_before", api.models.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("not_before", api.db.UTCDateTime(timezone=True), nullable=True),
         sa.Column("claimed_by", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=True),
-        sa.Column("claim_expires_at", api.models.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("claim_expires_at", api.db.UTCDateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["parent_id"],
             ["runs.id"],
@@ -100,7 +100,7 @@ def upgrade() -> None:
         sa.Column("labels", sa.JSON(), nullable=False),
         sa.Column("confusion_matrix", sa.JSON(), nullable=False),
         sa.Column("predictions", sa.JSON(), nullable=False),
-        sa.Column("created_at", api.models.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", api.db.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["run_id"],
             ["runs.id"],
@@ -118,7 +118,7 @@ def upgrade() -> None:
         sa.Column("samples_per_second", sa.Float(), nullable=True),
         sa.Column("gpu_memory_gb", sa.Float(), nullable=True),
         sa.Column("segment", sa.Integer(), nullable=False),
-        sa.Column("time", api.models.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("time", api.db.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["run_id"],
             ["runs.id"],
@@ -132,8 +132,8 @@ def upgrade() -> None:
         sa.Column("seq", sa.Integer(), nullable=False),
         sa.Column("segment", sa.Integer(), nullable=False),
         sa.Column("type", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
-        sa.Column("time", api.models.types.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("received_at", api.models.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("time", api.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("received_at", api.db.UTCDateTime(timezone=True), nullable=False),
         sa.Column("data", sa.JSON(), nullable=False),
         sa.Column("outcome", sqlmodel.sql.sqltypes.AutoString(length=500), nullable=False),
         sa.ForeignKeyConstraint(

@@ -14,14 +14,14 @@ import sqlalchemy as sa
 from alembic import op
 from sqlmodel.sql.sqltypes import AutoString
 
-import api.models.types
+import api.db
 
 revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-UTC = api.models.types.UTCDateTime(timezone=True)
+UTC = api.db.UTCDateTime(timezone=True)
 
 
 def _str(length: int) -> AutoString:

@@ -1,0 +1,277 @@
+"""Outgoing webhooks: a signed JSON post to each of a template's URLs when one of its runs ends.
+
+Signature: `X-Tuneplane-Signature: sha256=<hex HMAC-SHA256(secret, raw body)>`, the scheme
+GitHub uses, so existing verifiers work. The secret is the webhook's own or the server's
+`TUNEPLANE_WEBHOOK_SECRET`. A receiver should compare in constant time (`verify` below) and use
+`X-Tuneplane-Delivery` (also in the body) to ignore a delivery it has already seen: a retry sends
+the same body again.
+
+Durability: `enqueue` writes one `WebhookDelivery` row per URL inside the unit of work that ends
+the run; `Notifier` (a thread of the api process, next to the dispatch worker) claims due rows
+with a lease in the row, posts them, and records every attempt's outcome. Connection errors,
+timeouts, 408, 425, 429 and 5xx are retried with exponential backoff (honouring a `Retry-After`
+in seconds) up to `webhook_max_attempts`; any other answer is final. Redirects are not followed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import threading
+from datetime import timedelta
+from typing import Any, NamedTuple
+
+import httpx
+from sqlalchemy import Engine, or_, update
+from sqlmodel import Session, col, select
+
+from api.config import Settings
+from api.db import session_scope, utcnow
+from api.notify.models import WebhookDelivery
+from api.runs.models import Run
+from api.templates.models import TemplateVersion
+
+log = logging.getLogger("tuneplane.notify")
+
+EVENT = "run.finished"
+SIGNATURE_HEADER = "X-Tuneplane-Signature"
+DELIVERY_HEADER = "X-Tuneplane-Delivery"
+EVENT_HEADER = "X-Tuneplane-Event"
+LEASE = timedelta(minutes=2)
+MAX_DELAY_SECONDS = 3600.0
+_RETRY_STATUSES = frozenset({408, 425, 429})
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: bytes, body: bytes, header: str | None) -> bool:
+    """What a receiver does: recompute the signature of the raw body and compare in constant
+    time."""
+    return header is not None and hmac.compare_digest(sign(secret, body), header)
+
+
+def enqueue(session: Session, run: Run, version: TemplateVersion, *, promoted: bool) -> None:
+    """Queue one delivery per webhook of the run's template version (the caller commits)."""
+    for hook in version.webhooks:
+        delivery = WebhookDelivery(
+            run_id=run.id,
+            template_name=version.name,
+            template_version=version.version,
+            url=hook["url"],
+            event=EVENT,
+            payload={},
+        )
+        delivery.payload = {
+            "event": EVENT,
+            "delivery_id": delivery.id,
+            "promoted_to_champion": promoted,
+            "run": {
+                "id": run.id,
+                "name": run.name,
+                "status": str(run.status),
+                "status_reason": run.status_reason,
+                "template": version.name,
+                "template_version": version.version,
+                "ci": run.ci,
+                "gate": {"status": run.gate_status, "reasons": run.gate_reasons or []},
+                "baseline_accuracy": run.baseline_accuracy,
+                "baseline_macro_f1": run.baseline_macro_f1,
+                "final_accuracy": run.final_accuracy,
+                "final_macro_f1": run.final_macro_f1,
+                "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+            },
+        }
+        session.add(delivery)
+
+
+def body_of(delivery: WebhookDelivery, public_url: str) -> bytes:
+    """The exact bytes posted (and signed): the stored payload plus the run's links."""
+    payload: dict[str, Any] = json.loads(json.dumps(delivery.payload))
+    base = public_url.rstrip("/")
+    payload["run"]["url"] = f"{base}/api/v1/runs/{delivery.run_id}"
+    payload["run"]["dashboard_url"] = f"{base}/runs/{delivery.run_id}"
+    return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _secret(session: Session, delivery: WebhookDelivery, settings: Settings) -> bytes | None:
+    version = session.get(TemplateVersion, (delivery.template_name, delivery.template_version))
+    for hook in version.webhooks if version else []:
+        if hook["url"] == delivery.url and hook.get("secret"):
+            return str(hook["secret"]).encode()
+    if settings.webhook_secret is not None:
+        return settings.webhook_secret.get_secret_value().encode()
+    return None
+
+
+def _claim(engine: Engine, limit: int) -> list[str]:
+    """Ids of due deliveries this process now holds a lease on."""
+    now = utcnow()
+    claimed: list[str] = []
+    with session_scope(engine) as session:
+        due = session.exec(
+            select(WebhookDelivery.id)
+            .where(
+                WebhookDelivery.status == "pending",
+                col(WebhookDelivery.next_attempt_at) <= now,
+                or_(
+                    col(WebhookDelivery.claimed_until).is_(None),
+                    col(WebhookDelivery.claimed_until) < now,
+                ),
+            )
+            .order_by(col(WebhookDelivery.next_attempt_at))
+            .limit(limit)
+        ).all()
+        for delivery_id in due:
+            # A conditional UPDATE: of two replicas racing for a row, exactly one changes it.
+            result = session.execute(
+                update(WebhookDelivery)
+                .where(
+                    col(WebhookDelivery.id) == delivery_id,
+                    col(WebhookDelivery.status) == "pending",
+                    or_(
+                        col(WebhookDelivery.claimed_until).is_(None),
+                        col(WebhookDelivery.claimed_until) < now,
+                    ),
+                )
+                .values(claimed_until=now + LEASE)
+            )
+            session.commit()
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                claimed.append(delivery_id)
+    return claimed
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    return float(value) if value.isdigit() else None
+
+
+class Attempt(NamedTuple):
+    delivered: bool
+    retry: bool  # worth trying again
+    status_code: int | None
+    error: str | None
+    retry_after: float | None  # the receiver's Retry-After, seconds
+
+
+def _attempt(
+    delivery: WebhookDelivery, body: bytes, secret: bytes, client: httpx.Client
+) -> Attempt:
+    """Post once."""
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "tuneplane-webhooks/1",
+        EVENT_HEADER: delivery.event,
+        DELIVERY_HEADER: delivery.id,
+        SIGNATURE_HEADER: sign(secret, body),
+    }
+    try:
+        response = client.post(delivery.url, content=body, headers=headers)
+    except httpx.HTTPError as exc:
+        return Attempt(False, True, None, f"{type(exc).__name__}: {exc}"[:2000], None)
+    code = response.status_code
+    if 200 <= code < 300:
+        return Attempt(True, False, code, None, None)
+    error = f"HTTP {code}: {response.text[:300]}"
+    if 300 <= code < 400:
+        error = f"HTTP {code}: redirects are not followed; use the final URL " + (
+            f"({response.headers.get('location')})" if response.headers.get("location") else ""
+        )
+    retry = code in _RETRY_STATUSES or code >= 500
+    return Attempt(False, retry, code, error, _retry_after(response))
+
+
+def deliver_due(engine: Engine, settings: Settings, client: httpx.Client | None = None) -> int:
+    """Post every due delivery once; returns how many were attempted."""
+    own = client is None
+    http = client or httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False)
+    attempted = 0
+    try:
+        for delivery_id in _claim(engine, limit=50):
+            with session_scope(engine) as session:
+                delivery = session.get(WebhookDelivery, delivery_id)
+                if delivery is None or delivery.status != "pending":
+                    continue
+                secret = _secret(session, delivery, settings)
+                delivery.attempts += 1
+                if secret is None:
+                    result = Attempt(
+                        False,
+                        False,
+                        None,
+                        "no secret to sign with: the webhook has none and the server has no "
+                        "TUNEPLANE_WEBHOOK_SECRET",
+                        None,
+                    )
+                else:
+                    body = body_of(delivery, settings.public_url)
+                    result = _attempt(delivery, body, secret, http)
+                delivered, retry, code, error, after = result
+                attempted += 1
+                delivery.last_status_code, delivery.last_error = code, error
+                delivery.claimed_until = None
+                now = utcnow()
+                if delivered:
+                    delivery.status, delivery.delivered_at = "delivered", now
+                elif retry and delivery.attempts < settings.webhook_max_attempts:
+                    delay = settings.webhook_backoff_seconds * 2 ** (delivery.attempts - 1)
+                    delay = min(max(delay, after or 0.0), MAX_DELAY_SECONDS)
+                    delivery.next_attempt_at = now + timedelta(seconds=delay)
+                else:
+                    delivery.status = "failed"
+                    log.warning(
+                        "webhook %s to %s failed after %d attempts: %s",
+                        delivery.id,
+                        delivery.url,
+                        delivery.attempts,
+                        error,
+                    )
+                session.add(delivery)
+                session.commit()
+    finally:
+        if own:
+            http.close()
+    return attempted
+
+
+def deliveries_of(session: Session, run_id: str) -> list[WebhookDelivery]:
+    return list(
+        session.exec(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.run_id == run_id)
+            .order_by(col(WebhookDelivery.created_at))
+        )
+    )
+
+
+class Notifier:
+    """Sends due deliveries every `worker_poll_seconds` from a daemon thread."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings, self.engine = settings, engine
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="tuneplane-notifier", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        with httpx.Client(
+            timeout=self.settings.webhook_timeout_seconds, follow_redirects=False
+        ) as client:
+            while not self._stop.is_set():
+                try:
+                    deliver_due(self.engine, self.settings, client)
+                except Exception:  # keep notifying after a database hiccup
+                    log.exception("sending webhooks failed; trying again")
+                self._stop.wait(self.settings.worker_poll_seconds)

@@ -1,0 +1,319 @@
+"""Run templates: create, edit (a new version each time), hide, read, and trigger a run.
+
+Each function takes a session and plain typed arguments, raises `api.errors.Problem` for what a
+person must fix, and commits its own unit of work (api/db.py). Triggering goes through the runs
+service's insert and idempotency helpers, so a templated run is stored exactly like any other
+run, plus the template (name, version) and CI context it came from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from api.db import utcnow
+from api.errors import Problem
+from api.runs import idempotency
+from api.runs import service as runs_service
+from api.runs.models import _TAG, Run
+from api.templates.gates import Gates
+from api.templates.models import (
+    Champion,
+    RunTemplate,
+    TemplateBody,
+    TemplateCreate,
+    TemplatePublic,
+    TemplateRunCreated,
+    TemplateRunRequest,
+    TemplateVersion,
+    TemplateVersionPublic,
+    WebhookOut,
+)
+from trainer.contract.spec import GpuType, RunSpec, describe_errors
+
+TRIGGER_SCOPE = "templates.trigger"
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+
+def _find(session: Session, name: str, *, lock: bool = False) -> RunTemplate:
+    if lock and session.get_bind().dialect.name == "sqlite":
+        # SQLite ignores FOR UPDATE: a no-op UPDATE takes the write lock first (as runs.lock_run).
+        session.execute(
+            update(RunTemplate)
+            .where(col(RunTemplate.name) == name)
+            .values(updated_at=col(RunTemplate.updated_at))
+        )
+    template = session.get(RunTemplate, name, populate_existing=lock, with_for_update=lock)
+    if template is None or template.deleted_at is not None:
+        raise Problem(404, "Template not found", f"there is no template named {name!r}")
+    return template
+
+
+def _version(session: Session, name: str, version: int) -> TemplateVersion:
+    row = session.get(TemplateVersion, (name, version))
+    if row is None:  # only if the database was edited by hand
+        raise Problem(404, "Template version not found", f"{name!r} has no version {version}")
+    return row
+
+
+def current_champion(session: Session, name: str) -> Champion | None:
+    stmt = (
+        select(Champion)
+        .where(Champion.template_name == name)
+        .order_by(col(Champion.promoted_at).desc(), col(Champion.id).desc())
+        .limit(1)
+    )
+    return session.exec(stmt).first()
+
+
+def _webhooks_out(hooks: list[dict[str, Any]]) -> list[WebhookOut]:
+    return [WebhookOut(url=h["url"], has_own_secret=bool(h.get("secret"))) for h in hooks]
+
+
+def _public(session: Session, template: RunTemplate, version: TemplateVersion) -> TemplatePublic:
+    champion = current_champion(session, template.name)
+    return TemplatePublic(
+        name=template.name,
+        version=version.version,
+        description=version.description,
+        spec=version.spec,
+        gates=Gates.model_validate(version.gates),
+        webhooks=_webhooks_out(version.webhooks),
+        auto_promote=version.auto_promote,
+        created_at=template.created_at,
+        updated_at=template.updated_at,
+        version_created_by=version.created_by,
+        champion_run_id=champion.run_id if champion else None,
+    )
+
+
+def get_template(session: Session, name: str) -> TemplatePublic:
+    template = _find(session, name)
+    return _public(session, template, _version(session, name, template.version))
+
+
+def list_templates(session: Session) -> list[TemplatePublic]:
+    rows = session.exec(
+        select(RunTemplate)
+        .where(col(RunTemplate.deleted_at).is_(None))
+        .order_by(col(RunTemplate.name))
+    )
+    return [_public(session, t, _version(session, t.name, t.version)) for t in rows]
+
+
+def list_versions(session: Session, name: str) -> list[TemplateVersionPublic]:
+    _find(session, name)
+    rows = session.exec(
+        select(TemplateVersion)
+        .where(TemplateVersion.name == name)
+        .order_by(col(TemplateVersion.version).desc())
+    )
+    return [
+        TemplateVersionPublic(
+            name=v.name,
+            version=v.version,
+            description=v.description,
+            spec=v.spec,
+            gates=Gates.model_validate(v.gates),
+            webhooks=_webhooks_out(v.webhooks),
+            auto_promote=v.auto_promote,
+            created_at=v.created_at,
+            created_by=v.created_by,
+        )
+        for v in rows
+    ]
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+
+def _content(
+    body: TemplateBody, default_gpu_type: GpuType | None, webhook_secret_set: bool
+) -> dict[str, Any]:
+    """The stored form of a template's content. The spec is stored with every default filled
+    in, so a later change of a default does not change what the template's runs do."""
+    spec = body.spec
+    if default_gpu_type is not None and "gpu_type" not in spec.model_fields_set:
+        spec = RunSpec.model_validate({**spec.model_dump(), "gpu_type": default_gpu_type})
+    runs_service._estimate_or_refuse(spec, "body.spec")
+    for i, hook in enumerate(body.webhooks):
+        if hook.secret is None and not webhook_secret_set:
+            message = "needs a `secret` (the server has no TUNEPLANE_WEBHOOK_SECRET to sign with)"
+            raise Problem(
+                422,
+                "Invalid request",
+                f"body.webhooks.{i}.secret: {message}",
+                errors=[{"field": f"body.webhooks.{i}.secret", "message": message}],
+            )
+    content = {
+        "description": body.description,
+        "spec": spec.model_dump(mode="json"),
+        "gates": body.gates.model_dump(mode="json"),
+        "webhooks": [h.model_dump(mode="json") for h in body.webhooks],
+        "auto_promote": body.auto_promote,
+    }
+    runs_service._check_storable(content, "body")
+    return content
+
+
+def create_template(
+    session: Session,
+    body: TemplateCreate,
+    *,
+    created_by: str = "",
+    default_gpu_type: GpuType | None = None,
+    webhook_secret_set: bool = False,
+) -> TemplatePublic:
+    """A new template at version 1 (or, for a name that was deleted, the next version number:
+    a (name, version) pair never names two different specs)."""
+    content = _content(body, default_gpu_type, webhook_secret_set)
+    existing = session.get(RunTemplate, body.name)
+    if existing is not None and existing.deleted_at is None:
+        raise Problem(
+            409,
+            "Template exists",
+            f"a template named {body.name!r} exists (version {existing.version}); "
+            f"PUT /api/v1/templates/{body.name} edits it",
+        )
+    now = utcnow()
+    if existing is None:
+        template = RunTemplate(name=body.name, version=1, created_at=now, updated_at=now)
+    else:
+        template = existing
+        template.version, template.deleted_at, template.updated_at = existing.version + 1, None, now
+    session.add(template)
+    session.flush()
+    version = TemplateVersion(
+        name=body.name, version=template.version, created_by=created_by[:100], **content
+    )
+    session.add(version)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise Problem(
+            409, "Template exists", f"a template named {body.name!r} was just created"
+        ) from None
+    return _public(session, template, version)
+
+
+def update_template(
+    session: Session,
+    name: str,
+    body: TemplateBody,
+    *,
+    created_by: str = "",
+    default_gpu_type: GpuType | None = None,
+    webhook_secret_set: bool = False,
+) -> tuple[TemplatePublic, bool]:
+    """Replace the content, making a new version; (template, whether a version was made).
+    Content equal to the current version's makes none, so a retried PUT is harmless."""
+    content = _content(body, default_gpu_type, webhook_secret_set)
+    template = _find(session, name, lock=True)
+    current = _version(session, name, template.version)
+    if all(getattr(current, k) == v for k, v in content.items()):
+        session.rollback()  # release the lock taken above
+        return _public(session, template, current), False
+    template.version += 1
+    template.updated_at = utcnow()
+    version = TemplateVersion(
+        name=name, version=template.version, created_by=created_by[:100], **content
+    )
+    session.add(template)
+    session.add(version)
+    session.commit()
+    return _public(session, template, version), True
+
+
+def delete_template(session: Session, name: str) -> None:
+    """Hide the template; its versions, runs and champions stay for the record."""
+    template = _find(session, name, lock=True)
+    template.deleted_at = template.updated_at = utcnow()
+    session.add(template)
+    session.commit()
+
+
+# ---- triggering ------------------------------------------------------------------------------
+
+
+def trigger_run(
+    session: Session,
+    name: str,
+    request: TemplateRunRequest,
+    *,
+    public_url: str,
+    idempotency_key: str | None = None,
+) -> tuple[TemplateRunCreated, bool]:
+    """Queue a run of the template's current version with `request.overrides` applied;
+    (response, whether this request made the run: False when an Idempotency-Key replays)."""
+    template = _find(session, name)
+    version = _version(session, name, template.version)
+    bad_tags = [t for t in request.tags or [] if not _TAG.match(t)]
+    if bad_tags:
+        message = f"{bad_tags[0]!r} is not a tag (letters, digits and _.:/=+-, at most 64)"
+        raise Problem(
+            422,
+            "Invalid request",
+            f"body.tags: {message}",
+            errors=[{"field": "body.tags", "message": message}],
+        )
+    try:
+        spec = RunSpec.model_validate({**version.spec, **request.overrides})
+    except ValidationError as exc:
+        errors = describe_errors(exc)
+        for err in errors:
+            top = err["field"].split(".", 1)[0]
+            where = "body.overrides" if top in request.overrides else "template spec"
+            err["field"] = f"{where}.{err['field']}"
+        raise Problem(
+            422,
+            "Invalid overrides",
+            "the template's spec with these overrides is not valid: "
+            + "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5]),
+            errors=errors,
+        ) from None
+    runs_service._check_storable(request.model_dump(mode="json"), "body")
+    estimate = runs_service._estimate_or_refuse(spec, "body.overrides")
+    ci = request.ci.model_dump(exclude_none=True) if request.ci else None
+    run_name = request.name
+    if run_name is None:
+        sha = f" @ {ci['git_sha'][:10]}" if ci and ci.get("git_sha") else ""
+        run_name = f"{name} v{version.version}{sha}"
+    tags = [f"template:{name}", *(request.tags or [])]
+
+    def insert() -> str:
+        run_id = runs_service._insert_run(
+            session, spec, run_name, request.notes or "", tags, None, estimate
+        )
+        run = session.get(Run, run_id)
+        assert run is not None
+        run.template_name, run.template_version, run.ci = name, version.version, ci
+        session.add(run)
+        return run_id
+
+    outcome = idempotency.create_once(
+        session,
+        scope=TRIGGER_SCOPE,
+        key=idempotency_key,
+        fingerprint=idempotency.request_hash(request, template=name),
+        create=insert,
+    )
+    run = runs_service.get_run(session, outcome.resource_id)
+    base = public_url.rstrip("/")
+    return (
+        TemplateRunCreated(
+            run_id=run.id,
+            template=name,
+            template_version=run.template_version or version.version,
+            url=f"{base}/api/v1/runs/{run.id}",
+            dashboard_url=f"{base}/runs/{run.id}",
+            run=run,
+        ),
+        outcome.created,
+    )

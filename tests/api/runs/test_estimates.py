@@ -1,0 +1,111 @@
+"""The memory / time / cost estimate behind POST /runs' refusals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from api.runs.estimates import KNOWN, estimate, model_size, refusal_detail
+from trainer.contract.spec import RunSpec
+
+
+def spec(**kw: Any) -> RunSpec:
+    return RunSpec.model_validate({"model_id": "google/gemma-3-4b-it", "dataset": "digits", **kw})
+
+
+@pytest.mark.parametrize(
+    ("model_id", "params"),
+    [
+        ("google/gemma-3-4b-it", 4.3e9),
+        ("google/gemma-3-12b-pt", 12.2e9),
+        ("/models/gemma-3-27b-it", 27.4e9),
+        ("Qwen/Qwen2.5-VL-7B-Instruct", 7e9),
+        ("HuggingFaceTB/SmolVLM-256M-Instruct", 256e6),
+        ("meta-llama/Llama-3.2-11B-Vision-Instruct", 11e9),
+        ("org/model-1.5b", 1.5e9),
+    ],
+)
+def test_parameter_count_from_the_model_id(model_id: str, params: float) -> None:
+    count, arch = model_size(model_id)
+    assert count is not None and arch is not None
+    assert count == pytest.approx(params, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "model_id",
+    ["./tiny-gemma3", "/tmp/model", "org/Qwen3-8x7b", "org/model-A3B", "org/v2.5b", "org/b"],
+)
+def test_ids_without_a_size_are_unknown(model_id: str) -> None:
+    assert model_size(model_id) == (None, None)
+    est = estimate(spec(model_id=model_id))
+    assert est.fits is None and est.memory is None and est.time is None and est.cost_usd is None
+
+
+def test_the_published_27b_times_are_reproduced() -> None:
+    """Gemma 3 27B on one RTX PRO 6000: 1,000 / 2,500 / 3,600 samples in 1.1 / 2.3 / 3.3 h."""
+    for samples, hours in [(1000, 1.1), (2500, 2.3), (3600, 3.3)]:
+        est = estimate(
+            spec(
+                model_id="google/gemma-3-27b-it",
+                gpu_type="nvidia-rtx-pro-6000",
+                train_size=samples,
+                time_budget_minutes=720,
+            )
+        )
+        assert est.time is not None
+        assert est.time.total_seconds / 3600 == pytest.approx(hours, rel=0.1)
+
+
+def test_memory_grows_with_what_should_grow() -> None:
+    def total(**kw: Any) -> float:
+        est = estimate(spec(**kw))
+        assert est.memory is not None
+        return est.memory.total_gib
+
+    base = total()
+    assert total(batch_size=16) > base
+    assert total(max_length=2048) > base
+    assert total(lora_r=256) > base
+    assert total(gradient_checkpointing=False) > base
+    assert total(model_id="google/gemma-3-12b-it") > base
+    assert total(num_epochs=3) == base  # time, not memory
+
+
+def test_which_gemma_fits_which_gpu() -> None:
+    fits = {
+        (name, gpu): estimate(spec(model_id=f"google/{name}-it", gpu_type=gpu)).fits
+        for name in KNOWN
+        for gpu in ("nvidia-l4", "nvidia-rtx-pro-6000")
+    }
+    assert fits == {
+        ("gemma-3-4b", "nvidia-l4"): True,
+        ("gemma-3-12b", "nvidia-l4"): True,
+        ("gemma-3-27b", "nvidia-l4"): False,
+        ("gemma-3-4b", "nvidia-rtx-pro-6000"): True,
+        ("gemma-3-12b", "nvidia-rtx-pro-6000"): True,
+        ("gemma-3-27b", "nvidia-rtx-pro-6000"): True,
+    }
+
+
+def test_segments_and_cost_follow_the_time_budget() -> None:
+    long = spec(model_id="google/gemma-3-27b-it", gpu_type="nvidia-rtx-pro-6000", train_size=3600)
+    one = estimate(long.model_copy(update={"time_budget_minutes": 720}))
+    many = estimate(long.model_copy(update={"time_budget_minutes": 55}))
+    assert one.time is not None and many.time is not None
+    assert one.time.segments == 1 and many.time.segments > 3
+    # Every segment loads the model again: more segments cost more.
+    assert many.time.total_seconds > one.time.total_seconds
+    assert many.cost_usd is not None and one.cost_usd is not None
+    assert many.cost_usd > one.cost_usd
+    assert any("executions" in note for note in many.notes)
+
+
+def test_refusal_suggests_what_would_fit() -> None:
+    s = spec(model_id="google/gemma-3-27b-it", gpu_type="nvidia-l4", batch_size=8)
+    detail = refusal_detail(s, estimate(s))
+    assert "needs about" in detail and "22 GiB" in detail
+    assert "gradient_accumulation_steps" in detail
+    assert "'nvidia-rtx-pro-6000' would fit" in detail
+    huge = spec(model_id="org/model-400b", gpu_type="nvidia-l4", max_length=32768)
+    assert "no batch size or GPU makes it fit" in refusal_detail(huge, estimate(huge))
