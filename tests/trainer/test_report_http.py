@@ -185,16 +185,19 @@ def test_close_gives_up_at_its_timeout_and_the_next_process_resends(
 ) -> None:
     spool = tmp_path / "spool.jsonl"
     server.answering.clear()  # an api that takes the request and never answers
-    # Retries and requests that would each outlast the test by far: only close's own timeout
-    # can end this within the guard below, however slow the machine.
+    # Retries that would go on for an hour: only close's own timeout ends them. A request
+    # already in flight when close is called keeps its own timeout (1 s here), so close may
+    # take up to timeout + request timeout; the limit below only guards against a hang.
     first = HttpReporter(
-        server.url, "t", spool, retry_budget_seconds=3600, request_timeout_seconds=3600
+        server.url, "t", spool, retry_budget_seconds=3600, request_timeout_seconds=1
     )
     events = _progress(EventLog(first, "run_1"), 5)
     started = time.monotonic()
     first.close(timeout=1.0)
     assert time.monotonic() - started < 120
     server.stop()
+    # Every event is on disk: the thread gave up on all of them (it would still be retrying
+    # the first without close's timeout).
     kept = [json.loads(line)["id"] for line in spool.read_text().splitlines()]
     assert kept == [e.id for e in events]
 
