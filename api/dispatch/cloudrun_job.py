@@ -141,6 +141,34 @@ def launch_stage(settings: Settings, gpu_type: str) -> int:
 def build_job(settings: Settings, gpu_type: str) -> run_v2.Job:
     """The Job's desired state (no name: create_job takes the id, update_job gets it set)."""
     check_settings(settings)
+    task = run_v2.TaskTemplate(
+        containers=[_container(settings, gpu_type)],
+        volumes=_volumes(settings),
+        max_retries=settings.cloud_run_max_retries,
+        timeout=duration_pb2.Duration(
+            seconds=task_timeout_seconds(
+                settings, RunSpec.model_fields["time_budget_minutes"].default * 60
+            )
+        ),
+        node_selector=run_v2.NodeSelector(accelerator=gpu_type),
+        # Zonal redundancy reserves spare GPUs in other zones (and costs for it); a killed task
+        # is retried and resumes from its checkpoint instead.
+        gpu_zonal_redundancy_disabled=True,
+    )
+    if settings.trainer_service_account:
+        task.service_account = settings.trainer_service_account
+    if settings.vpc_network:
+        task.vpc_access = _vpc_access(settings)
+    return run_v2.Job(
+        labels=dict([MANAGED_LABEL]),
+        launch_stage=launch_stage(settings, gpu_type),
+        template=run_v2.ExecutionTemplate(task_count=1, parallelism=1, template=task),
+    )
+
+
+def _container(settings: Settings, gpu_type: str) -> run_v2.Container:
+    """The trainer container: its image, the GPU's CPU and memory, the Hub token from Secret
+    Manager, and the model cache on the bucket (off the in-memory file system)."""
     cpu, memory = GPU_RESOURCES[gpu_type]
     env: list[run_v2.EnvVar] = []
     if settings.hf_token_secret:
@@ -158,7 +186,7 @@ def build_job(settings: Settings, gpu_type: str) -> run_v2.Job:
             )
         )
     env.append(run_v2.EnvVar(name="HF_HOME", value=HF_CACHE_MOUNT))
-    container = run_v2.Container(
+    return run_v2.Container(
         name=CONTAINER,
         image=settings.trainer_image,
         env=env,
@@ -170,51 +198,37 @@ def build_job(settings: Settings, gpu_type: str) -> run_v2.Job:
             run_v2.VolumeMount(name=HF_CACHE_VOLUME, mount_path=HF_CACHE_MOUNT),
         ],
     )
-    task = run_v2.TaskTemplate(
-        containers=[container],
-        volumes=[
-            run_v2.Volume(
-                name=BUCKET_VOLUME,
-                gcs=run_v2.GCSVolumeSource(bucket=settings.bucket, read_only=True),
-            ),
-            run_v2.Volume(
-                name=HF_CACHE_VOLUME,
-                gcs=run_v2.GCSVolumeSource(
-                    bucket=settings.bucket,
-                    read_only=False,
-                    mount_options=[f"only-dir={HF_CACHE_PREFIX}"],
-                ),
-            ),
-        ],
-        max_retries=settings.cloud_run_max_retries,
-        timeout=duration_pb2.Duration(
-            seconds=task_timeout_seconds(
-                settings, RunSpec.model_fields["time_budget_minutes"].default * 60
-            )
+
+
+def _volumes(settings: Settings) -> list[run_v2.Volume]:
+    """The bucket read-only (data sets), and its model-cache prefix writable."""
+    return [
+        run_v2.Volume(
+            name=BUCKET_VOLUME,
+            gcs=run_v2.GCSVolumeSource(bucket=settings.bucket, read_only=True),
         ),
-        node_selector=run_v2.NodeSelector(accelerator=gpu_type),
-        # Zonal redundancy reserves spare GPUs in other zones (and costs for it); a killed task
-        # is retried and resumes from its checkpoint instead.
-        gpu_zonal_redundancy_disabled=True,
-    )
-    if settings.trainer_service_account:
-        task.service_account = settings.trainer_service_account
-    if settings.vpc_network:
-        egress = run_v2.VpcAccess.VpcEgress
-        task.vpc_access = run_v2.VpcAccess(
-            network_interfaces=[
-                run_v2.VpcAccess.NetworkInterface(
-                    network=settings.vpc_network, subnetwork=settings.vpc_subnet or ""
-                )
-            ],
-            egress=egress.ALL_TRAFFIC
-            if settings.vpc_egress == "all-traffic"
-            else egress.PRIVATE_RANGES_ONLY,
-        )
-    return run_v2.Job(
-        labels=dict([MANAGED_LABEL]),
-        launch_stage=launch_stage(settings, gpu_type),
-        template=run_v2.ExecutionTemplate(task_count=1, parallelism=1, template=task),
+        run_v2.Volume(
+            name=HF_CACHE_VOLUME,
+            gcs=run_v2.GCSVolumeSource(
+                bucket=settings.bucket,
+                read_only=False,
+                mount_options=[f"only-dir={HF_CACHE_PREFIX}"],
+            ),
+        ),
+    ]
+
+
+def _vpc_access(settings: Settings) -> run_v2.VpcAccess:
+    egress = run_v2.VpcAccess.VpcEgress
+    return run_v2.VpcAccess(
+        network_interfaces=[
+            run_v2.VpcAccess.NetworkInterface(
+                network=settings.vpc_network or "", subnetwork=settings.vpc_subnet or ""
+            )
+        ],
+        egress=egress.ALL_TRAFFIC
+        if settings.vpc_egress == "all-traffic"
+        else egress.PRIVATE_RANGES_ONLY,
     )
 
 

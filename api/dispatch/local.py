@@ -29,10 +29,11 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from api.config import Settings
 from api.dispatch.base import DispatchError, Execution, ExecutionStatus, Launch
-from trainer.contract.execution import PREFIX
+from trainer.contract.execution import PREFIX, ExecutionEnv
 from trainer.contract.spool import spool_file
 
 log = logging.getLogger(__name__)
@@ -156,18 +157,7 @@ class LocalDispatcher:
         paths = self._paths(run_id, segment)
         run_dir = self.settings.runs_dir.resolve() / run_id
         output_dir, checkpoint_dir = run_dir / "output", run_dir / "checkpoints"
-        try:
-            for d in (paths["log"].parent, output_dir, checkpoint_dir, self.spool_dir()):
-                d.mkdir(parents=True, exist_ok=True)
-            # Files of an earlier attempt at this segment would make this one look finished.
-            for key in ("exit", "pid", "cancel"):
-                paths[key].unlink(missing_ok=True)
-            log_file = paths["log"].open("ab")
-        except OSError as exc:
-            raise DispatchError(
-                "permanent", f"cannot prepare {run_dir} or {paths['log'].parent}: {exc}"
-            ) from exc
-
+        log_file = self._prepare(paths, run_dir, output_dir, checkpoint_dir)
         env = launch.env.model_copy(
             update={
                 "run_id": run_id,
@@ -176,17 +166,6 @@ class LocalDispatcher:
                 "spool_dir": str(self.spool_dir()),
             }
         )
-        # The process environment minus the api's own settings, plus the execution's contract.
-        environ = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
-        environ.update(env.as_environ())
-        environ["PYTHONUNBUFFERED"] = "1"  # the log follows the trainer live
-        if self.settings.trainer_device == "cpu":
-            environ["CUDA_VISIBLE_DEVICES"] = ""
-        # Concurrent trainers share this machine's cores. torch's default, a thread per core in
-        # every process, oversubscribes them, and OpenMP's spinning threads then slow every run
-        # down many times over (two digits runs side by side on 2 cores: 64 s each with a thread
-        # each, 448 s each with the default). An OMP_NUM_THREADS of the operator's wins.
-        environ.setdefault("OMP_NUM_THREADS", str(threads_per_trainer(self.settings)))
         command = [
             *self.trainer_command,
             *launch.spec.to_flags(),
@@ -199,25 +178,7 @@ class LocalDispatcher:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             log_file.write(f"[tuneplane {stamp}] segment {segment}: {' '.join(command)}\n".encode())
             log_file.flush()
-            try:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-c",
-                        _SUPERVISOR,
-                        str(paths["exit"]),
-                        str(paths["pid"]),
-                        *command,
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    env=environ,
-                    cwd=run_dir,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise DispatchError("permanent", f"cannot start the trainer: {exc}") from exc
+            proc = self._spawn(paths, command, self._environ(env), run_dir, log_file)
         name = f"{NAME_PREFIX}:{run_id}:{segment}:{proc.pid}"
         with self._lock:
             self._procs[name] = proc
@@ -231,6 +192,65 @@ class LocalDispatcher:
             artifact_uri=str(output_dir),
             checkpoint_uri=str(checkpoint_dir),
         )
+
+    def _prepare(
+        self, paths: dict[str, Path], run_dir: Path, output_dir: Path, checkpoint_dir: Path
+    ) -> BinaryIO:
+        """Make the run's folders and open its log; a folder it cannot make fails the run."""
+        try:
+            for d in (paths["log"].parent, output_dir, checkpoint_dir, self.spool_dir()):
+                d.mkdir(parents=True, exist_ok=True)
+            # Files of an earlier attempt at this segment would make this one look finished.
+            for key in ("exit", "pid", "cancel"):
+                paths[key].unlink(missing_ok=True)
+            return paths["log"].open("ab")
+        except OSError as exc:
+            raise DispatchError(
+                "permanent", f"cannot prepare {run_dir} or {paths['log'].parent}: {exc}"
+            ) from exc
+
+    def _environ(self, env: ExecutionEnv) -> dict[str, str]:
+        """The process environment minus the api's own settings, plus the execution's contract."""
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
+        environ.update(env.as_environ())
+        environ["PYTHONUNBUFFERED"] = "1"  # the log follows the trainer live
+        if self.settings.trainer_device == "cpu":
+            environ["CUDA_VISIBLE_DEVICES"] = ""
+        # Concurrent trainers share this machine's cores. torch's default, a thread per core in
+        # every process, oversubscribes them, and OpenMP's spinning threads then slow every run
+        # down many times over (two digits runs side by side on 2 cores: 64 s each with a thread
+        # each, 448 s each with the default). An OMP_NUM_THREADS of the operator's wins.
+        environ.setdefault("OMP_NUM_THREADS", str(threads_per_trainer(self.settings)))
+        return environ
+
+    def _spawn(
+        self,
+        paths: dict[str, Path],
+        command: list[str],
+        environ: dict[str, str],
+        run_dir: Path,
+        log_file: BinaryIO,
+    ) -> subprocess.Popen[bytes]:
+        """Start the supervisor, which starts the trainer and records its pid and exit status."""
+        try:
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _SUPERVISOR,
+                    str(paths["exit"]),
+                    str(paths["pid"]),
+                    *command,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=environ,
+                cwd=run_dir,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise DispatchError("permanent", f"cannot start the trainer: {exc}") from exc
 
     def status(self, execution_name: str) -> ExecutionStatus:
         try:
