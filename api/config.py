@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         "from --host/--port when unset",
     )
     run_worker: bool = Field(True, description="run the dispatch worker inside the api process")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`json`: one JSON object a line with the fields Cloud Logging reads "
+        "(severity, message, time, trace, run_id, execution)",
+    )
 
     # -- access (api/auth/access.py) ------------------------------------------------------
     auth_enabled: bool = Field(
@@ -63,7 +68,7 @@ class Settings(BaseSettings):
     )
     webhook_timeout_seconds: float = Field(10.0, gt=0, le=120, description="per post")
     webhook_allowed_networks: list[str] = Field(
-        default_factory=list,
+        [],
         description="CIDR networks webhooks may reach although not public (JSON list, e.g. "
         '`["10.8.0.0/16"]`); default none: loopback, private, link-local and metadata '
         "addresses are refused (api/notify/address_guard.py)",

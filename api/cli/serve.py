@@ -53,5 +53,14 @@ def run(args: argparse.Namespace) -> int:
         f"{shown_url(settings.db_url)}; trainers call back at {settings.public_url})",
         flush=True,
     )
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    from api.observability.logs import uvicorn_log_config
+
+    config = uvicorn_log_config(settings.log_format, settings.gcp_project)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        log_config=config or uvicorn.config.LOGGING_CONFIG,
+    )
     return 0

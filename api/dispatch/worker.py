@@ -37,6 +37,7 @@ from api.dispatch import make_dispatcher, service
 from api.dispatch.base import Dispatcher, DispatchError, Execution, ExecutionStatus, Launch
 from api.errors import Problem
 from api.events import service as events
+from api.observability import metrics
 from api.runs.states import RunStatus
 from trainer.contract.events import parse_event
 from trainer.contract.execution import ExecutionEnv
@@ -127,6 +128,7 @@ class Worker:
             self._last_reconcile = time.monotonic()
             try:
                 self.reconcile()
+                metrics.reconciled()
             except Exception:
                 log.exception("reconciling failed; trying again next time")
 
@@ -172,7 +174,11 @@ class Worker:
             self._failed(run_id, DispatchError("permanent", f"the stored spec is invalid: {exc}"))
             return 0
         try:
+            started = time.perf_counter()
             execution = self.dispatcher.start(launch)
+            metrics.DISPATCH_SECONDS.labels(self.settings.dispatcher).observe(
+                time.perf_counter() - started
+            )
         except DispatchError as exc:
             self._failed(run_id, exc)
             return 0
@@ -192,7 +198,13 @@ class Worker:
             log.info("%s was cancelled while %s started; stopping it", run_id, execution.name)
             self._cancel(execution.name)
             return 0
-        log.info("%s segment %d started as %s", run_id, segment, execution.name)
+        log.info(
+            "%s segment %d started as %s",
+            run_id,
+            segment,
+            execution.name,
+            extra={"run_id": run_id, "execution": execution.name},
+        )
         return 1
 
     def _record(self, run_id: str, execution: Execution, attempts: int = 3) -> bool:
@@ -220,7 +232,14 @@ class Worker:
         return Launch(run_id=run_id, spec=spec, env=env)
 
     def _failed(self, run_id: str, error: DispatchError) -> None:
-        log.warning("starting %s failed (%s): %s", run_id, error.kind, error.message)
+        metrics.DISPATCH_ERRORS.labels(error.kind).inc()
+        log.warning(
+            "starting %s failed (%s): %s",
+            run_id,
+            error.kind,
+            error.message,
+            extra={"run_id": run_id},
+        )
         with session_scope(self.engine) as session:
             service.dispatch_failed(session, run_id, self.worker_id, error, self.retry)
 
@@ -279,7 +298,11 @@ class Worker:
         with session_scope(self.engine) as session:
             moved = service.execution_ended(session, run_id, name, status)
         if moved:
-            log.warning("%s: execution %s ended (%s); run %s", run_id, name, status.state, moved)
+            log.warning(
+                "%s: execution %s ended (%s); run %s",
+                *(run_id, name, status.state, moved),
+                extra={"run_id": run_id, "execution": name},
+            )
 
     def _take_leftover_events(self, run_id: str, name: str) -> None:
         if not isinstance(self.dispatcher, LeftoverEvents):

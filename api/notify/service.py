@@ -33,6 +33,7 @@ from api.config import Settings
 from api.db import session_scope, utcnow
 from api.notify.address_guard import guarded_transport, is_refusal
 from api.notify.models import WebhookDelivery
+from api.observability.metrics import WEBHOOK_DELIVERIES
 from api.runs.models import Run
 from api.templates.models import TemplateVersion
 
@@ -162,6 +163,15 @@ def _error_class(exc: httpx.HTTPError) -> str:
     return type(exc).__name__
 
 
+def _outcome(result: Attempt, attempts: int, settings: Settings) -> str:
+    """The label of `tuneplane_webhook_deliveries_total` for one attempt."""
+    if result.delivered:
+        return "delivered"
+    if result.error and is_refusal(result.error):
+        return "refused"
+    return "retry" if result.retry and attempts < settings.webhook_max_attempts else "failed"
+
+
 def client_for(settings: Settings) -> httpx.Client:
     """The notifier's HTTP client: connections only to checked addresses, no redirects, and no
     proxy from the environment (a proxy would make the connection the guard checks)."""
@@ -243,6 +253,7 @@ def deliver_due(engine: Engine, settings: Settings, client: httpx.Client | None 
                 delivery.last_status_code, delivery.last_error = code, error
                 delivery.claimed_until = None
                 now = utcnow()
+                WEBHOOK_DELIVERIES.labels(_outcome(result, delivery.attempts, settings)).inc()
                 if delivered:
                     delivery.status, delivery.delivered_at = "delivered", now
                 elif retry and delivery.attempts < settings.webhook_max_attempts:
