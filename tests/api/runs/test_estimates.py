@@ -109,3 +109,18 @@ def test_refusal_suggests_what_would_fit() -> None:
     assert "'nvidia-rtx-pro-6000' would fit" in detail
     huge = spec(model_id="org/model-400b", gpu_type="nvidia-l4", max_length=32768)
     assert "no batch size or GPU makes it fit" in refusal_detail(huge, estimate(huge))
+
+
+def test_instance_memory_counts_weights_on_the_in_memory_disk() -> None:
+    # Gemma 3 12B by Hub id: its cache is on the bucket mount, one file in memory at a time.
+    hub = estimate(spec(model_id="google/gemma-3-12b-it", gpu_type="nvidia-l4"))
+    assert hub.memory is not None and hub.memory.instance_limit_gib == 16
+    assert hub.memory.instance_gib is not None and hub.memory.instance_gib < 16
+    # The same weights on Cloud Run's in-memory disk (~24 GB) cannot fit an L4 instance's 16 GiB,
+    # although the GPU could hold the quantized model.
+    tmp = spec(model_id="/tmp/models/gemma-3-12b-it", gpu_type="nvidia-l4")
+    est = estimate(tmp)
+    assert est.memory is not None and est.memory.total_gib <= est.memory.gpu_gib
+    assert est.memory.instance_gib is not None and est.memory.instance_gib > 16
+    assert est.fits is False
+    assert "in-memory disk" in refusal_detail(tmp, est)
