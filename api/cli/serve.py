@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import sys
 
@@ -70,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
         log_level="info",
         log_config=log_config or uvicorn.config.LOGGING_CONFIG,
     )
-    with sock:
+    with sock, contextlib.suppress(KeyboardInterrupt):
+        # Ctrl-C (SIGINT) stops the server gracefully, then asyncio re-raises it; uvicorn.run
+        # swallows it, Server.run does not, and a traceback on a normal stop is noise (and a
+        # non-JSON line in a JSON log).
         uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -113,7 +113,13 @@ def uvicorn_log_config(log_format: str, project: str | None) -> dict[str, Any] |
         },
         "root": {"handlers": ["stderr"], "level": "INFO"},
         "loggers": {
-            name: {"handlers": [], "level": "INFO", "propagate": True}
-            for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "tuneplane")
+            **{
+                name: {"handlers": [], "level": "INFO", "propagate": True}
+                for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "tuneplane")
+            },
+            # httpx logs every request's full URL at INFO: a webhook URL may hold its own
+            # secret (Slack's and Teams' do), so only its warnings pass.
+            "httpx": {"level": "WARNING"},
+            "httpcore": {"level": "WARNING"},
         },
     }

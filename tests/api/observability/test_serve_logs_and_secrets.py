@@ -163,7 +163,10 @@ def test_serve_logs_json_and_shows_no_secret(
     lines = [line for line in out.splitlines() if line.strip()]
     entries = []
     for line in lines[1:]:  # the first is serve's own start line, printed before logging starts
-        entry = json.loads(line)  # every line is one JSON object
+        try:
+            entry = json.loads(line)  # every line is one JSON object
+        except ValueError:
+            raise AssertionError(f"not a JSON line: {line!r} in\n{out}") from None
         assert entry["severity"] in SEVERITIES and entry["message"], entry
         assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+\+00:00$", entry["time"]), entry
         entries.append(entry)
