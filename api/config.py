@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         description="`json`: one JSON object a line with the fields Cloud Logging reads "
         "(severity, message, time, trace, run_id, execution)",
     )
+    hub_url: str = Field(
+        "https://huggingface.co",
+        description="where a Hub model id's config.json and chat template are read when a run "
+        "is created (api/runs/model_check.py); empty: only local model directories are checked",
+    )
 
     # -- access (api/auth/access.py) ------------------------------------------------------
     auth_enabled: bool = Field(

@@ -2,10 +2,12 @@
 (DESIGN.md step 1). A spec whose estimate does not fit its GPU is refused at submission, which
 is far cheaper than an out-of-memory kill twenty minutes into a Cloud Run execution.
 
-The model's size comes from its id: the Gemma 3 sizes are known exactly (their configs are public);
-any other id that names its size (`...-7B-...`, `...-256M-...`) gets a generic decoder
-architecture inferred from the parameter count; an id that names no size (a local directory)
-gets no estimate and is never refused.
+The model's size comes from its config.json when the create-run check could read it
+(`arch_from_config`: a local directory, or the Hub), else from its id: the families the trainer
+supports are known (`KNOWN`, from their public configs); any other id that names its size
+(`...-7B-...`, `...-256M-...`) gets a generic decoder architecture inferred from the parameter
+count; an id that names no size and has no readable config gets no estimate and is never
+refused.
 
 The memory model is the QLoRA set-up the trainer uses on CUDA: 4-bit NF4 weights with double
 quantization, embeddings and the vision tower in bf16, LoRA adapters with AdamW in fp32,
@@ -20,14 +22,23 @@ time of writing; they go stale: check https://cloud.google.com/run/pricing.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, Field
 
+from api.runs.model_archs import KNOWN, Arch, model_size
 from trainer.contract.spec import RunSpec
 
+__all__ = ["KNOWN", "Estimate", "estimate", "model_size", "refusal_detail"]
+
 GIB = 1024**3
+# The instruction with its label list around the image, the turn markers and the answer, by
+# data set: ten digit names; 37 pet breeds (about 230 tokens with Gemma's tokenizer); an image
+# folder's labels are unknown here, counted like the pets.
+PROMPT_TOKENS = {"digits": 80, "oxford-iiit-pet": 240, "imagefolder": 240}
+# The least room a prompt needs beside the image (a max_length below image + this is refused).
+MIN_PROMPT_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -51,76 +62,6 @@ GPUS: dict[str, Gpu] = {
     # 96 GB card; 97,887 MiB visible.
     "nvidia-rtx-pro-6000": Gpu("NVIDIA RTX PRO 6000 (96 GB)", 94.0, 37.5, 1792, 20, 80, 0.00055),
 }
-
-
-@dataclass(frozen=True)
-class Arch:
-    """What the memory and time model needs to know about a model."""
-
-    name: str
-    exact: bool  # a known config, or inferred from the parameter count
-    hidden: int
-    intermediate: int
-    layers: int
-    q_dim: int  # attention heads x head dim
-    kv_dim: int
-    vocab: int
-    vision_params: int
-
-    @property
-    def layer_params(self) -> int:
-        h = self.hidden
-        return h * self.q_dim * 2 + h * self.kv_dim * 2 + 3 * h * self.intermediate
-
-    @property
-    def embed_params(self) -> int:
-        return self.vocab * self.hidden
-
-    @property
-    def params(self) -> int:
-        return self.layers * self.layer_params + self.embed_params + self.vision_params
-
-
-_SIGLIP = 417_000_000  # Gemma 3's SigLIP-400M vision tower plus the multi-modal projector
-_GEMMA_VOCAB = 262_208
-
-KNOWN: dict[str, Arch] = {
-    "gemma-3-4b": Arch(
-        "gemma-3-4b", True, 2560, 10240, 34, 8 * 256, 4 * 256, _GEMMA_VOCAB, _SIGLIP
-    ),
-    "gemma-3-12b": Arch(
-        "gemma-3-12b", True, 3840, 15360, 48, 16 * 256, 8 * 256, _GEMMA_VOCAB, _SIGLIP
-    ),
-    "gemma-3-27b": Arch(
-        "gemma-3-27b", True, 5376, 21504, 62, 32 * 128, 16 * 128, _GEMMA_VOCAB, _SIGLIP
-    ),
-}
-
-# "gemma-3-27b", "Qwen2.5-VL-7B", "SmolVLM-256M": a number and B or M, not glued to other
-# letters or digits (so "A3B" in "30B-A3B" and "8x7b" are not read as sizes).
-_SIZE = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)([bm])(?![a-z0-9])")
-
-
-def model_size(model_id: str) -> tuple[int | None, Arch | None]:
-    """(parameter count, architecture) from a model id; (None, None) when it names no size."""
-    lowered = model_id.lower()
-    for key, arch in KNOWN.items():
-        if key in lowered:
-            return arch.params, arch
-    match = _SIZE.search(lowered.rsplit("/", 1)[-1])
-    if not match:
-        return None, None
-    params = int(float(match.group(1)) * (1e9 if match.group(2) == "b" else 1e6))
-    if params <= 0:
-        return None, None
-    return params, _generic_arch(params)
-
-
-def _generic_arch(params: int) -> Arch:
-    # A dense decoder has ~12·L·h² parameters and, across common models, L ≈ h / 128.
-    hidden = max(256, round((params * 128 / 12) ** (1 / 3) / 128) * 128)
-    layers = max(1, round(params / (12 * hidden * hidden)))
-    return Arch("inferred", False, hidden, 4 * hidden, layers, hidden, hidden // 4, 150_000, 0)
 
 
 class MemoryEstimate(BaseModel):
@@ -161,14 +102,14 @@ class Estimate(BaseModel):
     notes: list[str]
 
 
-def estimate(spec: RunSpec) -> Estimate:
+def estimate(spec: RunSpec, config: dict[str, Any] | None = None) -> Estimate:
     gpu = GPUS[spec.gpu_type]
     usd_per_second = (
         gpu.gpu_usd_per_second
         + gpu.vcpu * VCPU_USD_PER_SECOND
         + gpu.memory_gib_host * HOST_GIB_USD_PER_SECOND
     )
-    params, arch = model_size(spec.model_id)
+    params, arch = model_size(spec.model_id, config)
     if params is None or arch is None:
         return Estimate(
             model_id=spec.model_id,
@@ -203,6 +144,10 @@ def estimate(spec: RunSpec) -> Estimate:
     fits = memory.total_gib <= memory.gpu_gib and host <= gpu.memory_gib_host
     if host > gpu.memory_gib_host:
         notes.append(instance_note(spec, host, gpu.memory_gib_host))
+    if arch.image_tokens and spec.max_length < arch.image_tokens + MIN_PROMPT_TOKENS:
+        # The trainer would stop at its first batch (PromptTooLong): refuse it here instead.
+        fits = False
+        notes.append(too_short_note(spec, arch))
     return Estimate(
         model_id=spec.model_id,
         gpu_type=spec.gpu_type,
@@ -218,21 +163,39 @@ def estimate(spec: RunSpec) -> Estimate:
     )
 
 
+def sequence_length(spec: RunSpec, arch: Arch) -> int:
+    """Tokens per training example: batches are padded to their longest example, not to
+    max_length, and an example is the image's tokens, the instruction with its label list and
+    the answer. Without the image's count, max_length (an upper bound)."""
+    if not arch.image_tokens:
+        return spec.max_length
+    return min(spec.max_length, arch.image_tokens + PROMPT_TOKENS[spec.data.kind])
+
+
 def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:
-    b, t, h = spec.batch_size, spec.max_length, arch.hidden
+    b, t, h = spec.batch_size, sequence_length(spec, arch), arch.hidden
     bf16 = 2
-    # NF4 is 4 bits per weight; double quantization adds ~0.127 bits of block constants.
-    weights = arch.layers * arch.layer_params * (4.127 / 8)
-    weights += (arch.embed_params + arch.vision_params) * bf16
-    trainable = _lora_params(spec, arch)
+    # NF4 is 4 bits per weight; double quantization adds ~0.127 bits of block constants. Every
+    # linear layer is quantized, the vision tower's too; what is not (embeddings, an untied
+    # head, the projector kept out of 4-bit to be trained) peft's prepare_model_for_kbit_training
+    # casts to fp32: 4 bytes each.
+    weights = (arch.layers * arch.layer_params + arch.vision_params) * (4.127 / 8)
+    weights += (arch.embed_params + arch.projector_params) * 4
+    trainable = _lora_params(spec, arch) + arch.projector_params
     adapters = trainable * 16  # fp32 weight + gradient + two AdamW moments
     if spec.gradient_checkpointing:
         # Each layer keeps its input; one layer at a time is recomputed in full.
         activations = arch.layers * b * t * h * bf16 + b * t * (4 * h + 3 * arch.intermediate) * 4
     else:
         activations = arch.layers * b * t * (12 * h + 4 * arch.intermediate) * bf16
-    logits = b * t * arch.vocab * (bf16 + 4 + 2)
+    # Per logit: bf16 logits (2), their fp32 copy for the loss (4), the saved log-softmax (4),
+    # its fp32 gradient (4) and the bf16 one (2); a final soft-cap (Gemma 2 and 4) keeps two
+    # more bf16 intermediates (4).
+    logits = b * t * arch.vocab * (16 + (4 if arch.softcap else 0))
     subtotal = weights + adapters + activations + logits
+    # CUDA context and allocator fragmentation. Compared with the peak PyTorch allocates (what
+    # a card must hold; on an 141 GB H200 the caching allocator reserves far more than that,
+    # because nothing makes it give memory back): bench/results/gpu_trainer and gpu_families.
     overhead = 1.0 * GIB + 0.08 * subtotal
     total = subtotal + overhead
     memory = MemoryEstimate(
@@ -258,8 +221,10 @@ def _lora_params(spec: RunSpec, arch: Arch) -> int:
         "up_proj": (h, i),
         "down_proj": (i, h),
     }
-    # A module name this table does not know is counted as a square h x h projection.
-    per_layer = sum(sum(shapes.get(m, (h, h))) for m in spec.lora_target_modules) * spec.lora_r
+    # A module name this table does not know is counted as a square h x h projection;
+    # `all-linear` is the seven projections of a decoder layer.
+    names = list(shapes) if spec.lora_target_modules == ["all-linear"] else spec.lora_target_modules
+    per_layer = sum(sum(shapes.get(m, (h, h))) for m in names) * spec.lora_r
     return per_layer * arch.layers
 
 
@@ -326,6 +291,14 @@ def instance_note(spec: RunSpec, need: float, have: int) -> str:
     )
 
 
+def too_short_note(spec: RunSpec, arch: Arch) -> str:
+    return (
+        f"max_length {spec.max_length} cannot hold one image ({arch.image_tokens} tokens in "
+        f"{arch.name}) and the prompt: raise max_length to at least "
+        f"{arch.image_tokens + MIN_PROMPT_TOKENS}"
+    )
+
+
 def _gib(value: float) -> float:
     return round(value / GIB, 1)
 
@@ -337,6 +310,8 @@ def refusal_detail(spec: RunSpec, est: Estimate) -> str:
     host, limit = est.memory.instance_gib, est.memory.instance_limit_gib
     if need <= have and host is not None and limit is not None and host > limit:
         return instance_note(spec, host, int(limit))  # the GPU is not the problem
+    if need <= have:  # refused for what max_length cannot hold, not for memory
+        return f"{spec.model_id}: " + "; ".join(n for n in est.notes if "max_length" in n)
     parts = [
         f"{spec.model_id} on {spec.gpu_type} needs about {need:g} GiB of GPU memory; "
         f"the GPU has {have:g} GiB"

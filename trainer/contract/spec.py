@@ -94,12 +94,17 @@ class RunSpec(BaseModel):
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         min_length=1,
         max_length=32,
-        description="projection names inside the language model's layers",
+        description="projection names inside the language model's layers, or all-linear",
     )
     lora_vision: bool = Field(False, description="also put LoRA on the vision tower's projections")
     max_length: int = _bounded(512, ge=16, le=32_768, description="tokens per training example")
     max_new_tokens: int = _bounded(16, ge=1, le=256, description="tokens generated per answer")
     gradient_checkpointing: bool = True
+    merge: bool = Field(
+        False,
+        description="also save the base model with the adapter merged in, in bf16, for "
+        "serving engines that cannot load the adapter",
+    )
     save_steps: int = _bounded(50, ge=1, le=1_000_000, description="optimizer steps per checkpoint")
     seed: int = _bounded(42, ge=0, le=2**32 - 1)
     gpu_type: GpuType = "nvidia-l4"
@@ -125,6 +130,10 @@ class RunSpec(BaseModel):
     @field_validator("lora_target_modules")
     @classmethod
     def _check_modules(cls, value: list[str]) -> list[str]:
+        if "all-linear" in value:
+            if value != ["all-linear"]:
+                raise ValueError("'all-linear' stands alone: it already means every projection")
+            return value
         bad = [m for m in value if not _MODULE_NAME.match(m)]
         if bad:
             raise ValueError(f"not a module name: {', '.join(map(repr, bad))}")
