@@ -8,6 +8,7 @@ this class by tests/test_readme.py.
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from functools import cached_property
 from pathlib import Path
@@ -40,6 +41,11 @@ class Settings(BaseSettings):
         "from --host/--port when unset",
     )
     run_worker: bool = Field(True, description="run the dispatch worker inside the api process")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`json`: one JSON object a line with the fields Cloud Logging reads "
+        "(severity, message, time, trace, run_id, execution)",
+    )
     hub_url: str = Field(
         "https://huggingface.co",
         description="where a Hub model id's config.json and chat template are read when a run "
@@ -66,6 +72,12 @@ class Settings(BaseSettings):
         2.0, gt=0, le=3600, description="wait before the first retry; doubles each time"
     )
     webhook_timeout_seconds: float = Field(10.0, gt=0, le=120, description="per post")
+    webhook_allowed_networks: list[str] = Field(
+        [],
+        description="CIDR networks webhooks may reach although not public (JSON list, e.g. "
+        '`["10.8.0.0/16"]`); default none: loopback, private, link-local and metadata '
+        "addresses are refused (api/notify/address_guard.py)",
+    )
 
     # -- dispatch -------------------------------------------------------------------------
     dispatcher: Literal["local", "cloudrun"] = Field(
@@ -186,6 +198,18 @@ class Settings(BaseSettings):
                 "tokens of that account may post a trainer's events "
                 "(e.g. tuneplane-trainer@PROJECT.iam.gserviceaccount.com)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _networks_parse(self) -> Settings:
+        for network in self.webhook_allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"TUNEPLANE_WEBHOOK_ALLOWED_NETWORKS: {network!r} is not a network "
+                    "(write e.g. 10.8.0.0/16)"
+                ) from None
         return self
 
     @property

@@ -146,6 +146,9 @@ def _message(err: dict[str, Any]) -> str:
 # (a trainer's evaluation event with every prediction).
 BODY_LIMITS: list[tuple[re.Pattern[str], int]] = [
     (re.compile(r"^/api/v1/runs(/[^/]+/(retrain|cancel))?/?$"), 256 * 1024),
+    # The dashboard's forms and the login: a few fields each, so the run request's limit. Below
+    # Starlette's own per-field 1 MiB (a 400), so an oversized form is a 413 like any body.
+    (re.compile(r"^/(?!api/)"), 256 * 1024),
 ]
 
 
@@ -167,7 +170,9 @@ class BodyLimit:
         limit = self.limit_for(scope["path"])
         too_large = f"the request body is over this endpoint's limit of {limit:,} bytes"
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
+        # At most 18 digits: `int` refuses over 4300 (a 500), and no body is an exabyte.
+        number = length is not None and length.isdigit() and len(length) <= 18
+        if length is not None and (not number or int(length) > limit):
             status = 413 if length.isdigit() else 400
             title = HTTPStatus(status).phrase
             detail = too_large if status == 413 else "Content-Length is not a number"

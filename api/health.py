@@ -5,6 +5,8 @@ migration, so a replica never takes traffic against a schema it does not underst
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
@@ -13,6 +15,7 @@ from api.db import migration_state
 from api.deps import EngineDep
 from api.errors import Problem, problem_responses
 
+log = logging.getLogger("tuneplane.api")
 router = APIRouter(tags=["health"])
 
 
@@ -36,10 +39,15 @@ def readyz(engine: EngineDep) -> Ready:
     try:
         current, head = migration_state(engine)
     except (SQLAlchemyError, OSError) as exc:
+        # The driver's message names the host and port (and a path or user): it goes to the
+        # log, and the answer, which anyone may read, says only what kind of failure it was.
+        log.warning("readiness: the database did not answer: %s", str(exc).splitlines()[0])
         raise Problem(
             503,
             "Database unreachable",
-            f"{engine.dialect.name} database: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+            f"the {engine.dialect.name} database did not answer ({type(exc).__name__}); "
+            "the server's log has the details",
+            headers={"Retry-After": "5"},
         ) from None
     if current != head:
         raise Problem(

@@ -13,6 +13,7 @@ from api.config import Settings
 from api.db import make_engine
 from api.dispatch.worker import Worker
 from api.notify.service import Notifier
+from api.observability import logs, metrics
 from api.routers import api_router, pages_router
 from api.secrets import resolve_secrets
 from api.web import docs, login
@@ -60,6 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_router)
     app.include_router(pages_router)  # the dashboard, behind a login with auth on
     app.mount("/static", dashboard.static_files(), name="static")
+    metrics.install(app)  # GET /metrics, and every request counted by its route
+    app.add_middleware(logs.RequestContext)  # trace and run id of each log line
     # Outermost (added last): with auth off, only loopback is served, however the app is run.
     network_guard.install(app, settings)
     return app

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 from datetime import datetime, timedelta
 from typing import Annotated
@@ -29,6 +30,7 @@ from api.errors import Problem
 
 PREFIX = "tpr1"
 _DOMAIN = b"tuneplane-callback-v1\n"
+_EXPIRY = re.compile(r"[0-9]{1,12}")
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="tuneplane-callbacks"'}
 
 
@@ -62,7 +64,10 @@ def verify_token(key: bytes, token: str, run_id: str, now: float | None = None) 
         raise _unauthorized("the bearer token is not a tuneplane callback token")
     # The run id may in principle hold dots; the expiry and the signature never do.
     token_run, expires_text, signature = ".".join(parts[1:-2]), parts[-2], parts[-1]
-    if not expires_text.isdigit():
+    # ASCII digits, at most 12 of them: `str.isdigit` also takes superscripts or Arabic-Indic
+    # digits (which `int` then refuses or reads), and `int` refuses over 4300 digits; either was
+    # a 500 before any signature check. 12 digits reach the year 33658.
+    if not _EXPIRY.fullmatch(expires_text):
         raise _unauthorized("the bearer token is not a tuneplane callback token")
     expires = int(expires_text)
     expected = _signature(key, token_run, expires)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import sys
 
@@ -60,7 +61,19 @@ def run(args: argparse.Namespace) -> int:
         f"{shown_url(settings.db_url)}; trainers call back at {settings.public_url})",
         flush=True,
     )
-    config = uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info")
-    with sock:
+    from api.observability.logs import uvicorn_log_config
+
+    log_config = uvicorn_log_config(settings.log_format, settings.gcp_project)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        log_config=log_config or uvicorn.config.LOGGING_CONFIG,
+    )
+    with sock, contextlib.suppress(KeyboardInterrupt):
+        # Ctrl-C (SIGINT) stops the server gracefully, then asyncio re-raises it; uvicorn.run
+        # swallows it, Server.run does not, and a traceback on a normal stop is noise (and a
+        # non-JSON line in a JSON log).
         uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -25,6 +25,12 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings("tuneplane worker")
     if settings is None:
         return 2
+    if settings.log_format == "json":
+        import logging.config
+
+        from api.observability.logs import uvicorn_log_config
+
+        logging.config.dictConfig(uvicorn_log_config("json", settings.gcp_project) or {})
     engine = open_database("tuneplane worker", settings)
     if engine is None:
         return 2

@@ -38,6 +38,7 @@ from api.dispatch.base import Dispatcher, DispatchError, Execution, ExecutionSta
 from api.dispatch.sweep import Adopting, close_executions, sweep_orphans
 from api.errors import Problem
 from api.events import service as events
+from api.observability import metrics
 from api.runs.states import RunStatus
 from trainer.contract.events import parse_event
 from trainer.contract.execution import ExecutionEnv
@@ -136,6 +137,8 @@ class Worker:
             for check in (self.reconcile, self.close_executions, self.sweep_orphans):
                 try:
                     check()
+                    if check == self.reconcile:
+                        metrics.reconciled()
                 except Exception:
                     log.exception("%s failed; trying again next time", check.__name__)
 
@@ -207,7 +210,13 @@ class Worker:
             log.info("%s was cancelled while %s started; stopping it", run_id, execution.name)
             self._cancel(execution.name)
             return 0
-        log.info("%s segment %d started as %s", run_id, segment, execution.name)
+        log.info(
+            "%s segment %d started as %s",
+            run_id,
+            segment,
+            execution.name,
+            extra={"run_id": run_id, "execution": execution.name},
+        )
         return 1
 
     def _adopt(self, launch: Launch, launched_at: datetime | None) -> Execution | None:
@@ -224,7 +233,12 @@ class Worker:
         with session_scope(self.engine) as session:
             if not service.mark_launch(session, run_id, self.worker_id):
                 raise DispatchError("transient", "the run stopped being ours before it started")
-        return self.dispatcher.start(launch)
+        started = time.perf_counter()
+        execution = self.dispatcher.start(launch)
+        metrics.DISPATCH_SECONDS.labels(self.settings.dispatcher).observe(
+            time.perf_counter() - started
+        )
+        return execution
 
     def _record(self, run_id: str, execution: Execution, attempts: int = 3) -> bool:
         for attempt in range(1, attempts + 1):
@@ -255,7 +269,14 @@ class Worker:
         return self.dispatcher.max_segment() if isinstance(self.dispatcher, SegmentCap) else None
 
     def _failed(self, run_id: str, error: DispatchError) -> None:
-        log.warning("starting %s failed (%s): %s", run_id, error.kind, error.message)
+        metrics.DISPATCH_ERRORS.labels(error.kind).inc()
+        log.warning(
+            "starting %s failed (%s): %s",
+            run_id,
+            error.kind,
+            error.message,
+            extra={"run_id": run_id},
+        )
         with session_scope(self.engine) as session:
             service.dispatch_failed(session, run_id, self.worker_id, error, self.retry)
 
@@ -314,7 +335,11 @@ class Worker:
         with session_scope(self.engine) as session:
             moved = service.execution_ended(session, run_id, name, status)
         if moved:
-            log.warning("%s: execution %s ended (%s); run %s", run_id, name, status.state, moved)
+            log.warning(
+                "%s: execution %s ended (%s); run %s",
+                *(run_id, name, status.state, moved),
+                extra={"run_id": run_id, "execution": name},
+            )
 
     def _take_leftover_events(self, run_id: str, name: str) -> None:
         if not isinstance(self.dispatcher, LeftoverEvents):

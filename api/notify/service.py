@@ -10,7 +10,9 @@ Durability: `enqueue` writes one `WebhookDelivery` row per URL inside the unit o
 the run; `Notifier` (a thread of the api process, next to the dispatch worker) claims due rows
 with a lease in the row, posts them, and records every attempt's outcome. Connection errors,
 timeouts, 408, 425, 429 and 5xx are retried with exponential backoff (honouring a `Retry-After`
-in seconds) up to `webhook_max_attempts`; any other answer is final. Redirects are not followed.
+in seconds) up to `webhook_max_attempts`; any other answer is final. Redirects are not followed,
+connections go only to public addresses (api/notify/address_guard.py), and a receiver's answer
+is never read: `last_error` holds its status or the error's kind, nothing it sent.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from sqlmodel import Session, col, select
 
 from api.config import Settings
 from api.db import session_scope, utcnow
+from api.notify.address_guard import guarded_transport, is_refusal
 from api.notify.models import WebhookDelivery, WebhookDeliveryPublic
+from api.observability.metrics import WEBHOOK_DELIVERIES
 from api.runs.models import Run
 from api.runs.query import find_run
 from api.templates.models import TemplateVersion
@@ -146,6 +150,40 @@ def _claim(engine: Engine, limit: int) -> list[str]:
     return claimed
 
 
+def _error_class(exc: httpx.HTTPError) -> str:
+    """What went wrong, by kind only: an exception's text may quote what the other end said."""
+    kinds = {
+        httpx.ConnectTimeout: "connect timeout",
+        httpx.ReadTimeout: "read timeout",
+        httpx.ConnectError: "connection refused or unreachable",
+        httpx.RemoteProtocolError: "the receiver broke the HTTP protocol",
+    }
+    for cls, text in kinds.items():
+        if isinstance(exc, cls):
+            return f"{type(exc).__name__}: {text}"
+    return type(exc).__name__
+
+
+def _outcome(result: Attempt, attempts: int, settings: Settings) -> str:
+    """The label of `tuneplane_webhook_deliveries_total` for one attempt."""
+    if result.delivered:
+        return "delivered"
+    if result.error and is_refusal(result.error):
+        return "refused"
+    return "retry" if result.retry and attempts < settings.webhook_max_attempts else "failed"
+
+
+def client_for(settings: Settings) -> httpx.Client:
+    """The notifier's HTTP client: connections only to checked addresses, no redirects, and no
+    proxy from the environment (a proxy would make the connection the guard checks)."""
+    return httpx.Client(
+        timeout=settings.webhook_timeout_seconds,
+        follow_redirects=False,
+        trust_env=False,
+        transport=guarded_transport(settings.webhook_allowed_networks),
+    )
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after", "")
     return float(value) if value.isdigit() else None
@@ -171,25 +209,25 @@ def _attempt(
         SIGNATURE_HEADER: sign(secret, body),
     }
     try:
-        response = client.post(delivery.url, content=body, headers=headers)
+        # Streamed and closed unread: the receiver's answer is never read, stored or shown
+        # (it may be an internal service's page), only its status.
+        with client.stream("POST", delivery.url, content=body, headers=headers) as response:
+            code = response.status_code
+            retry_after = _retry_after(response)
     except httpx.HTTPError as exc:
-        return Attempt(False, True, None, f"{type(exc).__name__}: {exc}"[:2000], None)
-    code = response.status_code
+        refused = str(exc) if is_refusal(str(exc)) else ""
+        return Attempt(False, not refused, None, refused or _error_class(exc), None)
     if 200 <= code < 300:
         return Attempt(True, False, code, None, None)
-    error = f"HTTP {code}: {response.text[:300]}"
-    if 300 <= code < 400:
-        error = f"HTTP {code}: redirects are not followed; use the final URL " + (
-            f"({response.headers.get('location')})" if response.headers.get("location") else ""
-        )
+    error = f"HTTP {code}" + (": redirects are not followed" if 300 <= code < 400 else "")
     retry = code in _RETRY_STATUSES or code >= 500
-    return Attempt(False, retry, code, error, _retry_after(response))
+    return Attempt(False, retry, code, error, retry_after)
 
 
 def deliver_due(engine: Engine, settings: Settings, client: httpx.Client | None = None) -> int:
     """Post every due delivery once; returns how many were attempted."""
     own = client is None
-    http = client or httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False)
+    http = client or client_for(settings)
     attempted = 0
     try:
         for delivery_id in _claim(engine, limit=50):
@@ -216,6 +254,7 @@ def deliver_due(engine: Engine, settings: Settings, client: httpx.Client | None 
                 delivery.last_status_code, delivery.last_error = code, error
                 delivery.claimed_until = None
                 now = utcnow()
+                WEBHOOK_DELIVERIES.labels(_outcome(result, delivery.attempts, settings)).inc()
                 if delivered:
                     delivery.status, delivery.delivered_at = "delivered", now
                 elif retry and delivery.attempts < settings.webhook_max_attempts:
@@ -268,9 +307,7 @@ class Notifier:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        with httpx.Client(
-            timeout=self.settings.webhook_timeout_seconds, follow_redirects=False
-        ) as client:
+        with client_for(self.settings) as client:
             while not self._stop.is_set():
                 try:
                     deliver_due(self.engine, self.settings, client)

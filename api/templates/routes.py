@@ -62,6 +62,7 @@ def create_template(
         created_by=principal_of(request).name,
         default_gpu_type=settings.default_gpu_type,
         webhook_secret_set=settings.webhook_secret is not None,
+        allowed_networks=settings.webhook_allowed_networks,
     )
     response.headers["Location"] = f"/api/v1/templates/{template.name}"
     return template
@@ -106,6 +107,7 @@ def update_template(
         created_by=principal_of(request).name,
         default_gpu_type=settings.default_gpu_type,
         webhook_secret_set=settings.webhook_secret is not None,
+        allowed_networks=settings.webhook_allowed_networks,
     )
     if not changed:
         response.headers["X-Tuneplane-Unchanged"] = "true"

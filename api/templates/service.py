@@ -8,6 +8,7 @@ run, plus the template (name, version) and CI context it came from.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -15,6 +16,7 @@ from sqlmodel import Session, col, select
 
 from api.db import lock_row, utcnow
 from api.errors import Problem
+from api.notify.address_guard import refuse_internal
 from api.runs import idempotency
 from api.runs import service as runs_service
 from api.runs.models import Run
@@ -133,13 +135,24 @@ def list_versions(session: Session, name: str) -> list[TemplateVersionPublic]:
 
 
 def _content(
-    body: TemplateBody, default_gpu_type: GpuType | None, webhook_secret_set: bool
+    body: TemplateBody,
+    default_gpu_type: GpuType | None,
+    webhook_secret_set: bool,
+    allowed_networks: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The stored form of a template's content. The spec is stored with every default filled
     in, so a later change of a default does not change what the template's runs do."""
     spec = runs_service.with_default_gpu(body.spec, default_gpu_type)
     runs_service.estimate_or_refuse(spec, "body.spec")
     for i, hook in enumerate(body.webhooks):
+        refused = refuse_internal(hook.url, allowed_networks)
+        if refused is not None:
+            raise Problem(
+                422,
+                "Invalid request",
+                f"body.webhooks.{i}.url: {refused}",
+                errors=[{"field": f"body.webhooks.{i}.url", "message": refused}],
+            )
         if hook.secret is None and not webhook_secret_set:
             message = "needs a `secret` (the server has no TUNEPLANE_WEBHOOK_SECRET to sign with)"
             raise Problem(
@@ -166,10 +179,11 @@ def create_template(
     created_by: str = "",
     default_gpu_type: GpuType | None = None,
     webhook_secret_set: bool = False,
+    allowed_networks: Sequence[str] = (),
 ) -> TemplatePublic:
     """A new template at version 1 (or, for a name that was deleted, the next version number:
     a (name, version) pair never names two different specs)."""
-    content = _content(body, default_gpu_type, webhook_secret_set)
+    content = _content(body, default_gpu_type, webhook_secret_set, allowed_networks)
     existing = session.get(RunTemplate, body.name)
     if existing is not None and existing.deleted_at is None:
         raise Problem(
@@ -208,10 +222,11 @@ def update_template(
     created_by: str = "",
     default_gpu_type: GpuType | None = None,
     webhook_secret_set: bool = False,
+    allowed_networks: Sequence[str] = (),
 ) -> tuple[TemplatePublic, bool]:
     """Replace the content, making a new version; (template, whether a version was made).
     Content equal to the current version's makes none, so a retried PUT is harmless."""
-    content = _content(body, default_gpu_type, webhook_secret_set)
+    content = _content(body, default_gpu_type, webhook_secret_set, allowed_networks)
     template = _find(session, name, lock=True)
     current = _version(session, name, template.version)
     if all(getattr(current, k) == v for k, v in content.items()):

@@ -189,6 +189,7 @@ def _write_options(request: Request, settings: Settings) -> dict[str, Any]:
         "created_by": principal_of(request).name,
         "default_gpu_type": settings.default_gpu_type,
         "webhook_secret_set": settings.webhook_secret is not None,
+        "allowed_networks": settings.webhook_allowed_networks,
     }
 
 

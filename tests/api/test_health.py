@@ -51,3 +51,10 @@ def test_not_ready_when_the_database_is_unreachable(make_settings: Callable[...,
         assert r.status_code == 503
         assert r.json()["title"] == "Database unreachable"
         assert "postgresql" in r.json()["detail"]
+        assert r.headers["retry-after"].isdigit()
+        # Anyone may ask /readyz: the answer names neither the host nor the port.
+        port = dead.split(":")[-1].split("/")[0]
+        assert port not in r.text and "127.0.0.1" not in r.text, r.text
+        # /metrics still answers, and says the database is down.
+        m = c.get("/metrics")
+        assert m.status_code == 200 and "tuneplane_database_up 0.0" in m.text

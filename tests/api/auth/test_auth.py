@@ -258,7 +258,7 @@ def dashboard_pages(app: FastAPI) -> list[tuple[str, str]]:
         path = route.path or ""
         if path.startswith(("/api/", "/static", "/login", "/logout", "/docs", "/redoc")):
             continue
-        if path in ("/openapi.json", "/healthz", "/readyz"):
+        if path in ("/openapi.json", "/healthz", "/readyz", "/metrics"):
             continue
         out |= {(m, path) for m in route.methods or () if m != "HEAD"}
     return sorted(out)

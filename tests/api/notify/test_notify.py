@@ -29,6 +29,8 @@ from tests.api.templating import finish, make_template, trigger
 from tests.conftest import free_port
 
 SECRET = "receiver-secret-0123456789"
+# The receivers here listen on loopback, which webhooks may reach only when allowed.
+LOOPBACK = ["127.0.0.0/8"]
 
 
 @dataclass
@@ -95,7 +97,9 @@ class World:
 
 @pytest.fixture
 def world(make_settings: Callable[..., Settings]) -> Iterator[World]:
-    settings = make_settings(webhook_backoff_seconds=0.05, webhook_timeout_seconds=5)
+    settings = make_settings(
+        webhook_backoff_seconds=0.05, webhook_timeout_seconds=5, webhook_allowed_networks=LOOPBACK
+    )
     engine = make_engine(settings.db_url)
     migrate(engine)
     with TestClient(create_app(settings)) as client:
@@ -223,7 +227,9 @@ def test_an_unreachable_receiver_gives_up_after_max_attempts(
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
     finished_run(world, dead)
-    settings = make_settings(webhook_backoff_seconds=0.01, webhook_max_attempts=3)
+    settings = make_settings(
+        webhook_backoff_seconds=0.01, webhook_max_attempts=3, webhook_allowed_networks=LOOPBACK
+    )
     deliver_until_settled(world, settings)
     (d,) = deliveries(world.engine)
     assert (d.status, d.attempts, d.last_status_code) == ("failed", 3, None)
@@ -233,7 +239,7 @@ def test_an_unreachable_receiver_gives_up_after_max_attempts(
 def test_the_server_secret_signs_webhooks_without_their_own(
     make_settings: Callable[..., Settings], receiver: Receiver
 ) -> None:
-    settings = make_settings(webhook_secret=SECRET)
+    settings = make_settings(webhook_secret=SECRET, webhook_allowed_networks=LOOPBACK)
     engine = make_engine(settings.db_url)
     migrate(engine)
     with TestClient(create_app(settings)) as client:

@@ -263,7 +263,7 @@ def test_failed_and_cancelled_runs_are_not_gated_but_are_announced(
     make_template(
         client,
         gates={"min_accuracy": 0.1},
-        webhooks=[{"url": "http://127.0.0.1:9/hook", "secret": "x" * 16}],
+        webhooks=[{"url": "https://ci.example/hook", "secret": "x" * 16}],
     )
     failed = finish(client, engine, settings, trigger(client).json()["run_id"], None, end="failed")
     assert failed["status"] == "failed" and failed["gate_status"] == "not_applicable"

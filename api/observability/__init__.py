@@ -1,0 +1,2 @@
+"""What an operator scrapes and reads: Prometheus metrics (metrics.py) and structured logs
+(logs.py)."""
