@@ -40,6 +40,11 @@ class Settings(BaseSettings):
         "from --host/--port when unset",
     )
     run_worker: bool = Field(True, description="run the dispatch worker inside the api process")
+    hub_url: str = Field(
+        "https://huggingface.co",
+        description="where a Hub model id's config.json and chat template are read when a run "
+        "is created (api/model_check.py); empty: only local model directories are checked",
+    )
 
     # -- access (api/auth/access.py) ------------------------------------------------------
     auth_enabled: bool = Field(

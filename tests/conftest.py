@@ -78,6 +78,7 @@ def make_settings(tmp_path: Path, db_url: str) -> Callable[..., Settings]:
             "data_dir": tmp_path / "data",
             "database_url": db_url,
             "run_worker": False,
+            "hub_url": "",  # no network: tests check local model directories or a local server
         }
         values.update(overrides)
         return Settings(**values)

@@ -26,12 +26,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from pydantic import ValidationError
 
+from trainer import data, model, preflight, train
+from trainer.checkpoints import CheckpointStore, spec_digest
 from trainer.contract import events as ev
 from trainer.contract.execution import ExecutionEnv
 from trainer.contract.spec import RunSpec, describe_errors
+from trainer.deadline import SegmentEnd, Stopper
+from trainer.evaluate import Evaluator
 from trainer.report import EventLog, Reporter, StdoutReporter
+from trainer.results import Results, environment
+from trainer.storage import open_location, upload_tree
 
 TRACEBACK_TAIL = 8_000
 
@@ -94,14 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class Execution:
-    """One segment of a run, in the order it happens: data, model, baseline evaluation,
-    training, final evaluation, outputs. `run` reads top to bottom."""
+    """One segment of a run, in the order it happens: preflight, data, model, baseline
+    evaluation, training, final evaluation, outputs. `_run` reads top to bottom; each step is a
+    method below it, and the two ways a segment ends early (its deadline, a failure) are
+    `_segment_done` and `_failed`."""
 
     def __init__(
         self, spec: RunSpec, env: ExecutionEnv, args: argparse.Namespace, events: EventLog
     ) -> None:
-        from trainer.results import Results
-
         self.spec = spec
         self.env = env
         self.events = events
@@ -110,180 +118,195 @@ class Execution:
         self.gcs_output_path: str | None = args.gcs_output_path
         self.device_choice: str = args.device
         self.results = Results(spec, events.run_id, env.segment)
-        self.trainer: Any = None
+        self.trainer: train.Trainer | None = None
+        self.store: CheckpointStore | None = None
         self.started = time.monotonic()
 
     def run(self) -> int:
-        from trainer.deadline import Stopper
-
         stopper = Stopper(self.env.deadline)
         with stopper.handling_sigterm():
             return self._run(stopper)
 
-    def _run(self, stopper: Any) -> int:
-        from trainer import data, model, train
-        from trainer.checkpoints import CheckpointStore, spec_digest
-        from trainer.deadline import SegmentEnd
-        from trainer.results import environment
-
-        spec, env, results = self.spec, self.env, self.results
-        store: CheckpointStore | None = None
+    def _run(self, stopper: Stopper) -> int:
         try:
-            device = model.pick_device(self.device_choice)
-            results.environment = environment(device)
-            _seed_everything(spec.seed)
-            store = CheckpointStore(
-                env.checkpoint_uri or self.output_dir / "checkpoints",
-                work_dir=self.output_dir / ".work",
-            )
-            digest = spec_digest(spec)
-            restored = store.latest(digest)
-            resumed_from = restored.state.step if restored else None
-            self.events.emit(
-                "started",
-                ev.Started(
-                    segment=env.segment,
-                    attempt=env.task_attempt,
-                    resumed_from_step=resumed_from,
-                    device=str(device),
-                    host=socket.gethostname(),
-                ),
-            )
-            if restored:
-                log(f"resuming from {restored.uri} (step {resumed_from})")
-
+            device = self.start()
+            checked = self.preflight()
             with self.phase("loading"):
-                splits = data.load_splits(spec.data, spec.train_size, spec.eval_size, spec.seed)
-                log(
-                    f"data: {splits.source}, {len(splits.labels)} classes, "
-                    f"{len(splits.train)} training and {len(splits.eval)} evaluation samples"
-                )
-                # A size larger than the data set is not an error (the whole split is used),
-                # but it must not pass unnoticed: the log says so and results.json records both.
-                shortfalls = splits.shortfalls()
-                for line in shortfalls:
-                    log(f"warning: {line}")
-                results.data = {
-                    "source": splits.source,
-                    "labels": splits.labels,
-                    **splits.sizes(),
-                    "warnings": shortfalls,
-                }
-                loaded = model.load(spec, device)
-                log(
-                    f"model: {spec.model_id} on {device}, {'4-bit' if loaded.quantized else 'fp32'}"
-                    f", {loaded.trainable_params:,} of {loaded.total_params:,} parameters trained"
-                )
-                results.model = {
-                    "model_id": spec.model_id,
-                    "quantized_4bit": loaded.quantized,
-                    "trainable_params": loaded.trainable_params,
-                    "total_params": loaded.total_params,
-                }
-                self.trainer = train.Trainer(
-                    loaded,
-                    spec,
-                    splits.labels,
-                    splits.train,
-                    store,
-                    stopper,
-                    on_progress=self.on_progress,
-                    on_checkpoint=self.on_checkpoint,
-                )
-                if restored:
-                    self.trainer.restore(restored)
-                stop_ids = model.end_of_turn_ids(loaded.model, loaded.processor)
-
-            def evaluate(stage: str) -> ev.Metrics:
-                from trainer.evaluate import evaluate
-
-                metrics = evaluate(
-                    loaded.model,
-                    loaded.processor,
-                    splits.labels,
-                    splits.eval,
-                    device=device,
-                    batch_size=spec.eval_batch_size,
-                    max_new_tokens=spec.max_new_tokens,
-                    stop_ids=stop_ids,
-                    on_batch=lambda done, total: stopper.check(),
-                )
-                log(
-                    f"{stage}: accuracy {metrics.accuracy:.3f}, macro F1 {metrics.macro_f1:.3f}, "
-                    f"no label {metrics.unknown_rate:.3f} over {metrics.num_samples} samples"
-                )
-                self.events.emit(
-                    "evaluation",
-                    ev.Evaluation(stage=stage, **metrics.model_dump()),
-                )
-                return metrics
-
-            with self.phase("baseline_eval"):
-                recorded = store.load_baseline(digest)
-                if recorded is not None:
-                    results.baseline = ev.Metrics.model_validate(recorded)
-                    log("baseline: already evaluated by an earlier segment")
-                else:
-                    results.baseline = evaluate("baseline")
-                    store.save_baseline(digest, results.baseline.model_dump(mode="json"))
-                    stopper.progressed = True
-
-            with self.phase("training"):
-                self.trainer.train()
-                self.record_training()
-
-            with self.phase("final_eval"):
-                results.final = evaluate("final")
-
-            with self.phase("uploading"):
-                destinations = self.save_and_upload_adapter(loaded)
-            results.outcome = "completed"
-            results_uri = self.write_results(destinations)
-            for kind in ("adapter", "processor", "results"):
-                uri = results.artifacts[kind]
-                self.events.emit("artifact", ev.Artifact(kind=kind, uri=uri))
-            self.events.emit(
-                "completed", ev.Completed(step=self.trainer.state.step, results_uri=results_uri)
+                splits = self.load_data()
+                loaded = self.load_model(device, stopper, splits)
+            stop_ids = model.end_of_turn_ids(loaded.model, loaded.processor, checked.end)
+            evaluator = Evaluator(
+                loaded, self.spec, splits, stop_ids, stopper.check, self.on_metrics
             )
-            log(f"completed in {time.monotonic() - self.started:.0f} s; results: {results_uri}")
-            return 0
-
+            self.baseline_eval(evaluator, stopper)
+            self.train()
+            self.final_eval(evaluator)
+            destinations = self.save(loaded)
+            return self.report(destinations)
         except SegmentEnd as stop:
-            log(f"stopping this segment: {stop.reason}")
-            # Without a trainer (stopped while loading) there is nothing to save yet: the next
-            # segment starts from the beginning.
-            checkpoint_uri = (
-                self.trainer.save_checkpoint() if self.trainer else (store.uri if store else "")
-            )
-            self.record_training()
-            results.outcome = "segment_done"
-            self.write_results([])
-            self.events.emit(
-                "segment_done",
-                ev.SegmentDone(
-                    step=self.trainer.state.step if self.trainer else 0,
-                    checkpoint_uri=checkpoint_uri,
-                ),
-            )
-            # Exit 0 on purpose: a non-zero exit makes Cloud Run retry the task and, once the
-            # retries are spent, mark the execution failed; this segment did its job.
-            return 0
-
+            return self._segment_done(stop)
         except Exception as exc:
-            tail = traceback.format_exc()[-TRACEBACK_TAIL:]
-            log(f"failed: {type(exc).__name__}: {exc}")
-            print(tail, file=sys.stderr)
-            results.outcome = "failed"
-            results.error = f"{type(exc).__name__}: {exc}"
-            try:
-                self.record_training()
-                self.write_results([])
-            except Exception as write_exc:  # reporting the failure matters more
-                log(f"could not write {self.results_file}: {write_exc}")
-            self.events.emit(
-                "failed", ev.Failed(error=results.error[: ev.MAX_TEXT], traceback_tail=tail)
-            )
-            return 1
+            return self._failed(exc)
+
+    # ---- the steps --------------------------------------------------------------------------
+
+    def preflight(self) -> preflight.Checked:
+        """Everything that needs no weights, in seconds, before anything is paid for."""
+        checked = preflight.check(self.spec)
+        log(f"preflight: {checked.summary()}")
+        return checked
+
+    def start(self) -> Any:
+        spec, env = self.spec, self.env
+        device = model.pick_device(self.device_choice)
+        self.results.environment = environment(device)
+        _seed_everything(spec.seed)
+        self.store = CheckpointStore(
+            env.checkpoint_uri or self.output_dir / "checkpoints",
+            work_dir=self.output_dir / ".work",
+        )
+        self.restored = self.store.latest(spec_digest(spec))
+        resumed_from = self.restored.state.step if self.restored else None
+        self.events.emit(
+            "started",
+            ev.Started(
+                segment=env.segment,
+                attempt=env.task_attempt,
+                resumed_from_step=resumed_from,
+                device=str(device),
+                host=socket.gethostname(),
+            ),
+        )
+        if self.restored:
+            log(f"resuming from {self.restored.uri} (step {resumed_from})")
+        return device
+
+    def load_data(self) -> Any:
+        spec = self.spec
+        splits = data.load_splits(spec.data, spec.train_size, spec.eval_size, spec.seed)
+        log(
+            f"data: {splits.source}, {len(splits.labels)} classes, "
+            f"{len(splits.train)} training and {len(splits.eval)} evaluation samples"
+        )
+        # A size larger than the data set is not an error (the whole split is used), but it
+        # must not pass unnoticed: the log says so and results.json records both.
+        shortfalls = splits.shortfalls()
+        for line in shortfalls:
+            log(f"warning: {line}")
+        self.results.data = {
+            "source": splits.source,
+            "labels": splits.labels,
+            **splits.sizes(),
+            "warnings": shortfalls,
+        }
+        return splits
+
+    def load_model(self, device: Any, stopper: Stopper, splits: Any) -> model.Loaded:
+        spec = self.spec
+        assert self.store is not None
+        loaded = model.load(spec, device)
+        self.trainer = train.Trainer(
+            loaded,
+            spec,
+            splits.labels,
+            splits.train,
+            self.store,
+            stopper,
+            on_progress=self.on_progress,
+            on_checkpoint=self.on_checkpoint,
+        )
+        if self.restored:
+            self.trainer.restore(self.restored)
+        log(
+            f"model: {spec.model_id} on {device}, {'4-bit' if loaded.quantized else 'fp32'}"
+            f", {loaded.trainable_params:,} of {loaded.total_params:,} parameters trained"
+        )
+        self.results.model = {
+            "model_id": spec.model_id,
+            "quantized_4bit": loaded.quantized,
+            "trainable_params": loaded.trainable_params,
+            "total_params": loaded.total_params,
+        }
+        return loaded
+
+    def baseline_eval(self, evaluator: Evaluator, stopper: Stopper) -> None:
+        assert self.store is not None
+        digest = spec_digest(self.spec)
+        with self.phase("baseline_eval"):
+            recorded = self.store.load_baseline(digest)
+            if recorded is not None:
+                self.results.baseline = ev.Metrics.model_validate(recorded)
+                log("baseline: already evaluated by an earlier segment")
+                return
+            self.results.baseline = evaluator("baseline")
+            self.store.save_baseline(digest, self.results.baseline.model_dump(mode="json"))
+            stopper.progressed = True
+
+    def train(self) -> None:
+        assert self.trainer is not None
+        with self.phase("training"):
+            self.trainer.train()
+            self.record_training()
+
+    def final_eval(self, evaluator: Evaluator) -> None:
+        with self.phase("final_eval"):
+            self.results.final = evaluator("final")
+
+    def save(self, loaded: model.Loaded) -> list[str]:
+        with self.phase("uploading"):
+            return self.save_and_upload_adapter(loaded)
+
+    def report(self, destinations: list[str]) -> int:
+        assert self.trainer is not None
+        results = self.results
+        results.outcome = "completed"
+        results_uri = self.write_results(destinations)
+        for kind in ("adapter", "processor", "results"):
+            self.events.emit("artifact", ev.Artifact(kind=kind, uri=results.artifacts[kind]))
+        self.events.emit(
+            "completed", ev.Completed(step=self.trainer.state.step, results_uri=results_uri)
+        )
+        log(f"completed in {time.monotonic() - self.started:.0f} s; results: {results_uri}")
+        return 0
+
+    # ---- early endings ----------------------------------------------------------------------
+
+    def _segment_done(self, stop: SegmentEnd) -> int:
+        log(f"stopping this segment: {stop.reason}")
+        # Without a trainer (stopped while loading) there is nothing to save yet: the next
+        # segment starts from the beginning.
+        store_uri = self.store.uri if self.store else ""
+        checkpoint_uri = self.trainer.save_checkpoint() if self.trainer else store_uri
+        self.record_training()
+        self.results.outcome = "segment_done"
+        self.write_results([])
+        self.events.emit(
+            "segment_done",
+            ev.SegmentDone(
+                step=self.trainer.state.step if self.trainer else 0,
+                checkpoint_uri=checkpoint_uri,
+            ),
+        )
+        # Exit 0 on purpose: a non-zero exit makes Cloud Run retry the task and, once the
+        # retries are spent, mark the execution failed; this segment did its job.
+        return 0
+
+    def _failed(self, exc: Exception) -> int:
+        results = self.results
+        tail = traceback.format_exc()[-TRACEBACK_TAIL:]
+        log(f"failed: {type(exc).__name__}: {exc}")
+        print(tail, file=sys.stderr)
+        results.outcome = "failed"
+        results.error = f"{type(exc).__name__}: {exc}"
+        try:
+            self.record_training()
+            self.write_results([])
+        except Exception as write_exc:  # reporting the failure matters more
+            log(f"could not write {self.results_file}: {write_exc}")
+        self.events.emit(
+            "failed", ev.Failed(error=results.error[: ev.MAX_TEXT], traceback_tail=tail)
+        )
+        return 1
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -296,6 +319,13 @@ class Execution:
             yield
         finally:
             self.results.add_time(name, time.monotonic() - t0)
+
+    def on_metrics(self, stage: str, metrics: ev.Metrics) -> None:
+        log(
+            f"{stage}: accuracy {metrics.accuracy:.3f}, macro F1 {metrics.macro_f1:.3f}, "
+            f"no label {metrics.unknown_rate:.3f} over {metrics.num_samples} samples"
+        )
+        self.events.emit("evaluation", ev.Evaluation(stage=stage, **metrics.model_dump()))
 
     def on_progress(self, progress: ev.Progress) -> None:
         self.events.emit("progress", progress)
@@ -320,8 +350,6 @@ class Execution:
     def save_and_upload_adapter(self, loaded: Any) -> list[str]:
         """Save the adapter with the processor beside it (one directory then loads for
         inference) and upload it; returns where the outputs go besides the output directory."""
-        from trainer.storage import open_location, upload_tree
-
         adapter_dir = self.output_dir / "adapter"
         loaded.model.save_pretrained(str(adapter_dir))
         loaded.processor.save_pretrained(str(adapter_dir))
@@ -341,10 +369,6 @@ class Execution:
 
     def write_results(self, destinations: list[str]) -> str:
         """Write results.json, then upload it, last: once it is there, the outputs are whole."""
-        import torch
-
-        from trainer.storage import open_location
-
         self.results.timings["total"] = round(time.monotonic() - self.started, 3)
         if torch.cuda.is_available():
             self.results.peak_gpu_memory_gb = round(torch.cuda.max_memory_allocated() / 1e9, 3)
@@ -359,9 +383,6 @@ def _same_dir(uri: str, local: Path) -> bool:
 
 
 def _seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -15,6 +15,7 @@ import torch
 
 from trainer import prompts
 from trainer.data import Sample
+from trainer.prompts import Format
 
 IGNORE_INDEX = -100
 
@@ -28,45 +29,59 @@ class TrainCollator:
         self.processor = processor
         self.labels = list(labels)
         self.max_length = max_length
-        self._texts: dict[str, tuple[str, str]] = {}
+        self.format: Format = prompts.prompt_format(processor, self.labels)
         # Prompt token ids per image size: the number of image tokens can depend on the size
         # (it does not for Gemma 3, it does for Qwen2-VL), the rest of the prompt never changes.
         self._prompt_ids: dict[tuple[int, int], list[int]] = {}
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-        images = [s.image() for s in samples]
-        for s in samples:
-            if s.label not in self._texts:
-                self._texts[s.label] = prompts.training_text(self.processor, self.labels, s.label)
-        texts = [self._texts[s.label][1] for s in samples]
+        images = [[s.image()] for s in samples]
+        fmt = self.format
+        if fmt.prefix_lm:
+            # The processor writes prefix and suffix itself and returns `labels` (the suffix
+            # and its EOS) and `token_type_ids` (0: prefix, attended both ways; 1: suffix, causal).
+            batch = self.processor(
+                text=[fmt.prompt] * len(samples),
+                images=images,
+                suffix=[s.label for s in samples],
+                padding=True,
+                padding_side="right",
+                return_tensors="pt",
+            )
+            batch["labels"] = torch.as_tensor(batch["labels"])
+            batch["labels"][batch["attention_mask"] == 0] = IGNORE_INDEX
+            self._check_lengths(batch["attention_mask"])
+            return dict(batch)
         batch = self.processor(
-            text=texts,
-            images=[[img] for img in images],
+            text=[fmt.prompt + fmt.answer_text(s.label) for s in samples],
+            images=images,
             padding=True,
             padding_side="right",
             return_tensors="pt",
         )
         input_ids = batch["input_ids"]
-        attention = batch["attention_mask"]
+        lengths = self._check_lengths(batch["attention_mask"])
         labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for i, img in enumerate(images):
-            length = int(attention[i].sum())
-            if length > self.max_length:
-                raise PromptTooLong(
-                    f"a training example takes {length} tokens, more than max_length "
-                    f"{self.max_length}; raise --max-length (the prompt lists every label and "
-                    "the image takes its own tokens)"
-                )
-            prompt = self._texts[samples[i].label][0]
-            start = _common_prefix(self._prompt_for(prompt, img), input_ids[i, :length].tolist())
+        for i, (img, length) in enumerate(zip(images, lengths, strict=True)):
+            start = _common_prefix(self._prompt_for(img[0]), input_ids[i, :length].tolist())
             labels[i, start:length] = input_ids[i, start:length]
         batch["labels"] = labels
         return dict(batch)
 
-    def _prompt_for(self, prompt: str, image: Any) -> list[int]:
+    def _check_lengths(self, attention: torch.Tensor) -> list[int]:
+        lengths = [int(row.sum()) for row in attention]
+        if max(lengths) > self.max_length:
+            raise PromptTooLong(
+                f"a training example takes {max(lengths)} tokens, more than max_length "
+                f"{self.max_length}; raise --max-length (the prompt lists every label and "
+                "the image takes its own tokens)"
+            )
+        return lengths
+
+    def _prompt_for(self, image: Any) -> list[int]:
         key = image.size
         if key not in self._prompt_ids:
-            enc = self.processor(text=[prompt], images=[[image]], return_tensors="pt")
+            enc = self.processor(text=[self.format.prompt], images=[[image]], return_tensors="pt")
             self._prompt_ids[key] = enc["input_ids"][0].tolist()
         return self._prompt_ids[key]
 

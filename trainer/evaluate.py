@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from trainer import collator
+from trainer import collator, prompts
+from trainer.contract.chat import strip_thinking
 from trainer.contract.events import ClassMetrics, Metrics, Prediction
 from trainer.data import Sample
 
@@ -32,9 +33,11 @@ def normalize(text: str) -> str:
 
 
 class LabelMatcher:
-    """Finds the label an answer names. Longer labels are tried first, so "English Cocker
-    Spaniel" wins over "Cocker Spaniel"; a label must stand as whole words ("one" is not found
-    in "none"); among labels of the same length the earliest in the answer wins."""
+    """Finds the label an answer names: the one it writes first. A model that answers "one"
+    and then echoes the prompt's list ("one. labels: zero, one, two, three") named "one", not the
+    longer "three" later in the echo. At the same position the longer label wins, so "English
+    Cocker Spaniel" beats "English"; a label must stand as whole words ("one" is not in
+    "none")."""
 
     def __init__(self, labels: Sequence[str]) -> None:
         self.labels = list(labels)
@@ -52,7 +55,7 @@ class LabelMatcher:
             m = pattern.search(text)
             if m is None:
                 continue
-            key = (-len(m.group(0)), m.start(), label)
+            key = (m.start(), -len(m.group(0)), label)
             if best is None or key[:2] < best[:2]:
                 best = key
         return best[2] if best else None
@@ -118,6 +121,15 @@ def compute_metrics(
     )
 
 
+def clean_answer(decoded: str, specials: Sequence[str]) -> str:
+    """The text of an answer: its thinking channels dropped (decoded with the special tokens
+    kept, since those mark the channels), then the special tokens themselves."""
+    text = strip_thinking(decoded)
+    for tok in sorted(specials, key=len, reverse=True):
+        text = text.replace(tok, "")
+    return text.strip()
+
+
 def to_device(batch: Any, device: torch.device, float_dtype: torch.dtype) -> dict[str, Any]:
     """Move a processor batch to `device`; floating tensors (pixels) take the model's dtype."""
     out = {}
@@ -149,6 +161,7 @@ def generate_answers(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     tokenizer = getattr(processor, "tokenizer", processor)
+    specials = prompts.special_tokens(processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     float_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     answers: list[str] = []
@@ -167,7 +180,7 @@ def generate_answers(
                     pad_token_id=pad_id,
                 )
             new = out[:, batch["input_ids"].shape[1] :]
-            answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            answers += [clean_answer(a, specials) for a in tokenizer.batch_decode(new)]
             if on_batch:
                 on_batch(len(answers), len(samples))
     finally:
@@ -211,3 +224,35 @@ def evaluate(
     metrics.seconds = seconds
     metrics.samples_per_second = len(samples) / seconds if seconds > 0 else None
     return metrics
+
+
+class Evaluator:
+    """One evaluation pass of a loaded model over the evaluation split, as the pipeline runs it
+    before and after training; `on_metrics(stage, metrics)` logs and reports it."""
+
+    def __init__(
+        self,
+        loaded: Any,
+        spec: Any,
+        splits: Any,
+        stop_ids: list[int],
+        check: Callable[[], None],
+        on_metrics: Callable[[str, Metrics], None],
+    ) -> None:
+        self.loaded, self.spec, self.splits = loaded, spec, splits
+        self.stop_ids, self.check, self.on_metrics = stop_ids, check, on_metrics
+
+    def __call__(self, stage: str) -> Metrics:
+        metrics = evaluate(
+            self.loaded.model,
+            self.loaded.processor,
+            self.splits.labels,
+            self.splits.eval,
+            device=self.loaded.device,
+            batch_size=self.spec.eval_batch_size,
+            max_new_tokens=self.spec.max_new_tokens,
+            stop_ids=self.stop_ids,
+            on_batch=lambda done, total: self.check(),
+        )
+        self.on_metrics(stage, metrics)
+        return metrics

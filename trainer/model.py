@@ -3,11 +3,12 @@
 CUDA: 4-bit NF4 weights with double quantization and bf16 compute (QLoRA). CPU: fp32, no
 quantization (bitsandbytes' 4-bit kernels are CUDA's; the CPU path is for tests and the demo).
 
-LoRA targets are a regex anchored at the language model's decoder layers. peft matches a list of
-names as suffixes, so `q_proj` alone would also hit the SigLIP vision tower's projections; the
-vision tower is added only when the spec asks for it. The multi-modal projector is trained in full
-(peft `modules_to_save`): it is small, it is what maps the image into the language model, and a
-freshly initialised Gemma 3 projector is all zeros, so without it a model never learns to look.
+LoRA targets are full module names found in the model itself (`resolve_targets`): the language
+model is whatever `get_decoder()` returns (`language_model`, SmolVLM's `text_model`), so `q_proj`
+never also hits the vision tower's projections (peft would match a bare list as suffixes); the
+vision tower is added only when the spec asks for it. The projector is trained in full (peft
+`modules_to_save`): it is small, it is what maps the image into the language model, and a freshly
+initialised Gemma 3 projector is all zeros, so without it a model never learns to look.
 """
 
 from __future__ import annotations
@@ -20,13 +21,24 @@ import torch
 
 from trainer.contract.spec import RunSpec
 
-# Names of the module that maps vision features into the language model, across VLM families
-# (Gemma 3 / LLaVA, Idefics 3 / SmolVLM, Qwen2-VL).
-PROJECTOR_NAMES = ("multi_modal_projector", "connector", "merger", "mm_projector")
-# A vision tower's own projection names (SigLIP / CLIP / ViT), added to the spec's modules.
-VISION_EXTRA_TARGETS = ("out_proj", "fc1", "fc2")
-LANGUAGE_PREFIX = r"(?:.*\.)?language_model\.(?:.*\.)?layers\.\d+\.(?:.*\.)?"
-VISION_PREFIX = r"(?:.*\.)?(?:vision_tower|vision_model|visual)\.(?:.*\.)?layers\.\d+\.(?:.*\.)?"
+# Where a family keeps its vision tower, on the inner model (Gemma, LLaVA, PaliGemma: vision_tower;
+# Qwen-VL: visual; Idefics3 / SmolVLM: vision_model). The language model is `get_decoder()`.
+VISION_TOWERS = ("vision_tower", "visual", "vision_model")
+# Projectors that live inside the vision tower rather than beside it (Qwen-VL's patch merger,
+# Qwen3-VL's DeepStack mergers); every other child of the inner model that is neither the
+# language model nor a tower is a projector (multi_modal_projector, connector, embed_vision).
+VISION_INNER_PROJECTORS = ("merger", "deepstack_merger_list")
+ALL_LINEAR = "all-linear"
+
+
+class TargetError(ValueError):
+    """A LoRA request that matches nothing (or part of it matches nothing)."""
+
+
+@dataclass(frozen=True)
+class Targets:
+    lora: list[str]  # full module names given LoRA adapters
+    projector: list[str]  # full module names trained in full (peft modules_to_save)
 
 
 @dataclass
@@ -97,26 +109,102 @@ def load_base(model_id: str, device: torch.device) -> Any:
     return AutoModelForImageTextToText.from_pretrained(model_id, dtype=torch.float32)
 
 
-def lora_target_regex(spec: RunSpec) -> str:
-    names = "|".join(re.escape(m) for m in spec.lora_target_modules)
-    pattern = f"{LANGUAGE_PREFIX}(?:{names})"
+def _named(model: Any, module: Any) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise TargetError(f"{type(model).__name__}: cannot find its language model among its modules")
+
+
+def _layer_linears(model: Any, prefix: str) -> list[tuple[str, str]]:
+    """(full name, leaf name) of the linear layers inside `prefix`'s numbered layers/blocks."""
+    layer = re.compile(rf"{re.escape(prefix)}\.(?:.*\.)?\d+\.(.*\.)?(\w+)")
+    out = []
+    for name, module in model.named_modules():
+        m = layer.fullmatch(name)
+        if m and _is_linear(module):
+            out.append((name, m.group(2)))
+    return out
+
+
+def resolve_targets(model: Any, spec: RunSpec) -> Targets:
+    """Where LoRA goes and what is trained in full, from the model's own modules: the named
+    projections of the language model's layers (every linear layer for `all-linear`), every
+    linear layer of the vision tower's blocks when `lora_vision` is asked for, and the
+    projector(s). Works on a model built on the meta device (the preflight) as on the loaded
+    one. Every requested name must match something: a typo is an error, not a silent no-op."""
+    kind = type(model).__name__
+    language = _named(model, model.get_decoder())
+    inner = getattr(model, "model", model)
+    inner_name = _named(model, inner) if inner is not model else ""
+    lm_linears = _layer_linears(model, language)
+    wanted = spec.lora_target_modules
+    if wanted == [ALL_LINEAR]:
+        lora = [n for n, _ in lm_linears]
+    else:
+        lora = [n for n, leaf in lm_linears if leaf in wanted]
+        missing = [w for w in wanted if not any(leaf == w for _, leaf in lm_linears)]
+        if missing:
+            names = sorted({leaf for _, leaf in lm_linears})
+            raise TargetError(
+                f"{spec.model_id} ({kind}): no linear layer named {', '.join(missing)} in its "
+                f"language model's layers ({language}); its names are: {', '.join(names)} "
+                f"(or use --lora-target-modules {ALL_LINEAR})"
+            )
+    if not lora:
+        raise TargetError(f"{spec.model_id} ({kind}): no linear layer in {language}'s layers")
+    vision_attr = next((a for a in VISION_TOWERS if getattr(inner, a, None) is not None), None)
+    vision = f"{inner_name}.{vision_attr}".lstrip(".") if vision_attr else None
+    projector = [
+        f"{inner_name}.{child}".lstrip(".")
+        for child, module in inner.named_children()
+        if f"{inner_name}.{child}".lstrip(".") not in (language, vision)
+        and "audio" not in child
+        and any(True for _ in module.parameters())
+    ]
+    if vision_attr:
+        tower = getattr(inner, vision_attr)
+        for n in VISION_INNER_PROJECTORS:
+            found = getattr(tower, n, None)
+            if isinstance(found, torch.nn.ModuleList):  # peft saves modules, not lists of them
+                projector += [f"{vision}.{n}.{i}" for i in range(len(found))]
+            elif found is not None:
+                projector.append(f"{vision}.{n}")
     if spec.lora_vision:
-        vision = sorted({*spec.lora_target_modules, *VISION_EXTRA_TARGETS})
-        pattern += f"|{VISION_PREFIX}(?:{'|'.join(re.escape(m) for m in vision)})"
-    return pattern
+        if vision is None:
+            raise TargetError(
+                f"{spec.model_id} ({kind}): --lora-vision asked for, but the model has no "
+                f"vision tower under any of {', '.join(VISION_TOWERS)}"
+            )
+        inside = [n for n, _ in _layer_linears(model, vision)]
+        inside = [n for n in inside if not any(n.startswith(p + ".") for p in projector)]
+        if not inside:
+            raise TargetError(
+                f"{spec.model_id} ({kind}): --lora-vision asked for, but {vision} has no "
+                "linear layer inside numbered blocks"
+            )
+        lora += inside
+    return Targets(lora=lora, projector=projector)
 
 
-def projector_modules(model: Any) -> list[str]:
-    found = []
-    for name, _ in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in PROJECTOR_NAMES and leaf not in found:
-            found.append(leaf)
-    return found
+def lora_config(spec: RunSpec, targets: Targets) -> Any:
+    from peft import LoraConfig
+
+    # Full names, anchored: a list of names would match as suffixes (notes, trap 2).
+    pattern = "|".join(re.escape(n) for n in targets.lora)
+    return LoraConfig(
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=f"(?:{pattern})",
+        modules_to_save=targets.projector or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def load(spec: RunSpec, device: torch.device) -> Loaded:
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     processor = load_processor(spec.model_id)
     base = load_base(spec.model_id, device)
@@ -134,23 +222,7 @@ def load(spec: RunSpec, device: torch.device) -> Loaded:
     elif checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    target = lora_target_regex(spec)
-    matched = [n for n, _ in base.named_modules() if re.fullmatch(target, n)]
-    if not matched:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if _is_linear(m)})
-        raise ValueError(
-            f"no module of {spec.model_id} matches the LoRA targets {spec.lora_target_modules} "
-            f"inside the language model's layers; its linear layers are named: {', '.join(linear)}"
-        )
-    config = LoraConfig(
-        r=spec.lora_r,
-        lora_alpha=spec.lora_alpha,
-        lora_dropout=spec.lora_dropout,
-        target_modules=target,
-        modules_to_save=projector_modules(base) or None,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    config = lora_config(spec, resolve_targets(base, spec))
     model = get_peft_model(base, config)
     if device.type == "cpu":
         model.to(device)
@@ -163,9 +235,10 @@ def _is_linear(module: Any) -> bool:
     return isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear")
 
 
-def end_of_turn_ids(model: Any, processor: Any) -> list[int]:
-    """Token ids that end an answer: the model's own EOS ids plus the chat template's end-of-turn
-    marker when the tokenizer has one, so generation stops right after the label."""
+def end_of_turn_ids(model: Any, processor: Any, end_marker: str) -> list[int]:
+    """Token ids that end an answer: the model's own EOS ids (generation_config), the
+    tokenizer's EOS, and the end marker the chat template writes after an answer (prompts'
+    Format.end), so generation stops right after the label whatever the family."""
     tokenizer = getattr(processor, "tokenizer", processor)
     ids: list[int] = []
     eos = getattr(model.generation_config, "eos_token_id", None)
@@ -173,8 +246,7 @@ def end_of_turn_ids(model: Any, processor: Any) -> list[int]:
         ids += eos if isinstance(eos, list) else [eos]
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-    for marker in ("<end_of_turn>", "<|im_end|>", "<end_of_utterance>", "<|eot_id|>"):
-        tid = tokenizer.convert_tokens_to_ids(marker)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
-            ids.append(tid)
+    marker = tokenizer(end_marker, add_special_tokens=False).input_ids
+    if len(marker) == 1:
+        ids.append(marker[0])
     return sorted(set(ids))

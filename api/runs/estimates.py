@@ -2,10 +2,12 @@
 (DESIGN.md step 1). A spec whose estimate does not fit its GPU is refused at submission, which
 is far cheaper than an out-of-memory kill twenty minutes into a Cloud Run execution.
 
-The model's size comes from its id: the Gemma 3 sizes are known exactly (their configs are public);
-any other id that names its size (`...-7B-...`, `...-256M-...`) gets a generic decoder
-architecture inferred from the parameter count; an id that names no size (a local directory)
-gets no estimate and is never refused.
+The model's size comes from its config.json when the create-run check could read it
+(`arch_from_config`: a local directory, or the Hub), else from its id: the families the trainer
+supports are known (`KNOWN`, from their public configs); any other id that names its size
+(`...-7B-...`, `...-256M-...`) gets a generic decoder architecture inferred from the parameter
+count; an id that names no size and has no readable config gets no estimate and is never
+refused.
 
 The memory model is the QLoRA set-up the trainer uses on CUDA: 4-bit NF4 weights with double
 quantization, embeddings and the vision tower in bf16, LoRA adapters with AdamW in fp32,
@@ -20,14 +22,20 @@ time of writing; they go stale: check https://cloud.google.com/run/pricing.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, Field
 
+from api.model_archs import KNOWN, Arch, model_size
 from trainer.contract.spec import RunSpec
 
+__all__ = ["KNOWN", "Estimate", "estimate", "model_size", "refusal_detail"]
+
 GIB = 1024**3
+# The instruction and label list around the image, and the answer: a prompt listing 37 pet
+# breeds takes about 230 tokens with Gemma's tokenizer.
+PROMPT_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -51,76 +59,6 @@ GPUS: dict[str, Gpu] = {
     # 96 GB card; 97,887 MiB visible.
     "nvidia-rtx-pro-6000": Gpu("NVIDIA RTX PRO 6000 (96 GB)", 94.0, 37.5, 1792, 20, 80, 0.00055),
 }
-
-
-@dataclass(frozen=True)
-class Arch:
-    """What the memory and time model needs to know about a model."""
-
-    name: str
-    exact: bool  # a known config, or inferred from the parameter count
-    hidden: int
-    intermediate: int
-    layers: int
-    q_dim: int  # attention heads x head dim
-    kv_dim: int
-    vocab: int
-    vision_params: int
-
-    @property
-    def layer_params(self) -> int:
-        h = self.hidden
-        return h * self.q_dim * 2 + h * self.kv_dim * 2 + 3 * h * self.intermediate
-
-    @property
-    def embed_params(self) -> int:
-        return self.vocab * self.hidden
-
-    @property
-    def params(self) -> int:
-        return self.layers * self.layer_params + self.embed_params + self.vision_params
-
-
-_SIGLIP = 417_000_000  # Gemma 3's SigLIP-400M vision tower plus the multi-modal projector
-_GEMMA_VOCAB = 262_208
-
-KNOWN: dict[str, Arch] = {
-    "gemma-3-4b": Arch(
-        "gemma-3-4b", True, 2560, 10240, 34, 8 * 256, 4 * 256, _GEMMA_VOCAB, _SIGLIP
-    ),
-    "gemma-3-12b": Arch(
-        "gemma-3-12b", True, 3840, 15360, 48, 16 * 256, 8 * 256, _GEMMA_VOCAB, _SIGLIP
-    ),
-    "gemma-3-27b": Arch(
-        "gemma-3-27b", True, 5376, 21504, 62, 32 * 128, 16 * 128, _GEMMA_VOCAB, _SIGLIP
-    ),
-}
-
-# "gemma-3-27b", "Qwen2.5-VL-7B", "SmolVLM-256M": a number and B or M, not glued to other
-# letters or digits (so "A3B" in "30B-A3B" and "8x7b" are not read as sizes).
-_SIZE = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)([bm])(?![a-z0-9])")
-
-
-def model_size(model_id: str) -> tuple[int | None, Arch | None]:
-    """(parameter count, architecture) from a model id; (None, None) when it names no size."""
-    lowered = model_id.lower()
-    for key, arch in KNOWN.items():
-        if key in lowered:
-            return arch.params, arch
-    match = _SIZE.search(lowered.rsplit("/", 1)[-1])
-    if not match:
-        return None, None
-    params = int(float(match.group(1)) * (1e9 if match.group(2) == "b" else 1e6))
-    if params <= 0:
-        return None, None
-    return params, _generic_arch(params)
-
-
-def _generic_arch(params: int) -> Arch:
-    # A dense decoder has ~12·L·h² parameters and, across common models, L ≈ h / 128.
-    hidden = max(256, round((params * 128 / 12) ** (1 / 3) / 128) * 128)
-    layers = max(1, round(params / (12 * hidden * hidden)))
-    return Arch("inferred", False, hidden, 4 * hidden, layers, hidden, hidden // 4, 150_000, 0)
 
 
 class MemoryEstimate(BaseModel):
@@ -157,14 +95,14 @@ class Estimate(BaseModel):
     notes: list[str]
 
 
-def estimate(spec: RunSpec) -> Estimate:
+def estimate(spec: RunSpec, config: dict[str, Any] | None = None) -> Estimate:
     gpu = GPUS[spec.gpu_type]
     usd_per_second = (
         gpu.gpu_usd_per_second
         + gpu.vcpu * VCPU_USD_PER_SECOND
         + gpu.memory_gib_host * HOST_GIB_USD_PER_SECOND
     )
-    params, arch = model_size(spec.model_id)
+    params, arch = model_size(spec.model_id, config)
     if params is None or arch is None:
         return Estimate(
             model_id=spec.model_id,
@@ -193,6 +131,14 @@ def estimate(spec: RunSpec) -> Estimate:
             "each resumes from the previous one's checkpoint and reloads the model"
         )
     fits = memory.total_gib <= memory.gpu_gib
+    if arch.image_tokens and spec.max_length < arch.image_tokens + PROMPT_TOKENS:
+        # The trainer would stop at its first batch (PromptTooLong): refuse it here instead.
+        fits = False
+        notes.append(
+            f"max_length {spec.max_length} cannot hold one image ({arch.image_tokens} tokens in "
+            f"{arch.name}) and the prompt: raise max_length to at least "
+            f"{arch.image_tokens + PROMPT_TOKENS}"
+        )
     return Estimate(
         model_id=spec.model_id,
         gpu_type=spec.gpu_type,
@@ -248,8 +194,10 @@ def _lora_params(spec: RunSpec, arch: Arch) -> int:
         "up_proj": (h, i),
         "down_proj": (i, h),
     }
-    # A module name this table does not know is counted as a square h x h projection.
-    per_layer = sum(sum(shapes.get(m, (h, h))) for m in spec.lora_target_modules) * spec.lora_r
+    # A module name this table does not know is counted as a square h x h projection;
+    # `all-linear` is the seven projections of a decoder layer.
+    names = list(shapes) if spec.lora_target_modules == ["all-linear"] else spec.lora_target_modules
+    per_layer = sum(sum(shapes.get(m, (h, h))) for m in names) * spec.lora_r
     return per_layer * arch.layers
 
 
@@ -290,6 +238,8 @@ def refusal_detail(spec: RunSpec, est: Estimate) -> str:
     """Why a run does not fit, and what would make it fit."""
     assert est.memory is not None
     need, have = est.memory.total_gib, est.memory.gpu_gib
+    if need <= have:  # refused for what it cannot hold, not for memory
+        return f"{spec.model_id}: " + "; ".join(n for n in est.notes if "max_length" in n)
     parts = [
         f"{spec.model_id} on {spec.gpu_type} needs about {need:g} GiB of GPU memory; "
         f"the GPU has {have:g} GiB"

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from sqlalchemy import and_, or_, update
 from sqlmodel import Session, col, select
 
+from api import model_check
 from api.config import Settings
 from api.errors import Problem
 from api.events.models import RunEvent, RunEventPublic
@@ -138,7 +139,10 @@ def create_run(
         )
         data = data.model_copy(update={"spec": spec})
     check_storable(data.model_dump(mode="json"), "body")
-    est = estimate_or_refuse(data.spec, "body.spec")
+    # The model's own files, where readable: a model the trainer cannot fine-tune is refused
+    # now rather than after a GPU was paid for; its config.json sharpens the estimate.
+    config = model_check.check(data.spec.model_id, settings.hub_url)
+    est = estimate_or_refuse(data.spec, "body.spec", config)
 
     def insert() -> str:
         return insert_run(session, data.spec, data.name, data.notes, data.tags, None, est)
@@ -287,18 +291,22 @@ def insert_run(
     return run.id
 
 
-def estimate_or_refuse(spec: RunSpec, field: str) -> dict[str, Any]:
+def estimate_or_refuse(
+    spec: RunSpec, field: str, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The spec's estimate as stored on `Run.estimate`; a 422 problem carrying the estimate
     when it cannot fit its GPU (`field` is where the spec sits in the request)."""
-    est = estimate(spec)
+    est = estimate(spec, config)
     if est.fits is False:
         detail = refusal_detail(spec, est)
+        memory_fits = est.memory is not None and est.memory.total_gib <= est.memory.gpu_gib
+        culprit = "max_length" if memory_fits else "gpu_type"
         raise Problem(
             422,
             "Run does not fit the GPU",
             detail,
             estimate=est.model_dump(mode="json"),
-            errors=[{"field": f"{field}.gpu_type", "message": detail}],
+            errors=[{"field": f"{field}.{culprit}", "message": detail}],
         )
     return est.model_dump(mode="json")
 

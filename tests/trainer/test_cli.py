@@ -480,16 +480,25 @@ def test_a_failure_is_reported_and_exits_1(
 
 
 def test_sizes_larger_than_the_data_set_are_warned_about_and_recorded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    import shutil
+
     from trainer.data import load_digits
 
     pools = load_digits()
     n_train, n_test = len(pools.train), len(pools.test)
     err: list[str] = []
-    # The model does not exist: the run fails after the data are chosen, which is enough here.
+    # A checkpoint without its weights: it passes the preflight, then the run fails loading the
+    # model, after the data are chosen, which is enough here.
+    weightless = tmp_path / "weightless"
+    shutil.copytree(tiny_model, weightless)
+    (weightless / "model.safetensors").unlink()
     code, _ = _run_in_process(
-        ["--model-id", str(tmp_path / "no-such-model"), "--dataset", "digits",
+        ["--model-id", str(weightless), "--dataset", "digits",
          "--train-size", "5000", "--eval-size", "40", "--output-dir", str(tmp_path / "out")],
         monkeypatch,
         capsys,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trainer.contract.events import Evaluation
-from trainer.evaluate import LabelMatcher, compute_metrics, normalize
+from trainer.evaluate import LabelMatcher, clean_answer, compute_metrics, normalize
 
 
 def test_normalize() -> None:
@@ -19,12 +19,13 @@ def test_normalize() -> None:
         ("english_cocker_spaniel", "English Cocker Spaniel"),
         ("ENGLISH-COCKER-SPANIEL", "English Cocker Spaniel"),
         ("cocker spaniel", "Cocker Spaniel"),
-        ("A Cocker Spaniel, not an English Cocker Spaniel", "English Cocker Spaniel"),
+        # The label written first is the answer, even when a longer one follows.
+        ("A Cocker Spaniel, not an English Cocker Spaniel", "Cocker Spaniel"),
         ("a spaniel of some kind", None),
         ("", None),
     ],
 )
-def test_longest_label_wins(answer: str, expected: str | None) -> None:
+def test_the_longest_label_at_the_first_match_wins(answer: str, expected: str | None) -> None:
     match = LabelMatcher(["Cocker Spaniel", "English Cocker Spaniel", "Pug"])
     assert match(answer) == expected
 
@@ -36,8 +37,9 @@ def test_longest_label_wins(answer: str, expected: str | None) -> None:
         ("Seven<end_of_turn>", "seven"),
         ("none", None),  # "one" only as a whole word
         ("It is a 7", None),
-        ("eight or nine", "eight"),  # the longer label
-        ("two or one", "two"),  # same length: the earlier one
+        ("eight or nine", "eight"),  # the earlier one
+        ("one or three", "one"),  # the earlier one, though shorter
+        ("two or one", "two"),
     ],
 )
 def test_digit_names_match_as_whole_words(answer: str, expected: str | None) -> None:
@@ -108,3 +110,21 @@ def test_all_answers_unparseable() -> None:
 def test_raw_answers_are_cut_to_the_contract_size() -> None:
     m = compute_metrics(["a"], ["1"], ["a"], [None], ["x" * 5000])
     assert len(m.predictions[0].raw_answer) == 500
+
+
+def test_the_label_written_first_wins_over_an_echoed_prompt() -> None:
+    match = LabelMatcher(["zero", "one", "two", "three"])
+    # A model that answers, then echoes the instruction's list: it answered "one".
+    assert match("one. Answer with exactly one of these labels: zero, one, two, three") == "one"
+    pets = LabelMatcher(["Cocker Spaniel", "English Cocker Spaniel"])
+    assert pets("English Cocker Spaniel, not a Cocker Spaniel") == "English Cocker Spaniel"
+
+
+def test_a_label_named_while_thinking_is_not_the_answer() -> None:
+    specials = ["<|channel>", "<channel|>", "<turn|>", "<eos>"]
+    raw = "<|channel>thought\nmaybe three<channel|>seven<turn|>"
+    assert clean_answer(raw, specials) == "seven"
+    assert LabelMatcher(["three", "seven"])(clean_answer(raw, specials)) == "seven"
+    # Still thinking when the token budget ran out: no answer yet.
+    assert clean_answer("<|channel>thought\nthree or", specials) == ""
+    assert clean_answer("<think>two</think> one", []) == "one"

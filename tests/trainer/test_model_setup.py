@@ -93,14 +93,14 @@ def test_lora_vision_adds_the_vision_tower(tiny_model: Path, cpu: torch.device) 
 
 def test_unknown_target_modules_say_what_exists(tiny_model: Path, cpu: torch.device) -> None:
     spec = RunSpec(model_id=str(tiny_model), dataset="digits", lora_target_modules=["qkv"])
-    with pytest.raises(ValueError, match=r"linear layers are named: .*gate_proj"):
+    with pytest.raises(model_setup.TargetError, match=r"named qkv .*names are: .*gate_proj"):
         model_setup.load(spec, cpu)
 
 
 def test_stop_ids_include_the_end_of_turn_marker(tiny_model: Path, cpu: torch.device) -> None:
     loaded = model_setup.load(RunSpec(model_id=str(tiny_model), dataset="digits"), cpu)
     tok = loaded.processor.tokenizer
-    ids = model_setup.end_of_turn_ids(loaded.model, loaded.processor)
+    ids = model_setup.end_of_turn_ids(loaded.model, loaded.processor, END_OF_TURN)
     assert tok.convert_tokens_to_ids(END_OF_TURN) in ids and tok.eos_token_id in ids
 
 

@@ -94,7 +94,7 @@ class RunSpec(BaseModel):
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         min_length=1,
         max_length=32,
-        description="projection names inside the language model's layers",
+        description="projection names inside the language model's layers, or all-linear",
     )
     lora_vision: bool = Field(False, description="also put LoRA on the vision tower's projections")
     max_length: int = _bounded(512, ge=16, le=32_768, description="tokens per training example")
@@ -125,6 +125,10 @@ class RunSpec(BaseModel):
     @field_validator("lora_target_modules")
     @classmethod
     def _check_modules(cls, value: list[str]) -> list[str]:
+        if "all-linear" in value:
+            if value != ["all-linear"]:
+                raise ValueError("'all-linear' stands alone: it already means every projection")
+            return value
         bad = [m for m in value if not _MODULE_NAME.match(m)]
         if bad:
             raise ValueError(f"not a module name: {', '.join(map(repr, bad))}")

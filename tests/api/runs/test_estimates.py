@@ -20,8 +20,10 @@ def spec(**kw: Any) -> RunSpec:
         ("google/gemma-3-4b-it", 4.3e9),
         ("google/gemma-3-12b-pt", 12.2e9),
         ("/models/gemma-3-27b-it", 27.4e9),
-        ("Qwen/Qwen2.5-VL-7B-Instruct", 7e9),
-        ("HuggingFaceTB/SmolVLM-256M-Instruct", 256e6),
+        # Known families: their configs' count, vision tower and untied head included.
+        ("Qwen/Qwen2.5-VL-7B-Instruct", 8.29e9),
+        ("HuggingFaceTB/SmolVLM-256M-Instruct", 228e6),
+        ("google/gemma-4-31b-it", 31.25e9),
         ("meta-llama/Llama-3.2-11B-Vision-Instruct", 11e9),
         ("org/model-1.5b", 1.5e9),
     ],
@@ -76,6 +78,7 @@ def test_which_gemma_fits_which_gpu() -> None:
     fits = {
         (name, gpu): estimate(spec(model_id=f"google/{name}-it", gpu_type=gpu)).fits
         for name in KNOWN
+        if name.startswith("gemma-3")
         for gpu in ("nvidia-l4", "nvidia-rtx-pro-6000")
     }
     assert fits == {
@@ -109,3 +112,60 @@ def test_refusal_suggests_what_would_fit() -> None:
     assert "'nvidia-rtx-pro-6000' would fit" in detail
     huge = spec(model_id="org/model-400b", gpu_type="nvidia-l4", max_length=32768)
     assert "no batch size or GPU makes it fit" in refusal_detail(huge, estimate(huge))
+
+
+@pytest.mark.parametrize(
+    "model_id",
+    [
+        "google/gemma-3-4b-it",
+        "google/gemma-4-e2b-it",
+        "google/gemma-4-e4b-it",
+        "google/gemma-4-31b-it",
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        "Qwen/Qwen3-VL-8B-Instruct",
+        "HuggingFaceTB/SmolVLM-256M-Instruct",
+        "HuggingFaceTB/SmolVLM-500M-Instruct",
+        "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
+        "google/paligemma-3b-pt-224",
+        "google/paligemma2-10b-pt-224",
+        "llava-hf/llava-1.5-7b-hf",
+        "llava-hf/llava-v1.6-mistral-7b-hf",
+    ],
+)
+def test_every_supported_family_is_known(model_id: str) -> None:
+    _, arch = model_size(model_id)
+    assert arch is not None and arch.exact and arch.name != "inferred"
+    assert arch.image_tokens > 0 and arch.vocab > 30_000 and arch.vision_params > 0
+    est = estimate(spec(model_id=model_id, max_length=4096, gpu_type="nvidia-rtx-pro-6000"))
+    assert est.memory is not None and est.cost_usd is not None
+
+
+def test_an_unknown_model_is_estimated_from_its_config() -> None:
+    config = {
+        "model_type": "newvlm",
+        "text_config": {
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 4,
+            "vocab_size": 100_000,
+            "tie_word_embeddings": False,
+        },
+        "vision_config": {"hidden_size": 1024, "num_hidden_layers": 24, "intermediate_size": 4096},
+        "mm_tokens_per_image": 144,
+    }
+    count, arch = model_size("/models/my-finetune", config)
+    assert arch is not None and arch.name == "newvlm" and arch.image_tokens == 144
+    layer = 2048 * 2048 * 2 + 2048 * 512 * 2 + 3 * 2048 * 8192
+    vision = 24 * (4 * 1024 * 1024 + 2 * 1024 * 4096)
+    assert count == 24 * layer + 2 * 100_000 * 2048 + vision
+    assert estimate(spec(model_id="/models/my-finetune"), config).fits is True
+    assert model_size("/models/my-finetune", {"model_type": "x"}) == (None, None)
+
+
+def test_a_max_length_that_cannot_hold_the_image_is_refused() -> None:
+    est = estimate(spec(model_id="llava-hf/llava-1.5-7b-hf", max_length=512))
+    assert est.fits is False and any("raise max_length to at least 640" in n for n in est.notes)
+    assert "raise max_length to at least 640" in refusal_detail(spec(max_length=512), est)
+    assert estimate(spec(model_id="llava-hf/llava-1.5-7b-hf", max_length=1024)).fits is True

@@ -1,0 +1,206 @@
+"""What the estimator knows about a model's architecture: the families the trainer supports, from
+their public configs; any model from its config.json; else a guess from a size in its id."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the memory and time model needs to know about a model."""
+
+    name: str
+    exact: bool  # a known config, or inferred from the parameter count
+    hidden: int
+    intermediate: int
+    layers: int
+    q_dim: int  # attention heads x head dim
+    kv_dim: int
+    vocab: int
+    vision_params: int  # vision tower, projector and any audio tower: kept in bf16
+    image_tokens: int = 0  # tokens one image takes in the prompt (typical, for dynamic ones)
+    untied_head: bool = False  # an output projection of its own (not the embeddings')
+    extra_embed_params: int = 0  # Gemma 4 E-series per-layer embeddings (bf16)
+
+    @property
+    def layer_params(self) -> int:
+        h = self.hidden
+        return h * self.q_dim * 2 + h * self.kv_dim * 2 + 3 * h * self.intermediate
+
+    @property
+    def embed_params(self) -> int:
+        heads = 2 if self.untied_head else 1
+        return self.vocab * self.hidden * heads + self.extra_embed_params
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.embed_params + self.vision_params
+
+
+_SIGLIP = 417_000_000  # Gemma 3's SigLIP-400M vision tower plus the multi-modal projector
+_GEMMA_VOCAB = 262_208
+
+
+def _a(name: str, h: int, i: int, layers: int, q: int, kv: int, vocab: int, vision: float,
+       image: int, **kw: Any) -> Arch:  # fmt: skip
+    return Arch(name, True, h, i, layers, q, kv, vocab, int(vision), image, **kw)
+
+
+# From each family's public config.json (text_config: hidden, intermediate, layers, heads x head
+# dim, KV heads x head dim, vocabulary; vision_config for the tower). Image tokens: fixed per
+# image where the family fixes them (Gemma, PaliGemma at 224 px, LLaVA-1.5), typical for a
+# ~500x375 photo where they depend on its size (Qwen-VL, SmolVLM's tiles, LLaVA-NeXT's anyres).
+# Gemma 4 31B mixes sliding layers (32 x 256 query, 16 x 256 KV) with one global layer in six
+# (32 x 512 query, 4 x 512 keys shared with values): the dims below are the per-layer averages.
+KNOWN: dict[str, Arch] = {
+    "gemma-3-4b": _a("gemma-3-4b", 2560, 10240, 34, 8 * 256, 4 * 256, _GEMMA_VOCAB, _SIGLIP, 256),
+    "gemma-3-12b": _a("gemma-3-12b", 3840, 15360, 48, 4096, 2048, _GEMMA_VOCAB, _SIGLIP, 256),
+    "gemma-3-27b": _a("gemma-3-27b", 5376, 21504, 62, 4096, 2048, _GEMMA_VOCAB, _SIGLIP, 256),
+    # E-series: 768-wide 16-layer vision tower and a ~300M audio tower; per-layer embeddings
+    # of 256 per layer over the whole vocabulary.
+    "gemma-4-e2b": _a(
+        "gemma-4-e2b",
+        1536,
+        6144,
+        35,
+        2048,
+        256,
+        262_144,
+        460e6,
+        280,
+        extra_embed_params=262_144 * 35 * 256,
+    ),
+    "gemma-4-e4b": _a(
+        "gemma-4-e4b",
+        2560,
+        10240,
+        42,
+        2048,
+        512,
+        262_144,
+        460e6,
+        280,
+        extra_embed_params=262_144 * 42 * 256,
+    ),
+    "gemma-4-31b": _a("gemma-4-31b", 5376, 21504, 60, 9557, 3584, 262_144, 550e6, 280),
+    "qwen2.5-vl-3b": _a("qwen2.5-vl-3b", 2048, 11008, 36, 2048, 256, 151_936, 670e6, 234),
+    "qwen2.5-vl-7b": _a(
+        "qwen2.5-vl-7b", 3584, 18944, 28, 3584, 512, 152_064, 676e6, 234, untied_head=True
+    ),
+    "qwen2.5-vl-32b": _a(
+        "qwen2.5-vl-32b", 5120, 27648, 64, 5120, 1024, 152_064, 676e6, 234, untied_head=True
+    ),
+    "qwen2.5-vl-72b": _a(
+        "qwen2.5-vl-72b", 8192, 29568, 80, 8192, 1024, 152_064, 676e6, 234, untied_head=True
+    ),
+    "qwen3-vl-2b": _a("qwen3-vl-2b", 2048, 6144, 28, 2048, 1024, 151_936, 405e6, 192),
+    "qwen3-vl-4b": _a("qwen3-vl-4b", 2560, 9728, 36, 4096, 1024, 151_936, 405e6, 192),
+    "qwen3-vl-8b": _a(
+        "qwen3-vl-8b", 4096, 12288, 36, 4096, 1024, 151_936, 576e6, 192, untied_head=True
+    ),
+    "qwen3-vl-32b": _a(
+        "qwen3-vl-32b", 5120, 25600, 64, 8192, 1024, 151_936, 576e6, 192, untied_head=True
+    ),
+    # SmolVLM: 64 tokens per 512-px tile, a ~500x375 photo resized to 1536 px: 12 tiles + 1.
+    "smolvlm-256m": _a("smolvlm-256m", 576, 1536, 30, 576, 192, 49_280, 93e6, 832),
+    "smolvlm-500m": _a("smolvlm-500m", 960, 2560, 32, 960, 320, 49_280, 93e6, 832),
+    "smolvlm-instruct": _a("smolvlm-instruct", 2048, 8192, 24, 2048, 2048, 49_155, 430e6, 1053),
+    "smolvlm2-256m": _a("smolvlm2-256m", 576, 1536, 30, 576, 192, 49_280, 93e6, 832),
+    "smolvlm2-500m": _a("smolvlm2-500m", 960, 2560, 32, 960, 320, 49_280, 93e6, 832),
+    "smolvlm2-2.2b": _a("smolvlm2-2.2b", 2048, 8192, 24, 2048, 2048, 49_280, 430e6, 1053),
+    "paligemma-3b": _a("paligemma-3b", 2048, 16384, 18, 2048, 256, 257_216, 428e6, 256),
+    "paligemma2-3b": _a("paligemma2-3b", 2304, 9216, 26, 2048, 1024, 257_216, 428e6, 256),
+    "paligemma2-10b": _a("paligemma2-10b", 3584, 14336, 42, 4096, 2048, 257_216, 428e6, 256),
+    "paligemma2-28b": _a("paligemma2-28b", 4608, 36864, 46, 4096, 2048, 257_216, 428e6, 256),
+    "llava-1.5-7b": _a(
+        "llava-1.5-7b", 4096, 11008, 32, 4096, 4096, 32_064, 325e6, 576, untied_head=True
+    ),
+    "llava-1.5-13b": _a(
+        "llava-1.5-13b", 5120, 13824, 40, 5120, 5120, 32_064, 330e6, 576, untied_head=True
+    ),
+    "llava-v1.6-mistral-7b": _a(
+        "llava-v1.6-mistral-7b", 4096, 14336, 32, 4096, 1024, 32_064, 325e6, 2160, untied_head=True
+    ),
+    "llava-v1.6-vicuna-7b": _a(
+        "llava-v1.6-vicuna-7b", 4096, 11008, 32, 4096, 4096, 32_064, 325e6, 2160, untied_head=True
+    ),
+}
+
+
+def arch_from_config(config: dict[str, Any]) -> Arch | None:
+    """An architecture read from a config.json (a model no table knows); None when it lacks
+    the language model's widths."""
+    text = config.get("text_config") or config
+    try:
+        h = int(text["hidden_size"])
+        layers = int(text["num_hidden_layers"])
+        heads = int(text["num_attention_heads"])
+        vocab = int(text.get("vocab_size") or config["vocab_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    head_dim = int(text.get("head_dim") or h // heads)
+    kv = int(text.get("num_key_value_heads") or heads)
+    inter = int(text.get("intermediate_size") or 4 * h)
+    vision = config.get("vision_config") or {}
+    vh = int(vision.get("hidden_size") or vision.get("embed_dim") or 0)
+    vl = int(vision.get("num_hidden_layers") or vision.get("depth") or 0)
+    vi = int(vision.get("intermediate_size") or 4 * vh)
+    image = (
+        config.get("mm_tokens_per_image")
+        or config.get("image_seq_length")
+        or config.get("vision_soft_tokens_per_image")
+        or (
+            (int(vision["image_size"]) // int(vision["patch_size"])) ** 2
+            if vision.get("image_size") and vision.get("patch_size")
+            else 0
+        )
+    )
+    return Arch(
+        str(config.get("model_type") or "config.json"),
+        True,
+        h,
+        inter,
+        layers,
+        heads * head_dim,
+        kv * head_dim,
+        vocab,
+        vl * (4 * vh * vh + 2 * vh * vi),
+        int(image),
+        untied_head=not text.get("tie_word_embeddings", config.get("tie_word_embeddings", True)),
+    )
+
+
+# "gemma-3-27b", "Qwen2.5-VL-7B", "SmolVLM-256M": a number and B or M, not glued to other
+# letters or digits (so "A3B" in "30B-A3B" and "8x7b" are not read as sizes).
+_SIZE = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)([bm])(?![a-z0-9])")
+
+
+def model_size(
+    model_id: str, config: dict[str, Any] | None = None
+) -> tuple[int | None, Arch | None]:
+    """(parameter count, architecture) from a model id, or its config.json when given; (None,
+    None) when neither says."""
+    lowered = model_id.lower()
+    for key, arch in KNOWN.items():
+        if key in lowered:
+            return arch.params, arch
+    read = arch_from_config(config) if config else None
+    if read is not None:
+        return read.params, read
+    match = _SIZE.search(lowered.rsplit("/", 1)[-1])
+    if not match:
+        return None, None
+    params = int(float(match.group(1)) * (1e9 if match.group(2) == "b" else 1e6))
+    if params <= 0:
+        return None, None
+    return params, _generic_arch(params)
+
+
+def _generic_arch(params: int) -> Arch:
+    # A dense decoder has ~12·L·h² parameters and, across common models, L ≈ h / 128.
+    hidden = max(256, round((params * 128 / 12) ** (1 / 3) / 128) * 128)
+    layers = max(1, round(params / (12 * hidden * hidden)))
+    return Arch("inferred", False, hidden, 4 * hidden, layers, hidden, hidden // 4, 150_000, 0)
