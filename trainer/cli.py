@@ -204,7 +204,12 @@ class Execution:
     def load_model(self, device: Any, stopper: Stopper, splits: Any) -> model.Loaded:
         spec = self.spec
         assert self.store is not None
-        loaded = model.load(spec, device)
+        from trainer.plan import plan_run
+
+        step_plan = plan_run(spec, device, splits.labels, splits.train[0])
+        log(f"step plan: {step_plan.summary()}")
+        self.results.step_plan = step_plan.as_dict()
+        loaded = model.load(spec, device, step_plan)
         self.trainer = train.Trainer(
             loaded,
             spec,
@@ -218,12 +223,13 @@ class Execution:
         if self.restored:
             self.trainer.restore(self.restored)
         log(
-            f"model: {spec.model_id} on {device}, {'4-bit' if loaded.quantized else 'fp32'}"
+            f"model: {spec.model_id} on {device}, {_weights(loaded)}"
             f", {loaded.trainable_params:,} of {loaded.total_params:,} parameters trained"
         )
         self.results.model = {
             "model_id": spec.model_id,
             "quantized_4bit": loaded.quantized,
+            "weights": _weights(loaded),
             "trainable_params": loaded.trainable_params,
             "total_params": loaded.total_params,
         }
@@ -380,6 +386,12 @@ class Execution:
 
 def _same_dir(uri: str, local: Path) -> bool:
     return "://" not in uri and Path(uri).resolve() == local.resolve()
+
+
+def _weights(loaded: model.Loaded) -> str:
+    if loaded.quantized:
+        return "4-bit NF4"
+    return "bf16" if loaded.device.type == "cuda" else "fp32"
 
 
 def _seed_everything(seed: int) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from trainer.contract.spec import RunSpec
+from trainer.plan import StepPlan, apply_checkpointing
 
 # Where a family keeps its vision tower, on the inner model (Gemma, LLaVA, PaliGemma: vision_tower;
 # Qwen-VL: visual; Idefics3 / SmolVLM: vision_model). The language model is `get_decoder()`.
@@ -49,6 +50,7 @@ class Loaded:
     quantized: bool
     trainable_params: int
     total_params: int
+    plan: StepPlan | None = None
 
 
 class NoCudaError(RuntimeError):
@@ -88,9 +90,14 @@ def load_processor(model_id: str) -> Any:
     return AutoProcessor.from_pretrained(model_id)
 
 
-def load_base(model_id: str, device: torch.device) -> Any:
+def load_base(model_id: str, device: torch.device, quantize: bool = True) -> Any:
     from transformers import AutoModelForImageTextToText
 
+    if device.type == "cuda" and not quantize:
+        # bf16 LoRA (quantization: none, or auto where it fits): no dequantization per matmul.
+        return AutoModelForImageTextToText.from_pretrained(
+            model_id, dtype=torch.bfloat16, device_map={"": device.index or 0}
+        )
     if device.type == "cuda":
         from transformers import BitsAndBytesConfig
 
@@ -203,32 +210,37 @@ def lora_config(spec: RunSpec, targets: Targets) -> Any:
     )
 
 
-def load(spec: RunSpec, device: torch.device) -> Loaded:
+def load(spec: RunSpec, device: torch.device, plan: StepPlan | None = None) -> Loaded:
+    """`plan` (trainer.plan) picks the weights' quantization and the checkpointing; without one,
+    CUDA means NF4 with full checkpointing (when the spec allows it), the CPU neither."""
     from peft import get_peft_model
 
     processor = load_processor(spec.model_id)
-    base = load_base(spec.model_id, device)
-    quantized = device.type == "cuda"
-    checkpointing = spec.gradient_checkpointing and device.type == "cuda"
+    cuda = device.type == "cuda"
+    quantized = cuda and (plan.quantization == "nf4" if plan else True)
+    base = load_base(spec.model_id, device, quantize=quantized)
+    mode = plan.checkpointing if plan else "full" if spec.gradient_checkpointing else "none"
     if quantized:
         from peft import prepare_model_for_kbit_training
 
-        base = prepare_model_for_kbit_training(
-            base,
-            use_gradient_checkpointing=checkpointing,
-            # Non-reentrant checkpointing works with frozen inputs and peft's wrappers.
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Checkpointing is applied below, the same way for both weight kinds.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    if cuda or plan:
+        apply_checkpointing(base, mode)
 
     config = lora_config(spec, resolve_targets(base, spec))
     model = get_peft_model(base, config)
     if device.type == "cpu":
         model.to(device)
+    elif not quantized:
+        # bf16 weights give bf16 adapters; AdamW keeps them in fp32 (as for QLoRA), autocast
+        # does the matmuls in bf16.
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return Loaded(model, processor, device, quantized, trainable, total)
+    return Loaded(model, processor, device, quantized, trainable, total, plan)
 
 
 def _is_linear(module: Any) -> bool:

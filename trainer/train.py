@@ -31,6 +31,7 @@ from trainer.contract.spec import RunSpec
 from trainer.data import Sample
 from trainer.deadline import SegmentEnd, Stopper
 from trainer.evaluate import autocast, to_device
+from trainer.loss import supports_answer_logits, training_loss
 from trainer.model import Loaded
 
 WARMUP_FRACTION = 0.1
@@ -41,11 +42,15 @@ RNG_FILE = "rng.pt"
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def plan(num_samples: int, spec: RunSpec) -> tuple[int, int]:
-    """(micro-batches per epoch, total optimizer steps) for a training set of `num_samples`."""
-    per_epoch = math.ceil(num_samples / spec.batch_size)
+def plan(
+    num_samples: int, spec: RunSpec, micro: int | None = None, accum: int | None = None
+) -> tuple[int, int]:
+    """(micro-batches per epoch, total optimizer steps) for a training set of `num_samples`,
+    in micro-batches of `micro` (the step plan's; the spec's batch size by default)."""
+    micro, accum = micro or spec.batch_size, accum or spec.gradient_accumulation_steps
+    per_epoch = math.ceil(num_samples / micro)
     total_micro = max(1, math.ceil(per_epoch * spec.num_epochs))
-    return per_epoch, math.ceil(total_micro / spec.gradient_accumulation_steps)
+    return per_epoch, math.ceil(total_micro / accum)
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
@@ -77,7 +82,12 @@ class Trainer:
         self.stopper = stopper
         self.on_progress = on_progress
         self.on_checkpoint = on_checkpoint
-        self.per_epoch, self.total_steps = plan(len(self.samples), spec)
+        # The step plan's split of the effective batch (trainer.plan), else the spec's.
+        step_plan = getattr(loaded, "plan", None)
+        self.micro = step_plan.micro_batch if step_plan else spec.batch_size
+        self.accum = step_plan.accumulation if step_plan else spec.gradient_accumulation_steps
+        self.answer_only = supports_answer_logits(self.model)
+        self.per_epoch, self.total_steps = plan(len(self.samples), spec, self.micro, self.accum)
         self.total_micro = max(1, math.ceil(self.per_epoch * spec.num_epochs))
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)
@@ -85,7 +95,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _linear_warmup_decay(warmup, self.total_steps)
         )
-        self.state = TrainState(total_steps=self.total_steps, spec_digest=spec_digest(spec))
+        self.state = TrainState(
+            total_steps=self.total_steps, spec_digest=spec_digest(spec), micro_batch=self.micro
+        )
         self.history: list[dict[str, float]] = []  # (step, loss, lr) for results.json
         self.last_checkpoint: tuple[int, str] | None = None
 
@@ -105,6 +117,15 @@ class Trainer:
         self.scheduler.load_state_dict(torch.load(d / SCHEDULER_FILE, weights_only=False))
         _set_rng_state(torch.load(d / RNG_FILE, weights_only=False))
         self.state = restored.state
+        if self.state.micro_batch and self.state.micro_batch != self.micro:
+            # Positions count micro-batches of the checkpoint's size: keep its split.
+            self.micro = self.state.micro_batch
+            self.accum = self.spec.effective_batch_size // self.micro
+            self.per_epoch, self.total_steps = plan(
+                len(self.samples), self.spec, self.micro, self.accum
+            )
+            self.total_micro = max(1, math.ceil(self.per_epoch * self.spec.num_epochs))
+        self.state.micro_batch = self.micro
         if self.state.total_steps != self.total_steps:
             raise RuntimeError(
                 f"checkpoint {restored.uri} was made for {self.state.total_steps} steps, this "
@@ -140,7 +161,7 @@ class Trainer:
             epoch, pos = divmod(m, self.per_epoch)
             if epoch != order_epoch:
                 order, order_epoch = epoch_order(len(self.samples), self.spec.seed, epoch), epoch
-            idx = order[pos * self.spec.batch_size : (pos + 1) * self.spec.batch_size]
+            idx = order[pos * self.micro : (pos + 1) * self.micro]
             yield [self.samples[i] for i in idx]
 
     def _batches(self, start: int) -> Generator[dict[str, Any], None, None]:
@@ -188,13 +209,11 @@ class Trainer:
             for batch in batches:
                 m = state.micro_batches
                 # The last step of a run may hold fewer micro-batches than the others.
-                step_end = min(
-                    (state.step + 1) * spec.gradient_accumulation_steps, self.total_micro
-                )
-                in_step = step_end - state.step * spec.gradient_accumulation_steps
+                step_end = min((state.step + 1) * self.accum, self.total_micro)
+                in_step = step_end - state.step * self.accum
                 inputs = to_device(batch, device, float_dtype)
                 with autocast(device):
-                    loss = self.model(**inputs).loss
+                    loss = training_loss(self.model, inputs, self.answer_only)
                 (loss / in_step).backward()
                 accum_loss += float(loss.detach())
                 accum_n += 1

@@ -157,9 +157,7 @@ def estimate(spec: RunSpec, config: dict[str, Any] | None = None) -> Estimate:
 def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:
     b, t, h = spec.batch_size, spec.max_length, arch.hidden
     bf16 = 2
-    # NF4 is 4 bits per weight; double quantization adds ~0.127 bits of block constants.
-    weights = arch.layers * arch.layer_params * (4.127 / 8)
-    weights += (arch.embed_params + arch.vision_params) * bf16
+    weights = _weights_bytes(spec, arch)
     trainable = _lora_params(spec, arch)
     adapters = trainable * 16  # fp32 weight + gradient + two AdamW moments
     if spec.gradient_checkpointing:
@@ -181,6 +179,21 @@ def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:
         gpu_gib=gpu.memory_gib,
     )
     return memory, trainable
+
+
+def _weights_bytes(spec: RunSpec, arch: Arch) -> float:
+    """NF4 (the default, and `auto`'s floor: the trainer takes bf16 only where bf16 fits with
+    margin, trainer/plan.py) is 4 bits per layer weight, plus ~0.127 bits of double-quantized
+    block constants; `none` keeps every weight in bf16."""
+    bf16 = 2
+    if spec.quantization == "none":
+        return float(
+            (arch.layers * arch.layer_params + arch.embed_params + arch.vision_params) * bf16
+        )
+    return (
+        arch.layers * arch.layer_params * (4.127 / 8)
+        + (arch.embed_params + arch.vision_params) * bf16
+    )
 
 
 def _lora_params(spec: RunSpec, arch: Arch) -> int:

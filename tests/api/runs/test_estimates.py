@@ -74,6 +74,18 @@ def test_memory_grows_with_what_should_grow() -> None:
     assert total(num_epochs=3) == base  # time, not memory
 
 
+def test_bf16_weights_take_more_than_twice_the_nf4_weights() -> None:
+    def weights(**kw: Any) -> float:
+        est = estimate(spec(**kw))
+        assert est.memory is not None
+        return est.memory.weights_gib
+
+    nf4 = weights()
+    assert weights(quantization="auto") == nf4  # the floor: bf16 only where it fits
+    # The layers go from 4 to 16 bits; embeddings and vision tower are bf16 in both.
+    assert 2 * nf4 < weights(quantization="none") < 4 * nf4
+
+
 def test_which_gemma_fits_which_gpu() -> None:
     fits = {
         (name, gpu): estimate(spec(model_id=f"google/{name}-it", gpu_type=gpu)).fits
