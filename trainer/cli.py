@@ -223,13 +223,13 @@ class Execution:
         if self.restored:
             self.trainer.restore(self.restored)
         log(
-            f"model: {spec.model_id} on {device}, {_weights(loaded)}"
+            f"model: {spec.model_id} on {device}, {loaded.weights}"
             f", {loaded.trainable_params:,} of {loaded.total_params:,} parameters trained"
         )
         self.results.model = {
             "model_id": spec.model_id,
             "quantized_4bit": loaded.quantized,
-            "weights": _weights(loaded),
+            "weights": loaded.weights,
             "trainable_params": loaded.trainable_params,
             "total_params": loaded.total_params,
         }
@@ -250,7 +250,8 @@ class Execution:
 
     def train(self) -> None:
         assert self.trainer is not None
-        with self.phase("training"):
+        plan = self.trainer.loaded.plan
+        with self.phase("training", plan.summary() if plan else ""):
             self.trainer.train()
             self.record_training()
 
@@ -317,8 +318,8 @@ class Execution:
     # ---- helpers ----------------------------------------------------------------------------
 
     @contextmanager
-    def phase(self, name: ev.Phase) -> Iterator[None]:
-        self.events.emit("phase", ev.PhaseChange(phase=name))
+    def phase(self, name: ev.Phase, detail: str = "") -> Iterator[None]:
+        self.events.emit("phase", ev.PhaseChange(phase=name, detail=detail[: ev.MAX_TEXT]))
         log(f"phase: {name}")
         t0 = time.monotonic()
         try:
@@ -386,12 +387,6 @@ class Execution:
 
 def _same_dir(uri: str, local: Path) -> bool:
     return "://" not in uri and Path(uri).resolve() == local.resolve()
-
-
-def _weights(loaded: model.Loaded) -> str:
-    if loaded.quantized:
-        return "4-bit NF4"
-    return "bf16" if loaded.device.type == "cuda" else "fp32"
 
 
 def _seed_everything(seed: int) -> None:

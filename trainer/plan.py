@@ -176,10 +176,9 @@ def measure(spec: Any, device: Any, labels: list[str], example: Any) -> MemoryIn
     with torch.device("meta"):
         meta = AutoModelForImageTextToText.from_config(config)
     text = config.get_text_config()
+    # What NF4 quantizes: the language model's linear layers (trainer.model.NF4_SKIP).
     linear = sum(
-        m.weight.numel()
-        for n, m in meta.named_modules()
-        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+        m.weight.numel() for m in meta.get_decoder().modules() if isinstance(m, torch.nn.Linear)
     )
     total = sum(p.numel() for p in meta.parameters())
     decoder = meta.get_decoder()
@@ -193,8 +192,9 @@ def measure(spec: Any, device: Any, labels: list[str], example: Any) -> MemoryIn
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     return MemoryInputs(
         free=float(free) if free is not None else None,
-        # NF4: 4 bits per linear weight plus ~0.127 bits of double-quantized block constants.
-        weights={"nf4": linear * 4.127 / 8 + (total - linear) * 2, "none": total * 2.0},
+        # NF4: 4 bits per language-model linear weight plus ~0.127 bits of double-quantized
+        # block constants; peft's prepare_model_for_kbit_training casts the rest to fp32.
+        weights={"nf4": linear * 4.127 / 8 + (total - linear) * 4, "none": total * 2.0},
         layers=text.num_hidden_layers,
         hidden=text.hidden_size,
         tokens=int(batch["attention_mask"][0].sum()),

@@ -69,6 +69,8 @@ def _row_budget(cache: Any, rows: int, device: torch.device) -> int:
     per_row = sum(t.nbytes for t in _cache_tensors(cache)) / max(rows, 1)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        # Memory PyTorch's allocator holds but does not use (training's) is free to us too.
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = free * CUDA_FREE_FRACTION
     else:
         budget = CPU_CACHE_BYTES
