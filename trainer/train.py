@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from trainer.contract.spec import RunSpec
 from trainer.data import Sample
 from trainer.deadline import SegmentEnd, Stopper
 from trainer.evaluate import autocast, to_device
+from trainer.features import FeatureCache
 from trainer.loss import supports_answer_logits, training_loss
 from trainer.model import Loaded
 
@@ -40,6 +42,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 ADAPTER_FILE = "adapter_model.safetensors"
+SAMPLE_IDS = "sample_ids"  # beside a collated batch: which samples it holds (feature cache)
 
 
 def plan(
@@ -87,6 +90,8 @@ class Trainer:
         self.micro = step_plan.micro_batch if step_plan else spec.batch_size
         self.accum = step_plan.accumulation if step_plan else spec.gradient_accumulation_steps
         self.answer_only = supports_answer_logits(self.model)
+        # A frozen tower's image features, kept from the first epoch for the next ones.
+        self.features = FeatureCache.for_model(self.model) if spec.num_epochs > 1 else None
         self.per_epoch, self.total_steps = plan(len(self.samples), spec, self.micro, self.accum)
         self.total_micro = max(1, math.ceil(self.per_epoch * spec.num_epochs))
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -170,17 +175,20 @@ class Trainer:
         source = self._micro_batches(start)
         if self.device.type != "cuda":
             for chunk in source:
-                yield self.collator(chunk)
+                yield self._collate(chunk)
             return
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending: Future[Any] | None = None
             for chunk in source:
-                nxt = pool.submit(self.collator, chunk)
+                nxt = pool.submit(self._collate, chunk)
                 if pending is not None:
                     yield pending.result()
                 pending = nxt
             if pending is not None:
                 yield pending.result()
+
+    def _collate(self, chunk: list[Sample]) -> dict[str, Any]:
+        return {**self.collator(chunk), SAMPLE_IDS: [s.sample_id for s in chunk]}
 
     def train(self) -> TrainState:
         """Train until the planned steps are done; raises SegmentEnd when the segment must stop
@@ -211,8 +219,9 @@ class Trainer:
                 # The last step of a run may hold fewer micro-batches than the others.
                 step_end = min((state.step + 1) * self.accum, self.total_micro)
                 in_step = step_end - state.step * self.accum
+                ids = batch.pop(SAMPLE_IDS)
                 inputs = to_device(batch, device, float_dtype)
-                with autocast(device):
+                with autocast(device), self._features(ids):
                     loss = training_loss(self.model, inputs, self.answer_only)
                 (loss / in_step).backward()
                 accum_loss += float(loss.detach())
@@ -274,6 +283,9 @@ class Trainer:
         state.training_done = True
         self.save_checkpoint()
         return state
+
+    def _features(self, ids: list[str]) -> Any:
+        return self.features.keys(ids) if self.features else nullcontext()
 
     def _boundary(self) -> tuple[int, int, dict[str, Any]]:
         """What a step cut short must roll back to: the data position, the sample count and the
