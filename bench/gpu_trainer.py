@@ -1,4 +1,5 @@
-"""QLoRA speed and memory of the trainer on a Gemma-3-4B-architecture model, two settings.
+"""Speed and memory of the trainer on a Gemma-3-4B-architecture model: the original settings, the
+step plan (NF4 and `quantization: auto`), and where a step's time goes.
 
     pip install -e '.[trainer]'                # where the trainer's packages are missing
     python bench/gpu_trainer.py                # NVIDIA GPU (H200: about 5 minutes), writes $OUT
@@ -7,21 +8,22 @@
 Builds a `Gemma3ForConditionalGeneration` with the 4B architecture (random weights; the Hub is
 out of reach), saves it locally in bf16 with a small word-level tokenizer and a Gemma3Processor
 at 896 pixels, and writes an image-folder data set of 37 classes (named like the pet breeds, so
-the prompt has the real length) of 500x375 JPEGs. Then it runs the trainer itself
-(`trainer.cli.main`: 4-bit NF4 load through `from_pretrained` -> baseline eval -> training ->
-final eval -> save) twice in this process:
+the prompt has the real length) of 500x375 JPEGs. Then, in this one process:
 
-- "original": the original script's settings: batch 1, gradient accumulation 16, gradient
-  checkpointing, one sample per generation;
-- "tuneplane": batch 8, accumulation 2 (the same 16 samples per optimizer step), gradient
-  checkpointing, generation batches of 16;
+- the step breakdown (bench/step_profile.py) of the original settings and of the auto plan:
+  per-sample milliseconds of data, vision forward, language forward, backward and optimizer,
+  samples/s, tokens/s, MFU from counted FLOPs, peak memory;
+- the trainer itself (`trainer.cli.main`: load -> baseline eval -> training -> final eval ->
+  save) in three settings: "original" (the original script's: batch 1 x accumulation 16, full
+  gradient checkpointing, free generation one sample at a time), "auto" (the same 16 samples
+  per optimizer step split by the step plan, NF4, label scoring in batches of 32) and
+  "auto-bf16" (the same with `--quantization auto`).
 
-after one short throwaway warm-up run, and prints samples/s for training and for the final
-evaluation, peak GPU memory (allocated and reserved by PyTorch's caching allocator), and what
-the api's admission check (api/runs/estimates.py) predicts for the real google/gemma-3-4b-it.
-Everything goes to `$OUT` when set (else WORK_DIR/out): `gpu_trainer.json`, `gpu_trainer.md`,
-and each run's results.json. Random weights mean accuracy is meaningless here; speed and
-memory are not.
+It prints samples/s for training and both evaluations, peak GPU memory (allocated and
+reserved), the step plan and what the api's admission check (api/runs/estimates.py) predicts
+for the real google/gemma-3-4b-it with that plan. Everything goes to `$OUT` when set (else
+WORK_DIR/out): `gpu_trainer.json`, `gpu_trainer.md`, `profiles.json` and each run's
+results.json. Random weights mean accuracy is meaningless here; speed and memory are not.
 """
 
 from __future__ import annotations
