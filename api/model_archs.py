@@ -23,7 +23,9 @@ class Arch:
     vision_params: int  # vision tower, projector and any audio tower: kept in bf16
     image_tokens: int = 0  # tokens one image takes in the prompt (typical, for dynamic ones)
     untied_head: bool = False  # an output projection of its own (not the embeddings')
-    extra_embed_params: int = 0  # Gemma 4 E-series per-layer embeddings (bf16)
+    extra_embed_params: int = 0  # Gemma 4 E-series per-layer embeddings
+    softcap: bool = False  # a final logit soft-cap (Gemma 2 and 4 text models)
+    projector_params: int = 0  # trained in full, kept out of 4-bit
 
     @property
     def layer_params(self) -> int:
@@ -72,6 +74,7 @@ KNOWN: dict[str, Arch] = {
         460e6,
         280,
         extra_embed_params=262_144 * 35 * 256,
+        softcap=True,
     ),
     "gemma-4-e4b": _a(
         "gemma-4-e4b",
@@ -84,17 +87,71 @@ KNOWN: dict[str, Arch] = {
         460e6,
         280,
         extra_embed_params=262_144 * 42 * 256,
+        softcap=True,
     ),
-    "gemma-4-31b": _a("gemma-4-31b", 5376, 21504, 60, 9557, 3584, 262_144, 550e6, 280),
-    "qwen2.5-vl-3b": _a("qwen2.5-vl-3b", 2048, 11008, 36, 2048, 256, 151_936, 670e6, 234),
+    "gemma-4-31b": _a(
+        "gemma-4-31b",
+        5376,
+        21504,
+        60,
+        9557,
+        3584,
+        262_144,
+        550e6,
+        280,
+        softcap=True,
+        projector_params=6_200_000,
+    ),
+    "qwen2.5-vl-3b": _a(
+        "qwen2.5-vl-3b",
+        2048,
+        11008,
+        36,
+        2048,
+        256,
+        151_936,
+        670e6,
+        234,
+        projector_params=36_700_000,
+    ),
     "qwen2.5-vl-7b": _a(
-        "qwen2.5-vl-7b", 3584, 18944, 28, 3584, 512, 152_064, 676e6, 234, untied_head=True
+        "qwen2.5-vl-7b",
+        3584,
+        18944,
+        28,
+        3584,
+        512,
+        152_064,
+        676e6,
+        234,
+        untied_head=True,
+        projector_params=44_600_000,
     ),
     "qwen2.5-vl-32b": _a(
-        "qwen2.5-vl-32b", 5120, 27648, 64, 5120, 1024, 152_064, 676e6, 234, untied_head=True
+        "qwen2.5-vl-32b",
+        5120,
+        27648,
+        64,
+        5120,
+        1024,
+        152_064,
+        676e6,
+        234,
+        untied_head=True,
+        projector_params=52_400_000,
     ),
     "qwen2.5-vl-72b": _a(
-        "qwen2.5-vl-72b", 8192, 29568, 80, 8192, 1024, 152_064, 676e6, 234, untied_head=True
+        "qwen2.5-vl-72b",
+        8192,
+        29568,
+        80,
+        8192,
+        1024,
+        152_064,
+        676e6,
+        234,
+        untied_head=True,
+        projector_params=68_200_000,
     ),
     "qwen3-vl-2b": _a("qwen3-vl-2b", 2048, 6144, 28, 2048, 1024, 151_936, 405e6, 192),
     "qwen3-vl-4b": _a("qwen3-vl-4b", 2560, 9728, 36, 4096, 1024, 151_936, 405e6, 192),
@@ -112,20 +169,66 @@ KNOWN: dict[str, Arch] = {
     "smolvlm2-500m": _a("smolvlm2-500m", 960, 2560, 32, 960, 320, 49_280, 93e6, 832),
     "smolvlm2-2.2b": _a("smolvlm2-2.2b", 2048, 8192, 24, 2048, 2048, 49_280, 430e6, 1053),
     "paligemma-3b": _a("paligemma-3b", 2048, 16384, 18, 2048, 256, 257_216, 428e6, 256),
-    "paligemma2-3b": _a("paligemma2-3b", 2304, 9216, 26, 2048, 1024, 257_216, 428e6, 256),
-    "paligemma2-10b": _a("paligemma2-10b", 3584, 14336, 42, 4096, 2048, 257_216, 428e6, 256),
-    "paligemma2-28b": _a("paligemma2-28b", 4608, 36864, 46, 4096, 2048, 257_216, 428e6, 256),
+    "paligemma2-3b": _a(
+        "paligemma2-3b", 2304, 9216, 26, 2048, 1024, 257_216, 428e6, 256, softcap=True
+    ),
+    "paligemma2-10b": _a(
+        "paligemma2-10b", 3584, 14336, 42, 4096, 2048, 257_216, 428e6, 256, softcap=True
+    ),
+    "paligemma2-28b": _a(
+        "paligemma2-28b", 4608, 36864, 46, 4096, 2048, 257_216, 428e6, 256, softcap=True
+    ),
     "llava-1.5-7b": _a(
-        "llava-1.5-7b", 4096, 11008, 32, 4096, 4096, 32_064, 325e6, 576, untied_head=True
+        "llava-1.5-7b",
+        4096,
+        11008,
+        32,
+        4096,
+        4096,
+        32_064,
+        325e6,
+        576,
+        untied_head=True,
+        projector_params=21_000_000,
     ),
     "llava-1.5-13b": _a(
-        "llava-1.5-13b", 5120, 13824, 40, 5120, 5120, 32_064, 330e6, 576, untied_head=True
+        "llava-1.5-13b",
+        5120,
+        13824,
+        40,
+        5120,
+        5120,
+        32_064,
+        330e6,
+        576,
+        untied_head=True,
+        projector_params=31_500_000,
     ),
     "llava-v1.6-mistral-7b": _a(
-        "llava-v1.6-mistral-7b", 4096, 14336, 32, 4096, 1024, 32_064, 325e6, 2160, untied_head=True
+        "llava-v1.6-mistral-7b",
+        4096,
+        14336,
+        32,
+        4096,
+        1024,
+        32_064,
+        325e6,
+        2160,
+        untied_head=True,
+        projector_params=21_000_000,
     ),
     "llava-v1.6-vicuna-7b": _a(
-        "llava-v1.6-vicuna-7b", 4096, 11008, 32, 4096, 4096, 32_064, 325e6, 2160, untied_head=True
+        "llava-v1.6-vicuna-7b",
+        4096,
+        11008,
+        32,
+        4096,
+        4096,
+        32_064,
+        325e6,
+        2160,
+        untied_head=True,
+        projector_params=21_000_000,
     ),
 }
 
@@ -170,6 +273,7 @@ def arch_from_config(config: dict[str, Any]) -> Arch | None:
         vl * (4 * vh * vh + 2 * vh * vi),
         int(image),
         untied_head=not text.get("tie_word_embeddings", config.get("tie_word_embeddings", True)),
+        softcap=text.get("final_logit_softcapping") is not None,
     )
 
 

@@ -37,6 +37,7 @@ from trainer.contract.execution import ExecutionEnv
 from trainer.contract.spec import RunSpec, describe_errors
 from trainer.deadline import SegmentEnd, Stopper
 from trainer.evaluate import Evaluator
+from trainer.merge import write_merged
 from trainer.report import EventLog, Reporter, StdoutReporter
 from trainer.results import Results, environment
 from trainer.storage import open_location, upload_tree
@@ -268,7 +269,9 @@ class Execution:
         results = self.results
         results.outcome = "completed"
         results_uri = self.write_results(destinations)
-        for kind in ("adapter", "processor", "results"):
+        for kind in ("adapter", "processor", "merged", "results"):
+            if kind not in results.artifacts:
+                continue
             self.events.emit("artifact", ev.Artifact(kind=kind, uri=results.artifacts[kind]))
         self.events.emit(
             "completed", ev.Completed(step=self.trainer.state.step, results_uri=results_uri)
@@ -368,10 +371,18 @@ class Execution:
             "processor": f"{primary}/adapter",
             "results": f"{primary}/results.json",
         }
+        trees = {"adapter": adapter_dir}
+        if self.spec.merge:
+            log("merging the adapter into the base model (bf16)")
+            trees["merged"] = write_merged(
+                self.spec.model_id, adapter_dir, loaded.processor, self.output_dir / "merged"
+            )
+            self.results.artifacts["merged"] = f"{primary}/merged"
         for dest in destinations:
             location = open_location(dest)
-            log(f"uploading the adapter to {location.uri}/adapter")
-            upload_tree(adapter_dir, location.child("adapter"))
+            for name, tree in trees.items():
+                log(f"uploading the {name} model to {location.uri}/{name}")
+                upload_tree(tree, location.child(name))
         return destinations
 
     def write_results(self, destinations: list[str]) -> str:

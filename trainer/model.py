@@ -14,6 +14,7 @@ initialised Gemma 3 projector is all zeros, so without it a model never learns t
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,18 +97,28 @@ def load_processor(model_id: str) -> Any:
     return AutoProcessor.from_pretrained(model_id)
 
 
-# Kept in bf16 under NF4 (transformers matches these from the module name's start, as regexes):
-# the output head (bitsandbytes' own default), and the vision tower and projector: ~0.4 B
-# parameters for every Gemma 3 size, whose 4-bit dequantization per matmul made the frozen
-# tower's forward (a third of a step's FLOPs) the slowest part of a step for ~1 GB saved.
-NF4_SKIP = [
-    "lm_head",
-    r".*(?:vision_tower|vision_model|visual)",
-    r".*(?:multi_modal_projector|connector|merger|mm_projector)",
-]
+# Kept in bf16 under NF4 besides the modules the caller names (transformers matches these
+# from the module name's start, as regexes): the output head (bitsandbytes' own default) and the
+# vision tower: ~0.4 B parameters for every Gemma 3 size, whose 4-bit dequantization per matmul
+# made the frozen tower's forward (a third of a step's FLOPs) the slowest part of a step.
+NF4_SKIP = ["lm_head", r".*(?:vision_tower|vision_model|visual)"]
 
 
-def load_base(model_id: str, device: torch.device, quantize: bool = True) -> Any:
+def meta_model(model_id: str) -> Any:
+    """The model built from its config.json on the meta device: every module, no weight."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(model_id)
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
+
+
+def load_base(
+    model_id: str, device: torch.device, keep: Sequence[str] = (), quantize: bool = True
+) -> Any:
+    """The base model: on CUDA 4-bit except the modules in `keep` (the projector, which is
+    trained in full and so must stay in bf16: a 4-bit weight cannot take gradients) and
+    NF4_SKIP, or all bf16 without `quantize`; fp32 on the CPU."""
     from transformers import AutoModelForImageTextToText
 
     if device.type == "cuda" and not quantize:
@@ -123,7 +134,8 @@ def load_base(model_id: str, device: torch.device, quantize: bool = True) -> Any
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
-            llm_int8_skip_modules=NF4_SKIP,
+            # Naming modules replaces the default list, which holds the output head.
+            llm_int8_skip_modules=[*keep, *NF4_SKIP],
         )
         return AutoModelForImageTextToText.from_pretrained(
             model_id,
@@ -236,7 +248,8 @@ def load(spec: RunSpec, device: torch.device, plan: StepPlan | None = None) -> L
     processor = load_processor(spec.model_id)
     cuda = device.type == "cuda"
     quantized = cuda and (plan.quantization == "nf4" if plan else True)
-    base = load_base(spec.model_id, device, quantize=quantized)
+    keep = resolve_targets(meta_model(spec.model_id), spec).projector if quantized else []
+    base = load_base(spec.model_id, device, keep, quantize=quantized)
     mode = plan.checkpointing if plan else "full" if spec.gradient_checkpointing else "none"
     if quantized:
         from peft import prepare_model_for_kbit_training

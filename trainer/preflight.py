@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from trainer import model as model_setup
 from trainer import prompts
 from trainer.contract.chat import ChatFormatError
@@ -101,11 +99,8 @@ def _processor(name: str) -> Any:
 def resolve_on_meta(spec: RunSpec, config: Any) -> model_setup.Targets:
     """The LoRA targets on the model built from its config on the meta device: module names
     without a single weight allocated."""
-    from transformers import AutoModelForImageTextToText
-
     try:
-        with torch.device("meta"):
-            meta = AutoModelForImageTextToText.from_config(config)
+        meta = model_setup.meta_model(spec.model_id)
     except ValueError as exc:
         raise PreflightError(
             f"{spec.model_id}: {type(config).__name__} is not an image-text-to-text model "

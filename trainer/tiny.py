@@ -133,9 +133,34 @@ def _split_words(text: str) -> list[str]:
 
 
 def build_tokenizer(words: Sequence[str]) -> Any:
+    """Gemma's special tokens, in Gemma's order, then `words` (see `word_level_tokenizer`)."""
+    return word_level_tokenizer(
+        SPECIAL_TOKENS,
+        words,
+        bos=BOS,
+        eos=EOS,
+        unk=UNK,
+        pad=PAD,
+        # Gemma3Processor reads these names (and their ids) from the tokenizer.
+        extra={"boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE_SOFT},
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def word_level_tokenizer(
+    specials: Sequence[str],
+    words: Sequence[str],
+    *,
+    bos: str | None,
+    eos: str,
+    unk: str,
+    pad: str,
+    extra: dict[str, str] | None = None,
+    chat_template: str | None = None,
+) -> Any:
     """A lossless word-level tokenizer: spaces and newlines are tokens of their own and the
     decoder concatenates, so `decode(encode(text)) == text` for in-vocabulary text (the collator
-    test relies on it).
+    test relies on it). `specials` take the first ids, in their order; ids are dense.
 
     Saved as `PreTrainedTokenizerFast`: `GemmaTokenizerFast` is BPE-only in transformers 5 and
     would reload this vocabulary as BPE, turning every word into <unk>.
@@ -143,27 +168,28 @@ def build_tokenizer(words: Sequence[str]) -> Any:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *words])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    ordered = list(dict.fromkeys([*specials, unk]))
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys([*ordered, *words]))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     # "\n\n" first so it stays one token, as in Gemma's vocabulary (the processor puts it around
     # images); any longer run of newlines splits into known tokens.
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n\n|\n|\s|\w+|[^\w\s]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     # Registered on the backend itself so the turn markers are matched before pre-tokenization
     # (transformers 5 keeps `additional_special_tokens` only as names).
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ordered])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        pad_token=PAD,
-        # Gemma3Processor reads these names (and their ids) from the tokenizer.
-        extra_special_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE_SOFT},
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=unk,
+        pad_token=pad,
+        extra_special_tokens=extra or {},
         padding_side="right",
-        model_max_length=4096,
+        model_max_length=8192,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    if chat_template is not None:
+        fast.chat_template = chat_template
     return fast
 
 

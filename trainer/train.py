@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -199,85 +200,20 @@ class Trainer:
         after SIGTERM, and one step of a large model with a long accumulation can take longer.
         A step cut short is abandoned (`_abandon_step`), so the checkpoint is the last step's.
         """
-        spec, state, device = self.spec, self.state, self.device
+        state = self.state
         if state.training_done or state.step >= self.total_steps:
             state.training_done = True
             return state
         self.model.train()
-        float_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        log_every = max(1, min(10, self.total_steps // 20))
-        window_samples, window_t0 = 0, time.perf_counter()
-        step_seconds = 0.0
-        accum_loss, accum_n = 0.0, 0
-        step_t0 = time.perf_counter()
-        boundary = self._boundary()
+        window = _Window(boundary=self._boundary())
         batches: Generator[dict[str, Any], None, None] = self._batches(state.micro_batches)
         self.stopper.check()
         try:
             for batch in batches:
-                m = state.micro_batches
-                # The last step of a run may hold fewer micro-batches than the others.
-                step_end = min((state.step + 1) * self.accum, self.total_micro)
-                in_step = step_end - state.step * self.accum
-                ids = batch.pop(SAMPLE_IDS)
-                inputs = to_device(batch, device, float_dtype)
-                with autocast(device), self._features(ids):
-                    loss = training_loss(self.model, inputs, self.answer_only)
-                (loss / in_step).backward()
-                accum_loss += float(loss.detach())
-                accum_n += 1
-                n = int(inputs["input_ids"].shape[0])
-                window_samples += n
-                state.train_samples += n
-                state.micro_batches = m + 1
-                if state.micro_batches < step_end:
-                    if self.stopper.signal_name:
-                        self._abandon_step(boundary)
-                        raise SegmentEnd(
-                            f"received {self.stopper.signal_name} during step {state.step + 1} "
-                            f"({accum_n} of its {in_step} micro-batches done, discarded)"
-                        )
-                    continue
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.model.parameters() if p.requires_grad], MAX_GRAD_NORM
-                )
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                boundary = self._boundary()
-                self.stopper.progressed = True
-                now = time.perf_counter()
-                step_seconds = now - step_t0
-                state.train_seconds += step_seconds
-                step_t0 = now
-                lr = float(self.scheduler.get_last_lr()[0])
-                step_loss = accum_loss / max(accum_n, 1)
-                accum_loss, accum_n = 0.0, 0
-                self.history.append({"step": state.step, "loss": step_loss, "learning_rate": lr})
-                done = state.step >= self.total_steps
-                if state.step % log_every == 0 or done:
-                    elapsed = now - window_t0
-                    self.on_progress(
-                        Progress(
-                            step=state.step,
-                            total_steps=self.total_steps,
-                            epoch=state.micro_batches / self.per_epoch,
-                            loss=step_loss,
-                            learning_rate=lr,
-                            samples_per_second=window_samples / elapsed if elapsed > 0 else None,
-                            gpu_memory_gb=gpu_memory_gb(),
-                        )
-                    )
-                    window_samples, window_t0 = 0, time.perf_counter()
-                if done:
+                if not self._micro_step(batch, window):
+                    continue  # the step still accumulates
+                if self._end_step(window):
                     break
-                if state.step % spec.save_steps == 0:
-                    self.save_checkpoint()
-                    step_t0 = time.perf_counter()  # saving is not training time
-                reason = self.stopper.should_stop(step_seconds)
-                if reason:
-                    raise SegmentEnd(reason)
         finally:
             batches.close()
         state.training_done = True
@@ -286,6 +222,84 @@ class Trainer:
 
     def _features(self, ids: list[str]) -> Any:
         return self.features.keys(ids) if self.features else nullcontext()
+
+    def _micro_step(self, batch: dict[str, Any], window: _Window) -> bool:
+        """Forward and backward one micro-batch; True when it completes an optimizer step."""
+        state, device = self.state, self.device
+        # The last step of a run may hold fewer micro-batches than the others.
+        step_end = min((state.step + 1) * self.accum, self.total_micro)
+        in_step = step_end - state.step * self.accum
+        float_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        ids = batch.pop(SAMPLE_IDS)
+        inputs = to_device(batch, device, float_dtype)
+        with autocast(device), self._features(ids):
+            loss = training_loss(self.model, inputs, self.answer_only)
+        (loss / in_step).backward()
+        window.loss += float(loss.detach())
+        window.micro += 1
+        n = int(inputs["input_ids"].shape[0])
+        window.samples += n
+        state.train_samples += n
+        state.micro_batches += 1
+        if state.micro_batches >= step_end:
+            return True
+        if self.stopper.signal_name:
+            self._abandon_step(window.boundary)
+            raise SegmentEnd(
+                f"received {self.stopper.signal_name} during step {state.step + 1} "
+                f"({window.micro} of its {in_step} micro-batches done, discarded)"
+            )
+        return False
+
+    def _end_step(self, window: _Window) -> bool:
+        """Apply the accumulated gradients, report, checkpoint; True when training is done.
+        Raises SegmentEnd when the deadline leaves no room for another step."""
+        state = self.state
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], MAX_GRAD_NORM
+        )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        window.boundary = self._boundary()
+        self.stopper.progressed = True
+        now = time.perf_counter()
+        step_seconds = now - window.step_t0
+        state.train_seconds += step_seconds
+        window.step_t0 = now
+        lr = float(self.scheduler.get_last_lr()[0])
+        step_loss = window.loss / max(window.micro, 1)
+        window.loss, window.micro = 0.0, 0
+        self.history.append({"step": state.step, "loss": step_loss, "learning_rate": lr})
+        done = state.step >= self.total_steps
+        log_every = max(1, min(10, self.total_steps // 20))
+        if state.step % log_every == 0 or done:
+            self._report(window, step_loss, lr, now)
+        if done:
+            return True
+        if state.step % self.spec.save_steps == 0:
+            self.save_checkpoint()
+            window.step_t0 = time.perf_counter()  # saving is not training time
+        reason = self.stopper.should_stop(step_seconds)
+        if reason:
+            raise SegmentEnd(reason)
+        return False
+
+    def _report(self, window: _Window, loss: float, lr: float, now: float) -> None:
+        elapsed = now - window.t0
+        self.on_progress(
+            Progress(
+                step=self.state.step,
+                total_steps=self.total_steps,
+                epoch=self.state.micro_batches / self.per_epoch,
+                loss=loss,
+                learning_rate=lr,
+                samples_per_second=window.samples / elapsed if elapsed > 0 else None,
+                gpu_memory_gb=gpu_memory_gb(),
+            )
+        )
+        window.samples, window.t0 = 0, time.perf_counter()
 
     def _boundary(self) -> tuple[int, int, dict[str, Any]]:
         """What a step cut short must roll back to: the data position, the sample count and the
@@ -300,6 +314,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.micro_batches, self.state.train_samples, rng = boundary
         _set_rng_state(rng)
+
+
+@dataclass
+class _Window:
+    """What the loop carries between micro-batches: the step being accumulated (its loss, its
+    micro-batch count, when it began, what to roll back to) and the throughput window."""
+
+    boundary: tuple[int, int, dict[str, Any]]
+    loss: float = 0.0
+    micro: int = 0
+    samples: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    step_t0: float = field(default_factory=time.perf_counter)
 
 
 def _rng_state() -> dict[str, Any]:

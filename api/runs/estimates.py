@@ -33,9 +33,12 @@ from trainer.contract.spec import RunSpec
 __all__ = ["KNOWN", "Estimate", "estimate", "model_size", "refusal_detail"]
 
 GIB = 1024**3
-# The instruction and label list around the image, and the answer: a prompt listing 37 pet
-# breeds takes about 230 tokens with Gemma's tokenizer.
-PROMPT_TOKENS = 64
+# The instruction with its label list around the image, the turn markers and the answer, by
+# data set: ten digit names; 37 pet breeds (about 230 tokens with Gemma's tokenizer); an image
+# folder's labels are unknown here, counted like the pets.
+PROMPT_TOKENS = {"digits": 80, "oxford-iiit-pet": 240, "imagefolder": 240}
+# The least room a prompt needs beside the image (a max_length below image + this is refused).
+MIN_PROMPT_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -131,13 +134,13 @@ def estimate(spec: RunSpec, config: dict[str, Any] | None = None) -> Estimate:
             "each resumes from the previous one's checkpoint and reloads the model"
         )
     fits = memory.total_gib <= memory.gpu_gib
-    if arch.image_tokens and spec.max_length < arch.image_tokens + PROMPT_TOKENS:
+    if arch.image_tokens and spec.max_length < arch.image_tokens + MIN_PROMPT_TOKENS:
         # The trainer would stop at its first batch (PromptTooLong): refuse it here instead.
         fits = False
         notes.append(
             f"max_length {spec.max_length} cannot hold one image ({arch.image_tokens} tokens in "
             f"{arch.name}) and the prompt: raise max_length to at least "
-            f"{arch.image_tokens + PROMPT_TOKENS}"
+            f"{arch.image_tokens + MIN_PROMPT_TOKENS}"
         )
     return Estimate(
         model_id=spec.model_id,
@@ -154,19 +157,34 @@ def estimate(spec: RunSpec, config: dict[str, Any] | None = None) -> Estimate:
     )
 
 
+def sequence_length(spec: RunSpec, arch: Arch) -> int:
+    """Tokens per training example: batches are padded to their longest example, not to
+    max_length, and an example is the image's tokens, the instruction with its label list and
+    the answer. Without the image's count, max_length (an upper bound)."""
+    if not arch.image_tokens:
+        return spec.max_length
+    return min(spec.max_length, arch.image_tokens + PROMPT_TOKENS[spec.data.kind])
+
+
 def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:
-    b, t, h = spec.batch_size, spec.max_length, arch.hidden
+    b, t, h = spec.batch_size, sequence_length(spec, arch), arch.hidden
     bf16 = 2
     weights = _weights_bytes(spec, arch)
-    trainable = _lora_params(spec, arch)
+    trainable = _lora_params(spec, arch) + arch.projector_params
     adapters = trainable * 16  # fp32 weight + gradient + two AdamW moments
     if spec.gradient_checkpointing:
         # Each layer keeps its input; one layer at a time is recomputed in full.
         activations = arch.layers * b * t * h * bf16 + b * t * (4 * h + 3 * arch.intermediate) * 4
     else:
         activations = arch.layers * b * t * (12 * h + 4 * arch.intermediate) * bf16
-    logits = b * t * arch.vocab * (bf16 + 4 + 2)
+    # Per logit: bf16 logits (2), their fp32 copy for the loss (4), the saved log-softmax (4),
+    # its fp32 gradient (4) and the bf16 one (2); a final soft-cap (Gemma 2 and 4) keeps two
+    # more bf16 intermediates (4).
+    logits = b * t * arch.vocab * (16 + (4 if arch.softcap else 0))
     subtotal = weights + adapters + activations + logits
+    # CUDA context and allocator fragmentation. Compared with the peak PyTorch allocates (what
+    # a card must hold; on an 141 GB H200 the caching allocator reserves far more than that,
+    # because nothing makes it give memory back): bench/results/gpu_trainer and gpu_families.
     overhead = 1.0 * GIB + 0.08 * subtotal
     total = subtotal + overhead
     memory = MemoryEstimate(
@@ -183,17 +201,14 @@ def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:
 
 def _weights_bytes(spec: RunSpec, arch: Arch) -> float:
     """NF4 (the default, and `auto`'s floor: the trainer takes bf16 only where bf16 fits with
-    margin, trainer/plan.py) is 4 bits per layer weight, plus ~0.127 bits of double-quantized
-    block constants; `none` keeps every weight in bf16."""
-    bf16 = 2
+    margin, trainer/plan.py) is 4 bits per language-model layer weight, plus ~0.127 bits of
+    double-quantized block constants; the vision tower and projector stay out of 4-bit
+    (trainer.model.NF4_SKIP) and, with the embeddings, peft's prepare_model_for_kbit_training
+    casts them to fp32: 4 bytes each. `none` keeps every weight in bf16."""
+    rest = arch.embed_params + arch.projector_params + arch.vision_params
     if spec.quantization == "none":
-        return float(
-            (arch.layers * arch.layer_params + arch.embed_params + arch.vision_params) * bf16
-        )
-    return (
-        arch.layers * arch.layer_params * (4.127 / 8)
-        + (arch.embed_params + arch.vision_params) * bf16
-    )
+        return float((arch.layers * arch.layer_params + rest) * 2)
+    return arch.layers * arch.layer_params * (4.127 / 8) + rest * 4
 
 
 def _lora_params(spec: RunSpec, arch: Arch) -> int:

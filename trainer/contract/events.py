@@ -110,7 +110,7 @@ class Checkpoint(_Strict):
 
 
 class Artifact(_Strict):
-    kind: Literal["adapter", "processor", "results", "output_dir", "log"]
+    kind: Literal["adapter", "processor", "results", "merged", "output_dir", "log"]
     uri: Text
 
 

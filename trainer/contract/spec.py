@@ -117,6 +117,11 @@ class RunSpec(BaseModel):
     eval_mode: Literal["score", "generate"] = Field(
         "score", description="score: the likeliest label; generate: free generation, then match"
     )
+    merge: bool = Field(
+        False,
+        description="also save the base model with the adapter merged in, in bf16, for "
+        "serving engines that cannot load the adapter",
+    )
     save_steps: int = _bounded(50, ge=1, le=1_000_000, description="optimizer steps per checkpoint")
     seed: int = _bounded(42, ge=0, le=2**32 - 1)
     gpu_type: GpuType = "nvidia-l4"

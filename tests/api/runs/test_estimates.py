@@ -67,7 +67,10 @@ def test_memory_grows_with_what_should_grow() -> None:
 
     base = total()
     assert total(batch_size=16) > base
-    assert total(max_length=2048) > base
+    # Batches are padded to their longest example, not to max_length: a longer prompt grows
+    # memory, a larger max_length alone does not.
+    assert total(max_length=2048) == base
+    assert total(dataset="oxford-iiit-pet") > base
     assert total(lora_r=256) > base
     assert total(gradient_checkpointing=False) > base
     assert total(model_id="google/gemma-3-12b-it") > base
@@ -95,7 +98,9 @@ def test_which_gemma_fits_which_gpu() -> None:
     }
     assert fits == {
         ("gemma-3-4b", "nvidia-l4"): True,
-        ("gemma-3-12b", "nvidia-l4"): True,
+        # 12B at batch 8 needs about 24 GiB: the fp32 embeddings (peft's k-bit preparation)
+        # and 16 bytes per logit measured on the H200 (bench/results/gpu_families).
+        ("gemma-3-12b", "nvidia-l4"): False,
         ("gemma-3-27b", "nvidia-l4"): False,
         ("gemma-3-4b", "nvidia-rtx-pro-6000"): True,
         ("gemma-3-12b", "nvidia-rtx-pro-6000"): True,
@@ -117,7 +122,7 @@ def test_segments_and_cost_follow_the_time_budget() -> None:
 
 
 def test_refusal_suggests_what_would_fit() -> None:
-    s = spec(model_id="google/gemma-3-27b-it", gpu_type="nvidia-l4", batch_size=8)
+    s = spec(model_id="google/gemma-3-12b-it", gpu_type="nvidia-l4", batch_size=8)
     detail = refusal_detail(s, estimate(s))
     assert "needs about" in detail and "22 GiB" in detail
     assert "gradient_accumulation_steps" in detail

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +29,31 @@ GEMMA4_SPECIALS = [
 ]  # fmt: skip
 
 
+GEMMA4_EXTRA = {
+    "image_token": "<|image|>",
+    "boi_token": "<|image>",
+    "eoi_token": "<image|>",
+    "audio_token": "<|audio|>",
+    "boa_token": "<|audio>",
+    "eoa_token": "<audio|>",
+}
+
+
+def gemma4_ids(tok: Any) -> dict[str, int]:
+    """Gemma4Config's special-token ids, tied to `tok`."""
+    names = ("<|image>", "<image|>", "<|image|>", "<|video|>", "<|audio>", "<audio|>", "<|audio|>")
+    boi, eoi, image, video, boa, eoa, audio = token_ids(tok, *names)
+    return dict(
+        boi_token_id=boi,
+        eoi_token_id=eoi,
+        image_token_id=image,
+        video_token_id=video,
+        boa_token_id=boa,
+        eoa_token_index=eoa,
+        audio_token_id=audio,
+    )
+
+
 def _gemma4(path: Path, template: str) -> Path:
     from transformers import (
         Gemma4Config,
@@ -46,14 +72,7 @@ def _gemma4(path: Path, template: str) -> Path:
         bos="<bos>",
         eos="<eos>",
         pad="<pad>",
-        extra={
-            "image_token": "<|image|>",
-            "boi_token": "<|image>",
-            "eoi_token": "<image|>",
-            "audio_token": "<|audio|>",
-            "boa_token": "<|audio>",
-            "eoa_token": "<audio|>",
-        },
+        extra=GEMMA4_EXTRA,
         chat_template=template,
     )
     # 70 soft tokens is Gemma 4's smallest image budget; 4-pixel patches keep the image small.
@@ -80,20 +99,8 @@ def _gemma4(path: Path, template: str) -> Path:
     vision = Gemma4VisionConfig(
         **VISION, num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3
     )
-    (boi, eoi, image, video, boa, eoa, audio) = token_ids(
-        tok, "<|image>", "<image|>", "<|image|>", "<|video|>", "<|audio>", "<audio|>", "<|audio|>"
-    )
     config = Gemma4Config(
-        text_config=text,
-        vision_config=vision,
-        audio_config=None,
-        boi_token_id=boi,
-        eoi_token_id=eoi,
-        image_token_id=image,
-        video_token_id=video,
-        boa_token_id=boa,
-        eoa_token_index=eoa,
-        audio_token_id=audio,
+        text_config=text, vision_config=vision, audio_config=None, **gemma4_ids(tok)
     )
     torch.manual_seed(0)
     model = Gemma4ForConditionalGeneration(config)

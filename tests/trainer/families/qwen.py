@@ -31,7 +31,7 @@ def _qwen_tokenizer(template: str) -> Any:
     )
 
 
-def _qwen_ids(tok: Any) -> dict[str, int]:
+def qwen_ids(tok: Any) -> dict[str, int]:
     image, video, start, end = token_ids(
         tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
     )
@@ -77,7 +77,7 @@ def qwen2_5_vl(path: Path) -> Path:
             fullatt_block_indexes=[1],
             window_size=112,
         ),
-        **_qwen_ids(tok),
+        **qwen_ids(tok),
     )
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config)
@@ -122,7 +122,7 @@ def qwen3_vl(path: Path) -> Path:
             num_position_embeddings=16,
             deepstack_visual_indexes=[1],
         ),
-        **_qwen_ids(tok),
+        **qwen_ids(tok),
     )
     torch.manual_seed(0)
     model = Qwen3VLForConditionalGeneration(config)

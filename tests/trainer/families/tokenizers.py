@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from trainer.tiny import DIGIT_LABELS, PROMPT_WORDS, PUNCTUATION
+from trainer.tiny import DIGIT_LABELS, PROMPT_WORDS, PUNCTUATION, word_level_tokenizer
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -40,28 +40,14 @@ def build(
     chat_template: str | None = None,
 ) -> Any:
     """`specials` first (in the family's order), then whitespace, punctuation and words."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    unk_token = unk or "<unk>"
-    ordered = list(dict.fromkeys([*specials, unk_token]))
     words = [" ", "\n", "\n\n", *PUNCTUATION, *words_of(PROMPT_WORDS, template_words, *labels)]
-    everything = list(dict.fromkeys([*ordered, *words]))  # ids must be dense: no duplicates
-    vocab = {tok: i for i, tok in enumerate(everything)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk_token))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n\n|\n|\s|\w+|[^\w\s]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ordered])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=eos,
-        unk_token=unk_token,
-        pad_token=pad,
-        extra_special_tokens=extra or {},
-        padding_side="right",
-        model_max_length=8192,
+    return word_level_tokenizer(
+        specials,
+        words,
+        bos=bos,
+        eos=eos,
+        unk=unk or "<unk>",
+        pad=pad,
+        extra=extra,
+        chat_template=chat_template,
     )
-    if chat_template is not None:
-        fast.chat_template = chat_template
-    return fast
