@@ -116,7 +116,19 @@ class Settings(BaseSettings):
         3, ge=0, le=10, description="platform retries of a task; a retry resumes from a checkpoint"
     )
     cloud_run_timeout_margin_minutes: int = Field(
-        5, ge=1, le=60, description="task timeout beyond the time budget (final save, upload)"
+        5, ge=1, le=30, description="task timeout beyond the time budget (final save, upload)"
+    )
+    cloud_run_long_gpu_tasks: bool = Field(
+        False,
+        description="use Cloud Run's preview 'long running GPU jobs' (task timeouts up to 12 h "
+        "instead of 1 h): fewer segments, but the Job runs at launch stage BETA",
+    )
+    cloud_run_wait_seconds: int = Field(
+        3600,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="how long a run waits for a GPU (stock-out, quota) or for IAM to propagate "
+        "before it fails with the reason",
     )
     vpc_network: str | None = Field(None, description="VPC network of the trainer (Direct VPC)")
     vpc_subnet: str | None = Field(None, description="subnetwork of the trainer (Direct VPC)")

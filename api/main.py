@@ -13,7 +13,7 @@ from api.config import Settings
 from api.db import make_engine
 from api.routers import api_router, pages_router
 from api.secrets import resolve_secrets
-from api.web import login
+from api.web import docs, login
 from api.web import pages as dashboard
 
 
@@ -49,12 +49,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Fine-tuning runs of vision-language models on serverless GPUs",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by api/web/docs.py, without a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
     errors.install(app)
     login.install(app)  # /login, /logout, and the redirect of LoginRequired
     app.include_router(health.router)
+    docs.install(app)
     app.include_router(api_router)
     app.include_router(pages_router)  # the dashboard, behind a login with auth on
     app.mount("/static", dashboard.static_files(), name="static")

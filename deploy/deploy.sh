@@ -26,6 +26,8 @@ DB_TIER="${DB_TIER:-db-g1-small}"
 HF_SECRET="${HF_SECRET:-hf-token}"
 MAX_RETRIES="${MAX_RETRIES:-3}"                  # = TUNEPLANE_CLOUD_RUN_MAX_RETRIES
 TIMEOUT_MARGIN_MINUTES="${TIMEOUT_MARGIN_MINUTES:-5}"  # = TUNEPLANE_CLOUD_RUN_TIMEOUT_MARGIN_MINUTES
+LONG_GPU_TASKS="${LONG_GPU_TASKS:-false}"        # = TUNEPLANE_CLOUD_RUN_LONG_GPU_TASKS (preview)
+IAM_WAIT_SECONDS="${IAM_WAIT_SECONDS:-420}"      # IAM changes take up to 7 minutes to apply
 VPC_NETWORK="${VPC_NETWORK:-}"                   # optional Direct VPC egress of the trainer
 VPC_SUBNET="${VPC_SUBNET:-}"
 VPC_EGRESS="${VPC_EGRESS:-private-ranges-only}"
@@ -43,8 +45,20 @@ TRAINER_IMAGE="${TRAINER_IMAGE:-${REGISTRY}/trainer:${TAG}}"
 API_IMAGE="${API_IMAGE:-${REGISTRY}/api:${TAG}}"
 TRAINER_SA="tuneplane-trainer@${PROJECT_ID}.iam.gserviceaccount.com"
 API_SA="tuneplane-api@${PROJECT_ID}.iam.gserviceaccount.com"
-# The default time budget (55 min) plus the margin: a GPU task may run 60 minutes.
+# The default time budget (55 min) plus the margin, within the cap: GPU tasks may run 1 hour, or
+# 12 hours with the preview "long running GPU jobs"
+# (https://cloud.google.com/run/docs/configuring/task-timeout). Same rule as
+# api/dispatch/cloudrun_job.py's task_timeout_seconds.
+CAP_SECONDS=3600
+[[ "$LONG_GPU_TASKS" == true ]] && CAP_SECONDS=43200
 TASK_TIMEOUT_SECONDS=$(( (55 + TIMEOUT_MARGIN_MINUTES) * 60 ))
+(( TASK_TIMEOUT_SECONDS <= CAP_SECONDS )) || TASK_TIMEOUT_SECONDS=$CAP_SECONDS
+# Preview features (the RTX PRO 6000 GPU, GPU tasks over an hour) need the Job at launch stage
+# BETA, which the `gcloud beta` track sets; the GA track would have Cloud Run refuse the Job.
+RUN_TRACK=(run)
+if [[ "$GPU_TYPE" == nvidia-rtx-pro-6000 || "$LONG_GPU_TASKS" == true ]]; then
+  RUN_TRACK=(beta run)
+fi
 
 g() { gcloud --project="$PROJECT_ID" --quiet "$@"; }
 exists() { g "$@" >/dev/null 2>&1; }
@@ -93,6 +107,9 @@ secret "$HF_SECRET" "${HF_TOKEN:-}"
 exists secrets describe tuneplane-signing-key || secret tuneplane-signing-key "$(random_hex)"
 
 say "roles"
+# Cloud Build runs as the Compute Engine default service account in new projects: it needs to
+# read the uploaded source, push the images and write its logs.
+BUILD_SA="$(g projects describe "$PROJECT_ID" --format='value(projectNumber)')-compute@developer.gserviceaccount.com"
 bucket_role() { g storage buckets add-iam-policy-binding "gs://${BUCKET}" --member="serviceAccount:$1" --role="$2" >/dev/null; }
 secret_role() { g secrets add-iam-policy-binding "$1" --member="serviceAccount:$2" --role=roles/secretmanager.secretAccessor >/dev/null; }
 project_role() { g projects add-iam-policy-binding "$PROJECT_ID" --member="serviceAccount:$1" --role="$2" --condition=None >/dev/null; }
@@ -110,6 +127,20 @@ g iam service-accounts add-iam-policy-binding "$API_SA" \
   --member="serviceAccount:${API_SA}" --role=roles/iam.serviceAccountTokenCreator >/dev/null
 bucket_role "$API_SA" roles/storage.objectViewer
 secret_role tuneplane-signing-key "$API_SA"
+for role in roles/storage.objectViewer roles/artifactregistry.writer roles/logging.logWriter; do
+  project_role "$BUILD_SA" "$role"
+done
+
+say "waiting for IAM to apply the roles (up to ${IAM_WAIT_SECONDS}s)"
+# IAM changes "typically" apply within minutes (https://cloud.google.com/iam/docs/access-change-propagation);
+# until then the first dispatch gets PERMISSION_DENIED (the api also retries that for
+# TUNEPLANE_CLOUD_RUN_WAIT_SECONDS). Wait until the api's account can act as the trainer's.
+waited=0
+until g iam service-accounts get-iam-policy "$TRAINER_SA" --format=json 2>/dev/null |
+    grep -q "serviceAccount:${API_SA}"; do
+  (( waited < IAM_WAIT_SECONDS )) || { echo "IAM did not show the roles within ${IAM_WAIT_SECONDS}s; the api retries" >&2; break; }
+  sleep 10; waited=$(( waited + 10 ))
+done
 
 say "Cloud SQL for PostgreSQL (${DB_INSTANCE}; the first creation takes several minutes)"
 if ! exists sql instances describe "$DB_INSTANCE"; then
@@ -132,23 +163,29 @@ if [[ -n "$VPC_NETWORK" ]]; then
   vpc_flags=(--network="$VPC_NETWORK" --vpc-egress="$VPC_EGRESS")
   [[ -z "$VPC_SUBNET" ]] || vpc_flags+=(--subnet="$VPC_SUBNET")
 fi
-g run jobs deploy "${JOB}-${GPU_SUFFIX}" \
+# `--container=trainer`: the api's RunJob overrides name the container; without a name the api
+# would have to rewrite the Job first.
+g "${RUN_TRACK[@]}" jobs deploy "${JOB}-${GPU_SUFFIX}" \
   --region="$REGION" \
-  --image="$TRAINER_IMAGE" \
   --tasks=1 \
   --max-retries="$MAX_RETRIES" \
   --task-timeout="${TASK_TIMEOUT_SECONDS}s" \
   --service-account="$TRAINER_SA" \
+  --gpu-type="$GPU_TYPE" \
+  --no-gpu-zonal-redundancy \
+  --add-volume="name=bucket,type=cloud-storage,bucket=${BUCKET},readonly=true" \
+  --add-volume="name=hf-cache,type=cloud-storage,bucket=${BUCKET},mount-options=only-dir=hf-cache" \
+  --labels=managed-by=tuneplane \
+  ${vpc_flags[@]+"${vpc_flags[@]}"} \
+  --container=trainer \
+  --image="$TRAINER_IMAGE" \
   --cpu="$CPU" \
   --memory="$MEMORY" \
   --gpu=1 \
-  --gpu-type="$GPU_TYPE" \
-  --no-gpu-zonal-redundancy \
   --set-secrets="HF_TOKEN=${HF_SECRET}:latest" \
-  --add-volume="name=bucket,type=cloud-storage,bucket=${BUCKET},readonly=true" \
+  --set-env-vars="HF_HOME=/mnt/hf-cache" \
   --add-volume-mount="volume=bucket,mount-path=/mnt/bucket" \
-  --labels=managed-by=tuneplane \
-  ${vpc_flags[@]+"${vpc_flags[@]}"}
+  --add-volume-mount="volume=hf-cache,mount-path=/mnt/hf-cache"
 
 say "api service ${SERVICE}"
 # The api's own URL must be known before it first starts (trainers post to it, ID tokens are
@@ -170,6 +207,7 @@ api_env=(
   "TUNEPLANE_DEFAULT_GPU_TYPE=${GPU_TYPE}"
   "TUNEPLANE_CLOUD_RUN_MAX_RETRIES=${MAX_RETRIES}"
   "TUNEPLANE_CLOUD_RUN_TIMEOUT_MARGIN_MINUTES=${TIMEOUT_MARGIN_MINUTES}"
+  "TUNEPLANE_CLOUD_RUN_LONG_GPU_TASKS=${LONG_GPU_TASKS}"
   "TUNEPLANE_CALLBACK_AUTH=oidc"
   "TUNEPLANE_CALLBACK_SIGNING_KEY=sm://projects/${PROJECT_ID}/secrets/tuneplane-signing-key"
   "TUNEPLANE_DATABASE_URL=sm://projects/${PROJECT_ID}/secrets/tuneplane-database-url"

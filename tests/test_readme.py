@@ -1,26 +1,34 @@
 """README.md stays true: its configuration tables match the settings classes both ways, its
 Quickstart is two commands, CI installs what it says, its API table lists exactly the app's
-/api/v1 routes, and its curl examples run against a real server."""
+/api/v1 routes, its constraints file pins the trainer's stack, and every shell block runs as
+written against a fresh `tuneplane serve` (or says why not and what tests it instead)."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic_settings import BaseSettings
-from sqlalchemy import Engine
 from sqlmodel import select
 
+from api.auth.models import ApiToken
 from api.config import ClientSettings, Settings
-from api.db import session_scope
+from api.db import make_engine, session_scope
 from api.main import create_app
 from api.runs.models import Run
-from tests.conftest import LiveServer
+from api.templates.models import RunTemplate
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -104,9 +112,11 @@ def test_ci_installs_and_tests_exactly_as_the_readme_says() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     dev = re.findall(r"```bash\n(.*?)```", section("Development and tests"), re.S)[0]
     install, test = (line.strip() for line in dev.strip().splitlines())
-    assert install == "python3 -m venv .venv && .venv/bin/pip install -e '.[dev,trainer]'"
+    pins = "-c trainer/constraints.txt"
+    assert install == f"python3 -m venv .venv && .venv/bin/pip install -e '.[dev,trainer]' {pins}"
     assert (
-        "python3 -m venv .venv" in ci and ".venv/bin/pip install --quiet -e '.[dev,trainer]'" in ci
+        "python3 -m venv .venv" in ci
+        and f".venv/bin/pip install --quiet -e '.[dev,trainer]' {pins}" in ci
     )
     assert test == "bash .ci/test" and "bash .ci/test" in ci
     assert "uv " not in ci and "pytest -n 2 --db all" in (ROOT / ".ci" / "test").read_text()
@@ -133,40 +143,134 @@ def test_api_table_lists_every_api_route(tmp_path: Path) -> None:
     assert not unknown, f"README's API table names routes the app does not have: {unknown}"
 
 
-def api_examples() -> list[str]:
-    text = section("API overview")
-    blocks = re.findall(r"(<!-- readme-test -->\n)?```bash\n(.*?)```", text, re.S)
-    untested = [code for marker, code in blocks if not marker]
-    assert not untested, f"curl examples without a <!-- readme-test --> marker: {untested}"
-    return [code for _, code in blocks]
+SHELL_BLOCK = re.compile(
+    r"(?:^<!-- (?P<marker>[^\n]*?) -->\n)?^```(?:bash|sh|shell)\n(?P<code>.*?)^```", re.M | re.S
+)
+NOT_RUN = re.compile(r"^not run: (?P<why>[^;]+); (?P<how>.+)$")
+TESTED_BY = re.compile(r"(?:tests/[\w/]+\.py|\.ci/run)")
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
-def test_api_examples_run_against_a_live_server(
-    live_server: LiveServer, engine: Engine, tmp_path: Path
-) -> None:
-    examples = api_examples()
-    assert len(examples) >= 5
-    script = "set -euo pipefail\n" + "\n".join(examples)
-    script = script.replace(EXAMPLE_URL, live_server.url)
-    assert EXAMPLE_URL not in script
-    out = subprocess.run(
-        ["bash", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env={**os.environ, "PATH": os.environ.get("PATH", "")},
-        check=False,
+def shell_blocks() -> list[tuple[str | None, str]]:
+    """Every bash block of README.md in order, with the comment line above it, if any."""
+    return [(m["marker"], m["code"]) for m in SHELL_BLOCK.finditer(README)]
+
+
+def test_every_shell_block_not_run_says_why_and_what_tests_it() -> None:
+    blocks = shell_blocks()
+    assert len(blocks) >= 12
+    for marker, code in blocks:
+        if marker is None:
+            continue
+        match = NOT_RUN.match(marker)
+        assert match, f"a comment above a shell block must be 'not run: WHY; HOW': {marker!r}"
+        named = TESTED_BY.findall(match["how"])
+        assert named, f"'not run' must name the test that covers it instead: {marker!r}"
+        for path in named:
+            assert (ROOT / path).exists(), f"{marker!r} names {path}, which does not exist"
+        assert code.strip()
+
+
+def test_the_trainer_stack_is_pinned_and_installed_at_its_pins() -> None:
+    """One constraints file for the trainer's stack, used by every install; the versions
+    installed here are the pinned ones, so the figures README quotes are this stack's."""
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "trainer" / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
     )
-    assert out.returncode == 0, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
-    assert "\n200\n" in out.stdout  # the idempotent replay
-    assert '"title":"Run does not fit the GPU"' in out.stdout
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate",
+                 "tokenizers"):  # fmt: skip
+        assert name in pins, f"trainer/constraints.txt does not pin {name}"
+    for name, pinned in pins.items():
+        installed = importlib.metadata.version(name).split("+")[0]  # 2.14.1+cu128 is 2.14.1
+        assert installed == pinned, f"{name} {installed} is installed, constraints say {pinned}"
+    uses = "-c trainer/constraints.txt"
+    assert uses in (ROOT / ".ci" / "run").read_text()
+    assert section("Quickstart").count(uses) == section("Development and tests").count(uses) == 1
+    docker = (ROOT / "Dockerfile.trainer").read_text()
+    installs = [line for line in docker.splitlines() if "pip install" in line]
+    assert installs and all(uses in line for line in installs), installs
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    deadline = time.monotonic() + 120  # a guard against a hang only
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, (
+            "tuneplane serve never became ready:\n" + log.read_text()
+        )
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_every_shell_block_runs_in_order_against_a_fresh_serve(tmp_path: Path) -> None:
+    """Every block not marked `not run` runs as written, one bash script in order (a variable
+    set in one block is there in the next), against `tuneplane serve` on a fresh data directory
+    and a free port; the README's `127.0.0.1:8000` and `/tmp/` become those of this test. The
+    dispatch worker is off (TUNEPLANE_RUN_WORKER=false): runs stay queued, so what each block
+    answers never depends on how fast a trainer is (a cancel cannot race the run's end)."""
+    port, data, work = free_port(), tmp_path / "data", tmp_path / "work"
+    work.mkdir()
+    (work / ".venv").symlink_to(ROOT / ".venv")  # the blocks say .venv/bin/python
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEPLANE_")}
+    env.update(
+        TUNEPLANE_DATA_DIR=str(data),  # serve's, and `tuneplane token`'s (the same database)
+        TUNEPLANE_RUN_WORKER="false",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        OMP_NUM_THREADS="1",
+    )
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "api", "serve", "--port", str(port)],
+            env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _wait_ready(serve, url, log)
+        blocks = [code for marker, code in shell_blocks() if marker is None]
+        script = "set -euo pipefail\n" + "\n".join(blocks)
+        script = script.replace(EXAMPLE_URL, url).replace("/tmp/", f"{tmp_path}/tmp/")
+        (tmp_path / "tmp").mkdir()
+        done = subprocess.run(
+            ["bash", "-c", script], capture_output=True, text=True, timeout=1200, cwd=work,
+            env=env, check=False,
+        )  # fmt: skip
+    finally:
+        serve.send_signal(signal.SIGINT)
+        serve.wait(timeout=60)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    _check_what_the_blocks_did(done.stdout, data, tmp_path / "tmp")
+
+
+def _check_what_the_blocks_did(out: str, data: Path, tmp: Path) -> None:
+    assert "\n200\n" in out  # the idempotent replay
+    assert '"title":"Run does not fit the GPU"' in out
+    engine = make_engine(f"sqlite:///{data / 'tuneplane.db'}")
     with session_scope(engine) as s:
         runs = {r.id: r for r in s.exec(select(Run))}
-    # One submitted (the replay made nothing), one retrain of it; the original was cancelled.
-    assert len(runs) == 2
-    [parent] = [r for r in runs.values() if r.parent_id is None]
-    [child] = [r for r in runs.values() if r.parent_id == parent.id]
-    assert parent.name == "pets-4b" and parent.status == "cancelled"
-    assert child.status == "queued" and child.spec["train_size"] == 2500
+        # One submitted (the replay made nothing), one retrain of it; the original cancelled.
+        [parent] = [r for r in runs.values() if r.parent_id is None]
+        [child] = [r for r in runs.values() if r.parent_id == parent.id]
+        assert parent.name == "digits-tiny" and parent.status == "cancelled"
+        assert child.status == "queued" and child.spec["learning_rate"] == 1e-3
+        assert parent.spec["model_id"] == str(tmp / "tiny-gemma3")
+        templates = {t.name for t in s.exec(select(RunTemplate))}
+        assert {"pets-gemma3-4b", "digits-tiny"} <= templates
+        tokens = {t.name: t.revoked_at for t in s.exec(select(ApiToken))}
+        assert set(tokens) == {"admin", "ci", "old"} and tokens["old"] is not None
+    engine.dispose()
+    # The trainer by hand: README's figure, reproduced (trainer/constraints.txt's versions).
+    results = json.loads((tmp / "tiny-out" / "results.json").read_text())
+    quoted = re.search(
+        r"reached the same ([\d.]+) accuracy", section("Running the trainer by hand")
+    )
+    assert quoted, "README's trainer-by-hand figure moved"
+    assert f"{results['final']['accuracy']:.3f}" == quoted[1]
+    assert len((tmp / "tiny-out" / "events.jsonl").read_text().splitlines()) > 10

@@ -5,8 +5,9 @@
 
 The run spec comes from the flags (`RunSpec.add_arguments`; the original
 `finetune_and_evaluate.py` flags included), the execution environment (run id, callback, storage
-locations, deadline) from `TUNEPLANE_*` variables (`ExecutionEnv`). Events go to the callback URL
-when one is set, to stdout otherwise; human-readable logs go to stderr.
+locations, deadline) from `TUNEPLANE_*` variables (`ExecutionEnv`). stdout gets a readable line
+per event; the JSON events go to the callback URL when one is set and to `--events-file` when
+given (`trainer.report.make_reporter`); the rest of the log goes to stderr.
 
 Exit status: 0 for a completed run and for a segment that stopped at its deadline or on SIGTERM
 (outcome "segment_done" in results.json and the events), 1 for a failure, 2 for an invalid spec.
@@ -38,7 +39,7 @@ from trainer.contract.spec import RunSpec, describe_errors
 from trainer.deadline import SegmentEnd, Stopper
 from trainer.evaluate import Evaluator
 from trainer.merge import write_merged
-from trainer.report import EventLog, Reporter, StdoutReporter
+from trainer.report import EventLog, make_reporter
 from trainer.results import Results, environment
 from trainer.storage import open_location, upload_tree
 
@@ -60,23 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="where results.json goes (default: OUTPUT_DIR/results.json)",
     )
     parser.add_argument(
+        "--events-file",
+        type=Path,
+        help="also append every event, one JSON object a line, to this file",
+    )
+    parser.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
         default="auto",
         help="auto: the GPU when CUDA sees one, else the CPU; cuda: fail when there is no GPU",
     )
     return parser
-
-
-def make_reporter(env: ExecutionEnv, output_dir: Path) -> Reporter:
-    if env.callback_url:
-        # Imported here: a run by hand needs no HTTP client.
-        from trainer.report_http import HttpReporter
-
-        # One spool file per run (trainer.report_http.spool_file): the spool directory may be
-        # shared by runs, and the local dispatcher reads a finished run's leftovers from it.
-        return HttpReporter.for_execution(env, output_dir)
-    return StdoutReporter()
 
 
 def log(message: str) -> None:
@@ -86,7 +81,7 @@ def log(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     env = ExecutionEnv.from_environ()
-    reporter = make_reporter(env, args.output_dir)
+    reporter = make_reporter(env, args.output_dir, args.events_file)
     events = EventLog(reporter, env.run_id or "local", env.segment)
     try:
         try:
@@ -180,6 +175,8 @@ class Execution:
         )
         if self.restored:
             log(f"resuming from {self.restored.uri} (step {resumed_from})")
+        if warning := model.cpu_hub_warning(spec.model_id, device):
+            log(f"warning: {warning}")
         return device
 
     def load_data(self) -> Any:
@@ -316,14 +313,19 @@ class Execution:
         self.events.emit(
             "failed", ev.Failed(error=results.error[: ev.MAX_TEXT], traceback_tail=tail)
         )
-        return 1
+        # On Cloud Run, exit 0 on purpose: a reported failure is the trainer's verdict, and a
+        # non-zero exit would have Cloud Run retry the task up to max_retries times (each up
+        # to the task timeout of GPU) on a failure that repeats. tuneplane decides: the run
+        # failed with this error, and a retry is the user's choice. Platform retries stay
+        # for what the trainer cannot report: a container killed by maintenance, OOM, a lost
+        # node. Run by hand (no CLOUD_RUN_EXECUTION), a failure exits 1.
+        return 0 if self.env.execution else 1
 
     # ---- helpers ----------------------------------------------------------------------------
 
     @contextmanager
     def phase(self, name: ev.Phase, detail: str = "") -> Iterator[None]:
         self.events.emit("phase", ev.PhaseChange(phase=name, detail=detail[: ev.MAX_TEXT]))
-        log(f"phase: {name}")
         t0 = time.monotonic()
         try:
             yield
@@ -331,17 +333,12 @@ class Execution:
             self.results.add_time(name, time.monotonic() - t0)
 
     def on_metrics(self, stage: str, metrics: ev.Metrics) -> None:
-        log(
-            f"{stage}: accuracy {metrics.accuracy:.3f}, macro F1 {metrics.macro_f1:.3f}, "
-            f"no label {metrics.unknown_rate:.3f} over {metrics.num_samples} samples"
-        )
         self.events.emit("evaluation", ev.Evaluation(stage=stage, **metrics.model_dump()))
 
     def on_progress(self, progress: ev.Progress) -> None:
         self.events.emit("progress", progress)
 
     def on_checkpoint(self, step: int, uri: str) -> None:
-        log(f"checkpoint at step {step}: {uri}")
         self.events.emit("checkpoint", ev.Checkpoint(step=step, uri=uri))
 
     def record_training(self) -> None:

@@ -20,8 +20,11 @@ from typing import Any
 
 import torch
 
+from trainer import quiet
 from trainer.contract.spec import RunSpec
 from trainer.plan import StepPlan, apply_checkpointing
+
+quiet.install()  # before transformers, peft and bitsandbytes load (trainer/quiet.py says why)
 
 # Where a family keeps its vision tower, on the inner model (Gemma, LLaVA, PaliGemma: vision_tower;
 # Qwen-VL: visual; Idefics3 / SmolVLM: vision_model). The language model is `get_decoder()`.
@@ -89,6 +92,23 @@ def _why_no_cuda() -> str:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     hidden = f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
     return f"torch {torch.__version__} built for CUDA {torch.version.cuda} finds no GPU{hidden}"
+
+
+def cpu_hub_warning(model_id: str, device: torch.device) -> str | None:
+    """Said before anything loads: a model that is not a local directory comes from the Hugging
+    Face Hub, and on a CPU it trains unquantized and slowly. Offline, the Hub's retries take
+    minutes before they fail; this line says up front why, and what runs here instead."""
+    import os
+
+    if device.type != "cpu" or os.path.isdir(model_id):
+        return None
+    return (
+        f"{model_id} is not a local directory: it is downloaded from the Hugging Face Hub, "
+        "which must be reachable (and HF_TOKEN must grant access to a gated model such as "
+        "Gemma), and on this CPU it trains in fp32, for hours on a real model. Without the Hub "
+        "or a GPU, give a local model directory: `python -m trainer.tiny DIR` builds the tiny "
+        "offline Gemma 3 the demo trains."
+    )
 
 
 def load_processor(model_id: str) -> Any:

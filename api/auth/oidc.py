@@ -9,7 +9,13 @@ A callback passes when its bearer token is an ID token that Google signed (certi
 once and cached, fetched again on an unknown key id: Google rotates them), for audience
 `TUNEPLANE_PUBLIC_URL`, from Google's issuer, for the trainer's service account with a verified
 email, and when the `X-Tuneplane-Execution` header names the execution that the api stored for
-this run at dispatch (the token alone says nothing about which run it is for).
+this run at dispatch (the token alone says nothing about which run it is for). Every trainer
+shares one service account and the header is the caller's own claim, so the api also asks Cloud
+Run (`get_execution`) that the named execution is one of our Jobs', carries this run's
+TUNEPLANE_RUN_ID and is still running (`check_execution`; a confirmed answer is kept for
+`BINDING_TTL` seconds). A refusal names no execution: a 403 must not tell a caller which name
+would pass. What remains is a trainer that knows another run's live execution name (Cloud Run
+shows it to project viewers); only a service account per run would close that.
 
 A refusal is a 401 or 403 only when it is the token's fault. When the api cannot decide yet, it
 answers 503 with Retry-After, which the trainer retries (trainer/report_http.py drops an event on
@@ -41,6 +47,7 @@ from api.auth.callback import require_run_token
 from api.config import Settings
 from api.db import session_scope
 from api.deps import EngineDep, SettingsDep
+from api.dispatch.base import DispatchError
 from api.errors import Problem
 from api.runs.models import Run
 from api.runs.states import RunStatus
@@ -52,6 +59,7 @@ DEFAULT_CERT_TTL = 3600.0
 MIN_REFETCH_SECONDS = 30.0  # an unknown key id triggers a refetch at most this often
 CERTS_RETRY_AFTER = 10  # seconds; Google's endpoint is rarely down for long
 DISPATCH_RETRY_AFTER = 2  # seconds; the worker stores the execution right after starting it
+BINDING_TTL = 30.0  # seconds a confirmed (execution, run) pair is trusted without asking again
 
 
 class OidcRejected(Exception):
@@ -211,19 +219,56 @@ def check_binding(
     same = run_execution_name is not None and _short(execution) == _short(run_execution_name)
     if awaiting_dispatch and not same:
         raise OidcRejected.later(
-            f"execution {_short(execution)} is not recorded for this run yet (the worker is "
-            "recording its dispatch); retry shortly",
+            "the named execution is not recorded for this run yet (the worker is recording "
+            "its dispatch); retry shortly",
             DISPATCH_RETRY_AFTER,
         )
     if not run_execution_name:
         raise OidcRejected(403, "this run has no Cloud Run execution; its events are not taken")
     # Cloud Run gives the task the execution's short name; the api stores the full one.
     if not same:
-        raise OidcRejected(
-            403,
-            f"execution {_short(execution)} does not serve this run (it is served by "
-            f"{_short(run_execution_name)})",
-        )
+        raise OidcRejected(403, "the named execution does not serve this run")
+
+
+_confirmed: dict[tuple[str, str], float] = {}
+_dispatchers: dict[str, Any] = {}
+_binding_lock = threading.Lock()
+
+
+def check_execution(settings: Settings, execution_name: str, run_id: str) -> None:
+    """Cloud Run's word that `execution_name` (the stored, full name) is live and runs `run_id`.
+    Raises OidcRejected: 403 when it is not, 503 when Cloud Run cannot be asked now."""
+    key = (execution_name, run_id)
+    with _binding_lock:
+        if _confirmed.get(key, 0.0) > time.monotonic():
+            return
+    from api.dispatch.cloudrun import CloudRunDispatcher  # the api needs it only in this mode
+    from api.dispatch.cloudrun_status import env_of, is_live, is_ours
+
+    with _binding_lock:
+        dispatcher = _dispatchers.get(settings.cloud_run_endpoint or "")
+        if dispatcher is None:
+            try:
+                dispatcher = CloudRunDispatcher(settings, retry_budget_seconds=2.0)
+            except Exception as err:  # no Google credentials on this api: not the token's fault
+                raise OidcRejected.later(
+                    f"cannot reach Cloud Run to check the execution ({type(err).__name__})",
+                    CERTS_RETRY_AFTER,
+                ) from None
+            _dispatchers[settings.cloud_run_endpoint or ""] = dispatcher
+    refused = OidcRejected(403, "the named execution does not serve this run")
+    if not is_ours(settings, execution_name):
+        raise refused
+    try:
+        found = dispatcher.describe(execution_name)
+    except DispatchError as err:
+        raise OidcRejected.later(
+            f"cannot check the execution with Cloud Run now ({err.message})", CERTS_RETRY_AFTER
+        ) from None
+    if found is None or env_of(found).get("TUNEPLANE_RUN_ID") != run_id or not is_live(found):
+        raise refused
+    with _binding_lock:
+        _confirmed[key] = time.monotonic() + BINDING_TTL
 
 
 def _short(name: str) -> str:
@@ -256,6 +301,8 @@ def require_callback_credential(
             execution_name = run.execution_name if run is not None else None
             queued = run is not None and run.status == RunStatus.queued
         check_binding(x_tuneplane_execution, execution_name, awaiting_dispatch=queued)
+        if settings.dispatcher == "cloudrun" and execution_name:
+            check_execution(settings, execution_name, run_id)
     except OidcRejected as exc:
         if exc.status == 401:
             raise Problem(

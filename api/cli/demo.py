@@ -16,7 +16,6 @@ import argparse
 import fcntl
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,9 +28,11 @@ import httpx
 import uvicorn
 from pydantic import ValidationError
 
+from api.cli.ports import PortUnavailable, bind
 from api.cli.settings import settings_errors
 from api.config import Settings
 from api.db import make_engine, migrate, session_scope
+from api.wording import secs
 
 # The tiny model learns digits with these (shared/notes/tiny-gemma3.md: lr ~3e-3, batch 16,
 # ~4 epochs over ~1,500 images reach 0.8-0.96 accuracy from a baseline near 0). One-token
@@ -57,6 +58,7 @@ DEMO_SPEC: dict[str, Any] = {
     "time_budget_minutes": 30,
 }
 POLL_SECONDS = 0.5
+EVENTS_PAGE = 500
 LOCK_NAME = "demo.lock"
 
 
@@ -90,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         data_dir = args.data_dir.expanduser().resolve()
         lock = _lock_data_dir(data_dir)
-        sock = _bind("127.0.0.1", args.port)
-    except DemoError as exc:
+        sock = bind("127.0.0.1", args.port)
+    except (DemoError, PortUnavailable) as exc:
         print(f"tuneplane demo: {exc}", file=sys.stderr)
         return 2
     # The tiny model's tensors are too small for intra-op threads to pay, and on a busy machine
@@ -233,22 +235,6 @@ def _lock_data_dir(data_dir: Path) -> _Lock:
     return _Lock(fd)
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno in (98, 48):  # EADDRINUSE on Linux, macOS
-            raise DemoError(
-                f"port {port} is already in use (another server?); choose another with --port"
-            ) from None
-        raise DemoError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(128)
-    return sock
-
-
 def _tiny_model(settings: Settings, out: TextIO) -> Path:
     """The tiny model's directory, built once by the trainer's own Python (the api never
     imports torch)."""
@@ -324,6 +310,8 @@ class Monitor:
         self.error: str | None = None
         self._last_line = ""
         self._decile = -1
+        self._seq = -1  # the last event shown
+        self._phases: list[str] = []
 
     def run(self) -> None:
         try:
@@ -353,28 +341,21 @@ class Monitor:
                 f"{spec['num_epochs']} epochs, batch {spec['batch_size']}, learning rate "
                 f"{spec['learning_rate']:g}"
             )
-            started = time.monotonic()
-            phase = None
             while True:
                 if self.server.should_exit or getattr(self.server, "interrupted", False):
                     return  # Ctrl-C: cancel_run() says how the run ended
                 run = client.get(f"/api/v1/runs/{self.run_id}").json()
-                metrics = client.get(
-                    f"/api/v1/runs/{self.run_id}/metrics",
-                    params={"since_step": max(0, run["last_step"] - 1)},
-                ).json()
-                if metrics["phase"] != phase and metrics["phase"] is not None:
-                    phase = metrics["phase"]
-                    if not self.tty:
-                        self._say(f"phase: {phase}")
-                self._progress(run, metrics, phase)
+                # After the run: its events all arrived before it ended (the trainer posts
+                # them in order, `completed` last), so this last read misses none.
+                self._show_new_events(client)
                 if run["status"] in ("succeeded", "failed", "cancelled"):
                     break
                 time.sleep(POLL_SECONDS)
             self.status = run["status"]
             self.finished = True
             self._end_line()
-            self._report(run, metrics, time.monotonic() - started)
+            metrics = client.get(f"/api/v1/runs/{self.run_id}/metrics").json()
+            self._report(run, metrics)
         if self.exit_when_done:
             self.server.should_exit = True
         else:
@@ -399,23 +380,39 @@ class Monitor:
                     return
                 time.sleep(0.3)
 
-    def _progress(self, run: dict[str, Any], metrics: dict[str, Any], phase: str | None) -> None:
-        total = run.get("total_steps") or 0
-        step = run.get("last_step") or 0
-        loss = metrics["progress"][-1]["loss"] if metrics["progress"] else None
-        label = phase or run["status"]
-        if total:
-            width = 30
-            filled = int(width * step / total)
-            bar = "█" * filled + "░" * (width - filled)
-            loss_text = f"  loss {loss:.3f}" if loss is not None else ""
-            line = f"  {label:<13} [{bar}] {step}/{total} steps{loss_text}"
-        else:
-            line = f"  {label:<13} …"
+    def _show_new_events(self, client: httpx.Client) -> None:
+        """Every phase once, in order, and the training bar, from the trainer's events: read
+        in order, not sampled, so a phase shorter than a poll is shown too and the bar's
+        last line (the last step) comes before the next phase."""
+        while True:
+            page = client.get(
+                f"/api/v1/runs/{self.run_id}/events",
+                params={"after_seq": self._seq, "limit": EVENTS_PAGE},
+            ).json()
+            for event in page:
+                self._seq = max(self._seq, event["seq"])
+                if event["type"] == "phase" and event["data"]["phase"] not in self._phases:
+                    self._phases.append(event["data"]["phase"])
+                    self._say(f"phase: {event['data']['phase']}")
+                elif event["type"] == "progress":
+                    data = event["data"]
+                    self._progress(data["step"], data["total_steps"], data.get("loss"))
+            if len(page) < EVENTS_PAGE:
+                return
+
+    def _progress(self, step: int, total: int, loss: float | None) -> None:
+        """The training bar (progress events come only while training)."""
+        if not total:
+            return
+        width = 30
+        filled = int(width * step / total)
+        bar = "█" * filled + "░" * (width - filled)
+        loss_text = f"  loss {loss:.3f}" if loss is not None else ""
+        line = f"  training [{bar}] {step}/{total} steps{loss_text}"
         if self.tty:
             print("\r" + line.ljust(len(self._last_line)), end="", file=self.out, flush=True)
             self._last_line = line
-        elif total and (decile := step * 10 // total) > self._decile:
+        elif (decile := step * 10 // total) > self._decile:
             # Not a terminal (a CI log): one line per tenth of the steps.
             self._decile = decile
             print(line, file=self.out, flush=True)
@@ -424,9 +421,11 @@ class Monitor:
         if self.tty and self._last_line:
             print(file=self.out)
 
-    def _report(self, run: dict[str, Any], metrics: dict[str, Any], seconds: float) -> None:
+    def _report(self, run: dict[str, Any], metrics: dict[str, Any]) -> None:
         status = run["status"]
-        self._say(f"run {self.run_id} {status} in {seconds:.0f} s")
+        # The run's own duration, as its page shows it (api/runs/states.py duration_seconds).
+        ran = run.get("duration_seconds")
+        self._say(f"run {self.run_id} {status}" + (f": ran {secs(ran)}" if ran is not None else ""))
         if status != "succeeded":
             self._say(f"reason: {run.get('status_reason')}")
             if run.get("log_uri"):

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from api.cli.http import ApiError, get_json, make_client
+from api.wording import secs
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -80,6 +81,7 @@ def show_run(args: argparse.Namespace) -> int:
         f"model      {spec['model_id']} on {spec['dataset']} ({spec['train_size']} train / "
         f"{spec['eval_size']} eval, {spec['num_epochs']:g} epochs, {spec['gpu_type']})",
         f"progress   step {run['last_step']}/{run['total_steps'] or '?'}",
+        f"ran        {secs(run['duration_seconds'])}",  # the run page's duration too
         f"accuracy   {_pct(run['baseline_accuracy'])} -> {_pct(run['final_accuracy'])}",
         f"macro F1   {_pct(run['baseline_macro_f1'])} -> {_pct(run['final_macro_f1'])}",
     ]

@@ -8,6 +8,7 @@ import sys
 
 import uvicorn
 
+from api.cli.ports import PortUnavailable, bind
 from api.cli.settings import load_settings, open_database, shown_url
 from api.main import create_app
 
@@ -48,10 +49,18 @@ def run(args: argparse.Namespace) -> int:
     if engine is None:
         return 2
     engine.dispose()
+    # The port before "serving on": one line naming --port, not uvicorn's traceback after it.
+    try:
+        sock = bind(args.host, args.port)
+    except PortUnavailable as exc:
+        print(f"tuneplane: {exc}", file=sys.stderr)
+        return 2
     print(
         f"tuneplane: serving on http://{args.host}:{args.port} (database "
         f"{shown_url(settings.db_url)}; trainers call back at {settings.public_url})",
         flush=True,
     )
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    config = uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info")
+    with sock:
+        uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -37,13 +37,25 @@ class ExecutionStatus:
 
 
 class DispatchError(Exception):
-    """`transient`: retry soon with backoff; `quota`: leave the run queued and retry later;
+    """`transient`: retry soon with backoff; `quota` (no GPU free) and `iam` (permission denied,
+    e.g. roles not propagated yet): leave the run queued and retry for a bounded time;
     `permanent`: fail the run with this message (it says what to fix)."""
 
-    def __init__(self, kind: Literal["transient", "quota", "permanent"], message: str) -> None:
+    def __init__(
+        self, kind: Literal["transient", "quota", "iam", "permanent"], message: str
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+
+
+@dataclass(frozen=True)
+class Found:
+    """A live execution and the run and segment its environment says it serves."""
+
+    name: str
+    run_id: str
+    segment: int
 
 
 class Dispatcher(Protocol):

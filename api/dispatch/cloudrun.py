@@ -8,8 +8,15 @@ Executions API.
 
 Errors become `DispatchError`s the worker acts on: UNAVAILABLE / DEADLINE_EXCEEDED / INTERNAL
 are retried here with backoff inside a small time budget, then reported `transient`;
-RESOURCE_EXHAUSTED is `quota` (the run stays queued); PERMISSION_DENIED / NOT_FOUND /
-INVALID_ARGUMENT and the rest are `permanent`, with a message that says what to fix.
+RESOURCE_EXHAUSTED is `quota` (no GPU free: stock-out or quota) and PERMISSION_DENIED is `iam`
+(roles granted a minute ago take minutes to apply): the run stays queued and is tried again for
+`cloud_run_wait_seconds`; NOT_FOUND / INVALID_ARGUMENT and the rest are `permanent`, with a
+message that says what to fix.
+
+Idempotence across api crashes: the worker marks a run before `start`; a run found marked is
+`adopt`ed (the executions of its run and segment are looked up by their TUNEPLANE_RUN_ID and
+TUNEPLANE_SEGMENT) instead of started again, and `live_executions` lets the worker's sweep cancel
+any execution that serves no run as its recorded one.
 """
 
 from __future__ import annotations
@@ -32,7 +39,16 @@ from google.cloud.run_v2.services.jobs.transports import JobsGrpcTransport
 
 from api.config import Settings
 from api.dispatch import cloudrun_job as cj
-from api.dispatch.base import DispatchError, Execution, ExecutionStatus, Launch
+from api.dispatch.base import DispatchError, Execution, ExecutionStatus, Found, Launch
+from api.dispatch.cloudrun_status import (
+    TRANSIENT,
+    describe,
+    dispatch_error,
+    env_of,
+    execution_status,
+    is_live,
+    is_ours,
+)
 from trainer.contract.execution import PREFIX, ExecutionEnv
 
 log = logging.getLogger(__name__)
@@ -40,15 +56,6 @@ T = TypeVar("T")
 
 RPC_TIMEOUT = 30.0  # seconds per call; the client library sets none by default
 OPERATION_TIMEOUT = 120.0  # creating or updating a Job takes seconds
-TRANSIENT = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.UNKNOWN,
-    }
-)
 # After these, a RunJob call may have started an execution although the answer never came.
 AMBIGUOUS = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
@@ -105,10 +112,10 @@ class CloudRunDispatcher:
             # Overrides are readable by every project viewer (`run.executions.get`); in this
             # mode the trainer proves itself with its service account's ID token instead.
             env = env.model_copy(update={"callback_token": None})
-        request = run_v2.RunJobRequest(
-            name=job, overrides=cj.build_overrides(launch.spec, self.settings, env)
-        )
         sent_at = datetime.now(UTC)
+        request = run_v2.RunJobRequest(
+            name=job, overrides=cj.build_overrides(launch.spec, self.settings, env, sent_at)
+        )
         try:
             execution = self._run_job(job, request, gpu, env, sent_at)
         except DispatchError as err:
@@ -187,6 +194,72 @@ class CloudRunDispatcher:
             # Not knowing is not failing: the reconciler asks again next round.
             return ExecutionStatus("unknown", err.message)
         return execution_status(execution)
+
+    def adopt(self, launch: Launch, since: datetime) -> Execution | None:
+        """An execution of this run and segment started since `since` that nobody recorded (the
+        api died between `run_job` and recording it): the newest live one is returned, any other
+        live one cancelled. None when there is none (then the caller starts one)."""
+        job = self.ensure_job(launch.spec.gpu_type)
+        found = [
+            e
+            for e in self._ours(job)
+            if env_of(e).get(PREFIX + "RUN_ID") == launch.run_id
+            and env_of(e).get(PREFIX + "SEGMENT") == str(launch.env.segment)
+            and e.create_time >= since - timedelta(minutes=1)
+            and is_live(e)
+        ]
+        if not found:
+            return None
+        found.sort(key=lambda e: e.create_time, reverse=True)
+        for extra in found[1:]:
+            log.warning(
+                "%s: cancelling %s, a second execution of one segment", launch.run_id, extra.name
+            )
+            self.cancel(extra.name)
+        prefix = cj.run_prefix(self.settings, launch.run_id)
+        return Execution(
+            name=found[0].name,
+            log_uri=found[0].log_uri or None,
+            artifact_uri=prefix,
+            checkpoint_uri=f"{prefix}/checkpoints",
+        )
+
+    def live_executions(self) -> list[Found]:
+        """Every live execution of our Jobs that names a run (for the orphan sweep)."""
+        out = []
+        for e in self._ours(f"{cj.location(self.settings)}/jobs/-"):
+            env = env_of(e)
+            run_id = env.get(PREFIX + "RUN_ID")
+            if run_id and is_live(e) and is_ours(self.settings, e.name):
+                out.append(Found(e.name, run_id, int(env.get(PREFIX + "SEGMENT", "0") or 0)))
+        return out
+
+    def _ours(self, parent: str) -> list[run_v2.Execution]:
+        pager = self._call(
+            f"list the executions of {parent}",
+            lambda: self.executions.list_executions(
+                request=run_v2.ListExecutionsRequest(parent=parent, page_size=100),
+                timeout=RPC_TIMEOUT,
+            ),
+        )
+        return list(itertools.islice(pager, 1000))
+
+    def describe(self, execution_name: str) -> run_v2.Execution | None:
+        """The execution as Cloud Run has it, or None when there is none (OIDC binding)."""
+        try:
+            return self._call(
+                f"read {execution_name}",
+                lambda: self.executions.get_execution(name=execution_name, timeout=RPC_TIMEOUT),
+                budget=min(self.retry_budget, 3.0),
+            )
+        except DispatchError as err:
+            if isinstance(err.__cause__, gexc.NotFound):
+                return None
+            raise
+
+    def max_segment(self) -> timedelta:
+        """The longest segment a task timeout allows (the worker cuts long budgets into these)."""
+        return cj.max_segment(self.settings)
 
     def close(self) -> None:
         for client in (self.jobs, self.executions):
@@ -293,49 +366,11 @@ class CloudRunDispatcher:
                             raise _Adopted(found) from err
                     pause = delay * (0.5 + random.random())
                     if time.monotonic() + pause < deadline:
-                        log.warning("%s: %s; retrying in %.1fs", what, _describe(err), pause)
+                        log.warning("%s: %s; retrying in %.1fs", what, describe(err), pause)
                         time.sleep(pause)
                         delay *= 2
                         continue
-                raise self._error(what, err, gpu, attempt) from err
-
-    def _error(
-        self, what: str, err: gexc.GoogleAPICallError, gpu: str | None, attempts: int
-    ) -> DispatchError:
-        s = self.settings
-        code = err.grpc_status_code
-        said = f"Cloud Run could not {what}: {_describe(err)}"
-        if code in TRANSIENT:
-            return DispatchError("transient", f"{said} (after {attempts} attempts; will retry)")
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return DispatchError(
-                "quota",
-                f"{said}. No {gpu or 'GPU'} quota is free in {s.gcp_region} now; the run stays "
-                "queued and is tried again. Ask for more Cloud Run GPU quota in the console or "
-                "lower TUNEPLANE_MAX_CONCURRENCY.",
-            )
-        hint = {
-            grpc.StatusCode.PERMISSION_DENIED: (
-                f"give the api's service account roles/run.developer on project {s.gcp_project} "
-                "and roles/iam.serviceAccountUser on the trainer's service account "
-                f"({s.trainer_service_account or 'the default compute service account'})"
-            ),
-            grpc.StatusCode.NOT_FOUND: (
-                f"check TUNEPLANE_GCP_PROJECT ({s.gcp_project}), TUNEPLANE_GCP_REGION "
-                f"({s.gcp_region}) and that the Cloud Run Admin API is enabled"
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT: (
-                f"check TUNEPLANE_TRAINER_IMAGE ({s.trainer_image}), "
-                "TUNEPLANE_TRAINER_SERVICE_ACCOUNT, TUNEPLANE_HF_TOKEN_SECRET, the VPC settings "
-                f"and that {gpu or 'the GPU type'} is offered in {s.gcp_region}"
-            ),
-            grpc.StatusCode.UNAUTHENTICATED: (
-                "the api has no valid Google credentials: on Cloud Run give the service a "
-                "service account, elsewhere run `gcloud auth application-default login`"
-            ),
-            grpc.StatusCode.FAILED_PRECONDITION: "see the Job in the Cloud Run console",
-        }.get(code, "see the Cloud Run console")
-        return DispatchError("permanent", f"{said}. To fix: {hint}.")
+                raise dispatch_error(self.settings, what, err, gpu, attempt) from err
 
 
 # The variables that identify one launch (the deadline is new at every dispatch).
@@ -346,44 +381,3 @@ class _Adopted(Exception):
     def __init__(self, execution: run_v2.Execution) -> None:
         super().__init__(execution.name)
         self.execution = execution
-
-
-def _describe(err: gexc.GoogleAPICallError) -> str:
-    code = err.grpc_status_code
-    return f"{code.name if code else err.code} {err.message}".strip()
-
-
-def execution_status(execution: run_v2.Execution) -> ExecutionStatus:
-    """Map an execution's conditions to our states, with Cloud Run's own words when it ended
-    badly ("Task ... failed with message: The container exited with a non-zero status of 137.",
-    "The configured timeout was reached.", ...)."""
-    conditions = {c.type_: c for c in execution.conditions}
-    completed = conditions.get("Completed")
-    if completed is not None and completed.state == _Cond.State.CONDITION_SUCCEEDED:
-        return ExecutionStatus("succeeded")
-    if completed is not None and completed.state == _Cond.State.CONDITION_FAILED:
-        reason = _reason(completed)
-        message = completed.message or "the execution failed"
-        if reason:
-            message = f"{message} ({reason})"
-        if execution.retried_count:
-            message += f"; after {execution.retried_count} retries"
-        cancelled = (
-            completed.execution_reason == _Cond.ExecutionReason.CANCELLED
-            or execution.cancelled_count > 0
-        )
-        return ExecutionStatus("cancelled" if cancelled else "failed", message)
-    if execution.running_count > 0:
-        return ExecutionStatus("running")
-    started = conditions.get("Started")
-    if started is not None and started.state == _Cond.State.CONDITION_SUCCEEDED:
-        return ExecutionStatus("running")
-    return ExecutionStatus("pending")
-
-
-def _reason(condition: run_v2.Condition) -> str | None:
-    if condition.execution_reason:
-        return _Cond.ExecutionReason(condition.execution_reason).name
-    if condition.reason:
-        return _Cond.CommonReason(condition.reason).name
-    return None

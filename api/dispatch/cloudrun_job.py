@@ -9,9 +9,12 @@ tests/cloud/test_cloud_deploy.py checks that the two agree on every field `manag
 
 from __future__ import annotations
 
+import math
 import re
+from datetime import datetime, timedelta
 from typing import Any
 
+from google.api import launch_stage_pb2
 from google.cloud import run_v2
 from google.protobuf import duration_pb2
 
@@ -26,6 +29,18 @@ BUCKET_VOLUME = "bucket"
 BUCKET_MOUNT = "/mnt/bucket"
 # Where the trainer keeps its working copy inside the container (in-memory disk on Cloud Run).
 LOCAL_OUTPUT_DIR = "/tmp/tuneplane/output"
+# The Hugging Face cache lives in the bucket, not on the container's file system: that one is
+# in memory and "counts against" the instance's memory
+# (https://cloud.google.com/run/docs/container-contract#filesystem), and Gemma 3 12B's ~24 GB
+# of weights do not fit an L4 instance's 16 GiB. Through the writable mount
+# (https://cloud.google.com/run/docs/configuring/jobs/cloud-storage-volume-mounts) a download
+# stages one file at a time in memory ("the entire file is staged in Cloud Run memory before
+# the file is written"), reads do not download whole files, and the next run finds the weights
+# there. `only-dir` (a gcsfuse flag) keeps the mount to the bucket's `hf-cache/` prefix; that
+# Cloud Run passes it through is documented for mount options in general, not for this flag.
+HF_CACHE_VOLUME = "hf-cache"
+HF_CACHE_MOUNT = "/mnt/hf-cache"
+HF_CACHE_PREFIX = "hf-cache"
 MANAGED_LABEL = ("managed-by", "tuneplane")
 
 # Cloud Run's minimum CPU and memory for one GPU of each type.
@@ -35,6 +50,13 @@ GPU_RESOURCES: dict[str, tuple[str, str]] = {
 }
 GPU_JOB_SUFFIX: dict[str, str] = {"nvidia-l4": "l4", "nvidia-rtx-pro-6000": "rtx-pro-6000"}
 assert set(GPU_RESOURCES) == set(GPU_TYPES) == set(GPU_JOB_SUFFIX)
+# Preview ("Pre-GA") features need the Job at launch stage BETA, or Cloud Run refuses it:
+# https://cloud.google.com/run/docs/configuring/jobs/gpu marks the RTX PRO 6000 "Preview";
+# https://cloud.google.com/run/docs/configuring/task-timeout: "For tasks using GPUs, the maximum
+# available timeout is 1 hour", or "12 hours (preview)" as "Long running GPU jobs".
+PREVIEW_GPUS = frozenset({"nvidia-rtx-pro-6000"})
+GPU_TASK_SECONDS_GA = 3600
+GPU_TASK_SECONDS_PREVIEW = 12 * 3600
 
 # Execution names add ~6 characters to the Job's; Cloud Run caps names at 63.
 _JOB_ID = re.compile(r"^[a-z](?:[a-z0-9-]{0,47}[a-z0-9])?$")
@@ -92,10 +114,28 @@ def run_prefix(settings: Settings, run_id: str) -> str:
     return f"gs://{settings.bucket}/runs/{run_id}"
 
 
-def task_timeout_seconds(settings: Settings, time_budget_minutes: int) -> int:
-    # The trainer stops at its deadline (the time budget); the margin covers the final
+def max_task_seconds(settings: Settings) -> int:
+    """The longest task timeout Cloud Run takes for a GPU task with these settings."""
+    return GPU_TASK_SECONDS_PREVIEW if settings.cloud_run_long_gpu_tasks else GPU_TASK_SECONDS_GA
+
+
+def max_segment(settings: Settings) -> timedelta:
+    """The longest segment a task timeout leaves room for: a longer time budget becomes several
+    segments (each resumes from the last checkpoint), never a timeout over the cap."""
+    margin = settings.cloud_run_timeout_margin_minutes * 60
+    return timedelta(seconds=max_task_seconds(settings) - margin)
+
+
+def task_timeout_seconds(settings: Settings, segment_seconds: float) -> int:
+    # The trainer stops at its deadline (the end of the segment); the margin covers the final
     # checkpoint and the upload, so a segment ends by itself before Cloud Run kills it.
-    return (time_budget_minutes + settings.cloud_run_timeout_margin_minutes) * 60
+    seconds = math.ceil(segment_seconds) + settings.cloud_run_timeout_margin_minutes * 60
+    return min(seconds, max_task_seconds(settings))
+
+
+def launch_stage(settings: Settings, gpu_type: str) -> int:
+    preview = gpu_type in PREVIEW_GPUS or max_task_seconds(settings) > GPU_TASK_SECONDS_GA
+    return launch_stage_pb2.LaunchStage.BETA if preview else launch_stage_pb2.LaunchStage.GA
 
 
 def build_job(settings: Settings, gpu_type: str) -> run_v2.Job:
@@ -117,6 +157,7 @@ def build_job(settings: Settings, gpu_type: str) -> run_v2.Job:
                 ),
             )
         )
+    env.append(run_v2.EnvVar(name="HF_HOME", value=HF_CACHE_MOUNT))
     container = run_v2.Container(
         name=CONTAINER,
         image=settings.trainer_image,
@@ -124,7 +165,10 @@ def build_job(settings: Settings, gpu_type: str) -> run_v2.Job:
         resources=run_v2.ResourceRequirements(
             limits={"cpu": cpu, "memory": memory, "nvidia.com/gpu": "1"}
         ),
-        volume_mounts=[run_v2.VolumeMount(name=BUCKET_VOLUME, mount_path=BUCKET_MOUNT)],
+        volume_mounts=[
+            run_v2.VolumeMount(name=BUCKET_VOLUME, mount_path=BUCKET_MOUNT),
+            run_v2.VolumeMount(name=HF_CACHE_VOLUME, mount_path=HF_CACHE_MOUNT),
+        ],
     )
     task = run_v2.TaskTemplate(
         containers=[container],
@@ -132,12 +176,20 @@ def build_job(settings: Settings, gpu_type: str) -> run_v2.Job:
             run_v2.Volume(
                 name=BUCKET_VOLUME,
                 gcs=run_v2.GCSVolumeSource(bucket=settings.bucket, read_only=True),
-            )
+            ),
+            run_v2.Volume(
+                name=HF_CACHE_VOLUME,
+                gcs=run_v2.GCSVolumeSource(
+                    bucket=settings.bucket,
+                    read_only=False,
+                    mount_options=[f"only-dir={HF_CACHE_PREFIX}"],
+                ),
+            ),
         ],
         max_retries=settings.cloud_run_max_retries,
         timeout=duration_pb2.Duration(
             seconds=task_timeout_seconds(
-                settings, RunSpec.model_fields["time_budget_minutes"].default
+                settings, RunSpec.model_fields["time_budget_minutes"].default * 60
             )
         ),
         node_selector=run_v2.NodeSelector(accelerator=gpu_type),
@@ -161,6 +213,7 @@ def build_job(settings: Settings, gpu_type: str) -> run_v2.Job:
         )
     return run_v2.Job(
         labels=dict([MANAGED_LABEL]),
+        launch_stage=launch_stage(settings, gpu_type),
         template=run_v2.ExecutionTemplate(task_count=1, parallelism=1, template=task),
     )
 
@@ -181,9 +234,12 @@ def trainer_args(spec: RunSpec, settings: Settings, run_id: str) -> list[str]:
 
 
 def build_overrides(
-    spec: RunSpec, settings: Settings, env: ExecutionEnv
+    spec: RunSpec, settings: Settings, env: ExecutionEnv, now: datetime
 ) -> run_v2.RunJobRequest.Overrides:
-    assert env.run_id is not None
+    """Only what Overrides can carry (job.proto: container args and env, task_count, timeout),
+    for the container by the name the Job gives it (a name matching no container is refused)."""
+    assert env.run_id is not None and env.deadline is not None
+    segment = (env.deadline - now).total_seconds()
     return run_v2.RunJobRequest.Overrides(
         container_overrides=[
             run_v2.RunJobRequest.Overrides.ContainerOverride(
@@ -193,9 +249,7 @@ def build_overrides(
             )
         ],
         task_count=1,
-        timeout=duration_pb2.Duration(
-            seconds=task_timeout_seconds(settings, spec.time_budget_minutes)
-        ),
+        timeout=duration_pb2.Duration(seconds=task_timeout_seconds(settings, segment)),
     )
 
 
@@ -210,6 +264,9 @@ def managed_view(job: run_v2.Job) -> dict[str, Any]:
         nic = task.vpc_access.network_interfaces[0]
         vpc = (nic.network, nic.subnetwork, run_v2.VpcAccess.VpcEgress(task.vpc_access.egress).name)
     return {
+        # Overrides name the container: a Job whose container has another name (or none, as
+        # `gcloud run jobs deploy` without `--container` leaves it) is brought in line first.
+        "container": container.name,
         "image": container.image,
         "cpu": limits.get("cpu"),
         "memory": limits.get("memory"),
@@ -229,7 +286,10 @@ def managed_view(job: run_v2.Job) -> dict[str, Any]:
             )
             for e in container.env
         ),
-        "volumes": sorted((v.name, v.gcs.bucket, v.gcs.read_only) for v in task.volumes),
+        "volumes": sorted(
+            (v.name, v.gcs.bucket, v.gcs.read_only, tuple(v.gcs.mount_options))
+            for v in task.volumes
+        ),
         "mounts": sorted((m.name, m.mount_path) for m in container.volume_mounts),
         "vpc": vpc,
         "task_count": job.template.task_count,

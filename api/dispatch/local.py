@@ -221,6 +221,10 @@ class LocalDispatcher:
         name = f"{NAME_PREFIX}:{run_id}:{segment}:{proc.pid}"
         with self._lock:
             self._procs[name] = proc
+        # Reap the supervisor the moment it exits. The worker often learns that a run ended
+        # from the trainer's own events and never asks `status` again, which left one
+        # `<defunct>` process per finished run behind.
+        threading.Thread(target=proc.wait, name=f"reap-{name}", daemon=True).start()
         return Execution(
             name=name,
             log_uri=paths["log"].as_uri(),
@@ -235,8 +239,6 @@ class LocalDispatcher:
             return ExecutionStatus("unknown", str(exc))
         paths = self._paths(run_id, segment)
         proc = self._procs.get(execution_name)
-        if proc is not None:
-            proc.poll()  # reap it, so a finished supervisor is not a zombie
         code = self._exit_code(paths["exit"])
         if code is None:
             if self._alive(supervisor, paths["exit"], proc):

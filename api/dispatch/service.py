@@ -24,7 +24,7 @@ from api.dispatch.base import DispatchError, Execution, ExecutionStatus
 from api.events import service as events
 from api.runs.models import Run
 from api.runs.service import lock_run
-from api.runs.states import ACTIVE, RunStatus
+from api.runs.states import ACTIVE, TERMINAL, RunStatus
 from api.runs.status import set_status
 
 # Any fixed 64-bit number: the key of the advisory lock claimers take turns at.
@@ -37,6 +37,9 @@ class RetryPolicy:
     first_backoff_seconds: float = 5.0  # doubles per attempt
     max_backoff_seconds: float = 300.0
     quota_retry_seconds: float = 60.0  # how soon to try again after a quota error
+    # How long a run waits for a GPU (stock-out, quota) or for IAM to propagate before it fails
+    # with the reason (settings.cloud_run_wait_seconds).
+    wait_seconds: float = 3600.0
 
 
 def _claimable(now: datetime) -> list[ColumnElement[bool]]:
@@ -93,18 +96,22 @@ def claim_runs(
     return claimed
 
 
+def _held_by(run_id: str, worker_id: str) -> list[ColumnElement[bool]]:
+    """The run is queued and claimed by this worker."""
+    return [
+        col(Run.id) == run_id,
+        col(Run.status) == RunStatus.queued,
+        col(Run.claimed_by) == worker_id,
+    ]
+
+
 def renew_claim(session: Session, run_id: str, worker_id: str, lease_seconds: int) -> Run | None:
     """Extend our claim right before starting the run, and return the run; None when it is not
     ours any more (cancelled, or our lease ran out and another worker took it)."""
     now = utcnow()
     result = session.execute(
         update(Run)
-        .where(
-            col(Run.id) == run_id,
-            col(Run.status) == RunStatus.queued,
-            col(Run.claimed_by) == worker_id,
-            col(Run.claim_expires_at) > now,
-        )
+        .where(*_held_by(run_id, worker_id), col(Run.claim_expires_at) > now)
         .values(claim_expires_at=now + timedelta(seconds=lease_seconds))
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -112,6 +119,16 @@ def renew_claim(session: Session, run_id: str, worker_id: str, lease_seconds: in
         return None
     session.commit()
     return session.get(Run, run_id, populate_existing=True)
+
+
+def mark_launch(session: Session, run_id: str, worker_id: str) -> bool:
+    """Record, before `run_job`, that an execution of the current segment may start from now:
+    if this worker dies before recording it, the next dispatch adopts it (never a second one)."""
+    result = session.execute(
+        update(Run).where(*_held_by(run_id, worker_id)).values(launched_at=utcnow())
+    )
+    session.commit()
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def record_execution(session: Session, run_id: str, worker_id: str, execution: Execution) -> bool:
@@ -124,6 +141,9 @@ def record_execution(session: Session, run_id: str, worker_id: str, execution: E
     # A checkpoint reported by an earlier segment is more precise than the location.
     run.checkpoint_uri = run.checkpoint_uri or execution.checkpoint_uri
     ours = run.status == RunStatus.queued and run.claimed_by == worker_id
+    # Whether or not the run is still ours, this execution is the one to watch (and to stop).
+    run.execution_ended = False
+    run.launched_at = None
     if ours:
         set_status(
             session,
@@ -134,6 +154,7 @@ def record_execution(session: Session, run_id: str, worker_id: str, execution: E
         run.claimed_by = run.claim_expires_at = None
         run.not_before = None
         run.dispatch_attempts = 0
+        run.waiting_since = None
         # The trainer may have reported before this commit (a fast start): apply that now.
         events.replay_deferred(session, run)
     session.add(run)
@@ -153,16 +174,14 @@ def dispatch_failed(
     now = utcnow()
     run.claimed_by = run.claim_expires_at = None
     outcome: str
+    if error.kind != "transient":
+        # Nothing started (an ambiguous transient error may have started one: keep the marker).
+        run.launched_at = None
     if error.kind == "permanent":
         set_status(session, run, RunStatus.failed, f"dispatch failed: {error.message}")
         outcome = "failed"
-    elif error.kind == "quota":
-        wait = policy.quota_retry_seconds
-        run.not_before = now + timedelta(seconds=wait)
-        run.status_reason = (
-            f"waiting for quota: {error.message} (trying again at {run.not_before:%H:%M:%S} UTC)"
-        )[:4000]
-        outcome = f"waiting {wait:.0f}s for quota"
+    elif error.kind in ("quota", "iam"):
+        outcome = _wait_for_platform(session, run, error, policy, now)
     else:
         run.dispatch_attempts += 1
         if run.dispatch_attempts >= policy.max_attempts:
@@ -189,6 +208,35 @@ def dispatch_failed(
     session.add(run)
     session.commit()
     return outcome
+
+
+def _wait_for_platform(
+    session: Session, run: Run, error: DispatchError, policy: RetryPolicy, now: datetime
+) -> str:
+    """No GPU free (stock-out or quota), or IAM not applied yet (right after deploy.sh): keep
+    the run queued and try again with backoff, for `policy.wait_seconds` in all; then fail it
+    with the reason."""
+    what = "a GPU" if error.kind == "quota" else "IAM permissions to propagate"
+    run.waiting_since = run.waiting_since or now
+    waited = (now - run.waiting_since).total_seconds()
+    if waited >= policy.wait_seconds:
+        set_status(
+            session,
+            run,
+            RunStatus.failed,
+            f"dispatch failed: waited {waited:.0f}s for {what}; the last error: {error.message}",
+        )
+        run.waiting_since = None
+        return "failed after waiting"
+    # Backoff without a counter: wait about as long as the run has waited so far.
+    remaining = max(policy.wait_seconds - waited, 0.0)
+    wait = min(max(policy.quota_retry_seconds, waited), policy.max_backoff_seconds, remaining)
+    run.not_before = now + timedelta(seconds=wait)
+    run.status_reason = (
+        f"waiting for {what} ({waited:.0f}s of {policy.wait_seconds:.0f}s): {error.message} "
+        f"(trying again at {run.not_before:%H:%M:%S} UTC)"
+    )[:4000]
+    return f"waiting {wait:.0f}s for {what}"
 
 
 def release_claims(session: Session, worker_id: str) -> None:
@@ -222,8 +270,11 @@ def execution_ended(
     on with the execution's own message. Returns the new status, or None if nothing changed
     (the run moved on, or another execution is current)."""
     run = lock_run(session, run_id)
+    if run.execution_name == execution_name:
+        run.execution_ended = True
     if run.status not in ACTIVE or run.execution_name != execution_name:
-        session.rollback()
+        session.add(run)
+        session.commit()
         return None
     message = status.message or ""
     if run.status == RunStatus.cancelling:
@@ -254,6 +305,45 @@ def execution_ended(
         )
     session.commit()
     return str(run.status)
+
+
+# A trainer exits within seconds of its final event; one still running a minute after is stuck
+# (or a platform retry began): only then is it cancelled.
+CLOSE_GRACE = timedelta(seconds=60)
+
+
+def runs_to_close(session: Session) -> list[tuple[str, str]]:
+    """(run id, execution name) of runs that ended over CLOSE_GRACE ago and whose execution was
+    not yet seen ended."""
+    rows = session.exec(
+        select(Run.id, Run.execution_name).where(
+            col(Run.status).in_(list(TERMINAL)),
+            col(Run.execution_ended).is_(False),
+            col(Run.execution_name).is_not(None),
+            or_(col(Run.finished_at).is_(None), col(Run.finished_at) <= utcnow() - CLOSE_GRACE),
+        )
+    ).all()
+    session.rollback()
+    return [(run_id, name) for run_id, name in rows if name]
+
+
+@dataclass(frozen=True)
+class RunView:
+    status: RunStatus
+    execution_name: str | None
+    segment: int
+    launched: bool
+
+
+def run_views(session: Session, run_ids: set[str]) -> dict[str, RunView]:
+    """What the orphan sweep needs to know of each run an execution says it serves."""
+    runs = session.exec(select(Run).where(col(Run.id).in_(list(run_ids)))).all()
+    views = {
+        r.id: RunView(RunStatus(r.status), r.execution_name, r.segment, r.launched_at is not None)
+        for r in runs
+    }
+    session.rollback()
+    return views
 
 
 def finish_cancel_without_execution(session: Session, run_id: str) -> bool:

@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from pydantic import SecretStr, ValidationError
@@ -35,6 +35,7 @@ from api.config import Settings
 from api.db import session_scope, utcnow
 from api.dispatch import make_dispatcher, service
 from api.dispatch.base import Dispatcher, DispatchError, Execution, ExecutionStatus, Launch
+from api.dispatch.sweep import Adopting, close_executions, sweep_orphans
 from api.errors import Problem
 from api.events import service as events
 from api.runs.states import RunStatus
@@ -57,6 +58,13 @@ class LeftoverEvents(Protocol):
     def clear_leftover_events(self, execution_name: str) -> None: ...
 
 
+@runtime_checkable
+class SegmentCap(Protocol):
+    """A dispatcher whose executions may not run longer than this (Cloud Run's task timeout)."""
+
+    def max_segment(self) -> timedelta: ...
+
+
 class Worker:
     def __init__(
         self,
@@ -75,7 +83,7 @@ class Worker:
         self.worker_id = worker_id or (
             f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         )
-        self.retry = retry or service.RetryPolicy()
+        self.retry = retry or service.RetryPolicy(wait_seconds=settings.cloud_run_wait_seconds)
         self.cancel_reask_seconds = cancel_reask_seconds
         self.claim_batch = claim_batch
         self._cancel_asked: dict[str, float] = {}
@@ -125,10 +133,17 @@ class Worker:
                 log.exception("worker step %s failed; trying again next tick", step.__name__)
         if time.monotonic() - self._last_reconcile >= self.settings.reconcile_seconds:
             self._last_reconcile = time.monotonic()
-            try:
-                self.reconcile()
-            except Exception:
-                log.exception("reconciling failed; trying again next time")
+            for check in (self.reconcile, self.close_executions, self.sweep_orphans):
+                try:
+                    check()
+                except Exception:
+                    log.exception("%s failed; trying again next time", check.__name__)
+
+    def close_executions(self) -> None:
+        close_executions(self.engine, self.dispatcher, self._cancel)
+
+    def sweep_orphans(self) -> None:
+        sweep_orphans(self.engine, self.dispatcher, self._cancel)
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -164,7 +179,7 @@ class Worker:
             )
             if run is None:
                 return 0
-            segment, raw_spec = run.segment, run.spec
+            segment, raw_spec, launched_at = run.segment, run.spec, run.launched_at
         try:
             launch = self._launch(run_id, segment, raw_spec)
         except ValidationError as exc:
@@ -172,7 +187,7 @@ class Worker:
             self._failed(run_id, DispatchError("permanent", f"the stored spec is invalid: {exc}"))
             return 0
         try:
-            execution = self.dispatcher.start(launch)
+            execution = self._adopt(launch, launched_at) or self._start(run_id, launch)
         except DispatchError as exc:
             self._failed(run_id, exc)
             return 0
@@ -195,6 +210,22 @@ class Worker:
         log.info("%s segment %d started as %s", run_id, segment, execution.name)
         return 1
 
+    def _adopt(self, launch: Launch, launched_at: datetime | None) -> Execution | None:
+        """A run marked as launched may have an execution a crashed worker never recorded."""
+        if launched_at is None or not isinstance(self.dispatcher, Adopting):
+            return None
+        found = self.dispatcher.adopt(launch, launched_at)
+        if found is not None:
+            log.warning("%s: adopting %s, started before a crash", launch.run_id, found.name)
+        return found
+
+    def _start(self, run_id: str, launch: Launch) -> Execution:
+        # The marker goes in first (committed): a crash after `run_job` leaves it behind.
+        with session_scope(self.engine) as session:
+            if not service.mark_launch(session, run_id, self.worker_id):
+                raise DispatchError("transient", "the run stopped being ours before it started")
+        return self.dispatcher.start(launch)
+
     def _record(self, run_id: str, execution: Execution, attempts: int = 3) -> bool:
         for attempt in range(1, attempts + 1):
             try:
@@ -214,10 +245,13 @@ class Worker:
             run_id=run_id,
             callback_url=f"{self.settings.public_url.rstrip('/')}/api/v1/runs/{run_id}/events",
             callback_token=SecretStr(mint_token(self.settings.signing_key, run_id, expires)),
-            deadline=now + segment_length(self.settings, spec),
+            deadline=now + segment_length(self.settings, spec, self._segment_cap()),
             segment=segment,
         )
         return Launch(run_id=run_id, spec=spec, env=env)
+
+    def _segment_cap(self) -> timedelta | None:
+        return self.dispatcher.max_segment() if isinstance(self.dispatcher, SegmentCap) else None
 
     def _failed(self, run_id: str, error: DispatchError) -> None:
         log.warning("starting %s failed (%s): %s", run_id, error.kind, error.message)
@@ -304,9 +338,12 @@ class Worker:
         self.dispatcher.clear_leftover_events(name)
 
 
-def segment_length(settings: Settings, spec: RunSpec) -> timedelta:
-    """The spec's time budget, or `segment_seconds_max` when that is shorter."""
+def segment_length(settings: Settings, spec: RunSpec, cap: timedelta | None = None) -> timedelta:
+    """The spec's time budget, or `segment_seconds_max` or the dispatcher's cap when shorter:
+    a budget longer than one Cloud Run task may run becomes several segments."""
     budget = timedelta(minutes=spec.time_budget_minutes)
     if settings.segment_seconds_max is not None:
         budget = min(budget, timedelta(seconds=settings.segment_seconds_max))
+    if cap is not None:
+        budget = min(budget, cap)
     return budget

@@ -72,6 +72,10 @@ class MemoryEstimate(BaseModel):
     overhead_gib: float = Field(description="CUDA context, allocator fragmentation")
     total_gib: float
     gpu_gib: float = Field(description="what the GPU can allocate")
+    instance_gib: float | None = Field(
+        None, description="the instance's (host) memory the task needs, in-memory disk included"
+    )
+    instance_limit_gib: float | None = Field(None, description="the instance's memory")
 
 
 class TimeEstimate(BaseModel):
@@ -133,7 +137,13 @@ def estimate(spec: RunSpec, config: dict[str, Any] | None = None) -> Estimate:
             f"needs {time.segments} executions of at most {spec.time_budget_minutes} min; "
             "each resumes from the previous one's checkpoint and reloads the model"
         )
-    fits = memory.total_gib <= memory.gpu_gib
+    host = instance_memory_gib(spec, memory, params)
+    memory = memory.model_copy(
+        update={"instance_gib": host, "instance_limit_gib": float(gpu.memory_gib_host)}
+    )
+    fits = memory.total_gib <= memory.gpu_gib and host <= gpu.memory_gib_host
+    if host > gpu.memory_gib_host:
+        notes.append(instance_note(spec, host, gpu.memory_gib_host))
     if arch.image_tokens and spec.max_length < arch.image_tokens + MIN_PROMPT_TOKENS:
         # The trainer would stop at its first batch (PromptTooLong): refuse it here instead.
         fits = False
@@ -258,6 +268,40 @@ def _time(spec: RunSpec, arch: Arch, gpu: Gpu, params: int) -> TimeEstimate:
     )
 
 
+# -- instance memory (Cloud Run) -----------------------------------------------------------------
+# A Cloud Run instance's file system is in memory and "counts against" its memory
+# (https://cloud.google.com/run/docs/container-contract#filesystem). The Job keeps the Hugging
+# Face cache on a bucket mount (api/dispatch/cloudrun_job.py), which stages one file at a time
+# in memory while it is written; loading then reads one shard at a time to quantize it. A model
+# whose files sit on the in-memory disk itself (a path under /tmp) has all of them in memory.
+HOST_BASE_GIB = 6.0  # Python, torch, CUDA host libraries, processor, data set: a rough figure
+SHARD_BYTES = 5e9  # transformers' default max_shard_size ("5GB")
+IN_MEMORY_DISK = "/tmp/"
+
+
+def instance_memory_gib(spec: RunSpec, memory: MemoryEstimate, params: int) -> float:
+    weights = params * 2  # bf16 files
+    resident = weights if spec.model_id.startswith(IN_MEMORY_DISK) else 0.0
+    # One file at a time: staged while it is downloaded, then (later) one shard while it is
+    # quantized; the two do not overlap.
+    shard = min(weights, SHARD_BYTES)
+    checkpoint = memory.adapters_gib * GIB  # adapters and optimizer state on the in-memory disk
+    return _gib(HOST_BASE_GIB * GIB + resident + shard + checkpoint)
+
+
+def instance_note(spec: RunSpec, need: float, have: int) -> str:
+    where = (
+        "its weights sit on the in-memory disk (/tmp); load it from the bucket mount "
+        "(/mnt/bucket/...) or by Hub id (cached on the bucket)"
+        if spec.model_id.startswith(IN_MEMORY_DISK)
+        else "pick the GPU type with more instance memory"
+    )
+    return (
+        f"needs about {need:g} GiB of instance memory; a {spec.gpu_type} instance has {have} GiB "
+        f"(Cloud Run's in-memory disk counts against it): {where}"
+    )
+
+
 def _gib(value: float) -> float:
     return round(value / GIB, 1)
 
@@ -266,6 +310,9 @@ def refusal_detail(spec: RunSpec, est: Estimate) -> str:
     """Why a run does not fit, and what would make it fit."""
     assert est.memory is not None
     need, have = est.memory.total_gib, est.memory.gpu_gib
+    host, limit = est.memory.instance_gib, est.memory.instance_limit_gib
+    if need <= have and host is not None and limit is not None and host > limit:
+        return instance_note(spec, host, int(limit))  # the GPU is not the problem
     if need <= have:  # refused for what it cannot hold, not for memory
         return f"{spec.model_id}: " + "; ".join(n for n in est.notes if "max_length" in n)
     parts = [

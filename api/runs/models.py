@@ -7,13 +7,13 @@ import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, computed_field, field_validator
 from pydantic import Field as PField
 from sqlalchemy import JSON, Column, String
 from sqlmodel import Field, SQLModel
 
 from api.db import UTCDateTime, new_id, utcnow
-from api.runs.states import RunStatus
+from api.runs.states import RunStatus, duration_seconds
 from trainer.contract.spec import RunSpec
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/=+-]{0,63}$")
@@ -60,6 +60,16 @@ class Run(RunBase, table=True):
     not_before: datetime | None = Field(default=None, sa_type=UTCDateTime)
     claimed_by: str | None = Field(default=None, max_length=100)
     claim_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # Set (committed) right before `run_job` for the current segment, cleared once its execution
+    # is recorded: a run found with it set may have an execution nobody recorded (the api died
+    # in between), which the next dispatch adopts instead of starting a second one.
+    launched_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # False from dispatch until the recorded execution is seen ended: a run that ends while its
+    # execution still runs has the execution cancelled (api/dispatch/sweep.py's close_executions).
+    execution_ended: bool = Field(default=True)
+    # When the run began waiting for a GPU (stock-out, quota) or for IAM to propagate; it fails
+    # once `cloud_run_wait_seconds` have passed since.
+    waiting_since: datetime | None = Field(default=None, sa_type=UTCDateTime)
     # Runs started from a template (CI retrains): which version, from where, and its quality
     # gate. No foreign key: templates are never deleted, only hidden (api/templates/models.py).
     template_name: str | None = Field(default=None, max_length=100, index=True)
@@ -143,6 +153,15 @@ class RunPublic(RunBase):
     ci: dict[str, Any] | None = None
     gate_status: str | None = None
     gate_reasons: list[dict[str, Any]] | None = None
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="seconds from the trainer's start to the run's end (or now, while active); "
+        "null before it started (api/runs/states.py duration_seconds)"
+    )
+    @property
+    def duration_seconds(self) -> float | None:
+        seconds = duration_seconds(self)
+        return None if seconds is None else round(seconds, 3)
 
 
 class RunsPage(BaseModel):

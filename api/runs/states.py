@@ -10,7 +10,9 @@ finish directly, and a run being cancelled may still end as it really ended.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Protocol
 
 
 class RunStatus(StrEnum):
@@ -57,3 +59,30 @@ def check_transition(current: RunStatus | str, new: RunStatus | str) -> RunStatu
 
 def is_terminal(status: RunStatus | str) -> bool:
     return RunStatus(status) in TERMINAL
+
+
+class _Timed(Protocol):  # a Run, a RunPublic (read-only, so a RunStatus passes for a str)
+    @property
+    def status(self) -> str: ...
+    @property
+    def started_at(self) -> datetime | None: ...
+    @property
+    def finished_at(self) -> datetime | None: ...
+    @property
+    def updated_at(self) -> datetime: ...
+
+
+def duration_seconds(run: _Timed, now: datetime | None = None) -> float | None:
+    """A run's duration, the one definition every page, answer and client shows: from its
+    trainer's start (`started_at`, the first `running`) to its end (`finished_at`), or to now
+    while it is active; time spent queued before the start is not counted. None before it
+    started. A run queued between segments counts up to its last change."""
+    if run.started_at is None:
+        return None
+    if run.finished_at is not None:
+        end = run.finished_at
+    elif RunStatus(run.status) in ACTIVE:
+        end = now or datetime.now(UTC)
+    else:
+        end = run.updated_at
+    return max(0.0, (end - run.started_at).total_seconds())

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 
 from markupsafe import Markup, escape
 
+from api.wording import count
+
 # Colours come from CSS custom properties where possible (light and dark themes); the fallbacks
 # keep a chart readable when it is opened on its own.
 _AXIS = "var(--chart-axis, #6b7280)"
@@ -278,7 +280,7 @@ def history_chart(
     def fy(v: float) -> float:
         return (v - y_lo) / (y_hi - y_lo)
 
-    label = f"{metric} of {len(pts)} finished runs over time, baseline beside final"
+    label = f"{metric} of {count(len(pts), 'finished run')} over time, baseline beside final"
     parts = _open(f, label, "chart-history")
     _y_grid(parts, f, [(fy(t), f"{t * 100:.0f}%") for t in y_ticks])
     span = t_hi - t_lo

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import urllib.parse
 from collections.abc import Mapping
 from datetime import datetime
@@ -10,7 +9,8 @@ from typing import Any
 
 from api.db import utcnow
 from api.runs.models import Run
-from api.runs.states import ACTIVE
+from api.runs.states import duration_seconds
+from api.wording import count, secs
 
 STATUS_ICONS = {
     "queued": "◷",
@@ -40,19 +40,6 @@ def change_class(base: float | None, final: float | None) -> str:
     return "up" if d > 0.0005 else "down" if d < -0.0005 else "flat"
 
 
-def secs(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "—"
-    s = int(max(seconds, 0))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
-
-
 def ago(when: datetime | None) -> str:
     if when is None:
         return "—"
@@ -73,10 +60,14 @@ def when(at: datetime | None) -> str:
 
 
 def duration(run: Run) -> str:
-    if run.started_at is None:
-        return "—"
-    end = run.finished_at or (utcnow() if run.status in ACTIVE else run.updated_at)
-    return secs((end - run.started_at).total_seconds())
+    seconds = duration_seconds(run, utcnow())
+    return "—" if seconds is None else secs(seconds)
+
+
+def duration_value(run: Run) -> float:
+    """The duration as a sort key (-1: not started)."""
+    seconds = duration_seconds(run, utcnow())
+    return -1 if seconds is None else round(seconds, 3)
 
 
 def num(v: Any) -> str:
@@ -103,5 +94,7 @@ FILTERS = {
     "when": when,
     "secs": secs,
     "duration": duration,
+    "duration_value": duration_value,
     "num": num,
+    "count": count,
 }

@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
 
 from api.config import Settings
+from api.dispatch.worker import Worker
 from api.runs import artifacts
+from tests.cloud.worker_world import NO_WAIT
 from tests.fakes.cloudrun import FakeCloudRun
 from tests.fakes.gcs import FakeGcs
 from tests.fakes.secretmanager import FakeSecretManager
@@ -89,3 +92,18 @@ def fresh_credentials() -> Iterator[None]:
     artifacts.reset_credentials_cache()
     yield
     artifacts.reset_credentials_cache()
+
+
+# The dispatch worker with the real CloudRunDispatcher against the fake, a real database and the
+# api (test_cloudrun_worker.py, test_cloudrun_faults.py; `engine` and `client` are the root
+# conftest's, on these settings). A module with its own `settings` fixture keeps it.
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings], fake_cloudrun: FakeCloudRun) -> Settings:
+    return make_settings(**cloud_values(cloud_run_endpoint=fake_cloudrun.endpoint))
+
+
+@pytest.fixture
+def worker(settings: Settings, engine: Engine) -> Iterator[Worker]:
+    w = Worker(settings, engine, retry=NO_WAIT)  # its dispatcher: make_dispatcher -> Cloud Run
+    yield w
+    w.stop()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.api.launch_stage_pb2 import LaunchStage
 from google.cloud import run_v2
 from google.protobuf import duration_pb2
 
@@ -35,6 +36,10 @@ if [[ " $* " == *" describe "* ]]; then
     *) exit 1 ;;  # nothing exists yet: the script creates it
   esac
 fi
+# IAM shows the api's account on the trainer's at once (the script waits for it).
+[[ " $* " == *" get-iam-policy "* ]] &&
+  echo '"serviceAccount:tuneplane-api@tp-test.iam.gserviceaccount.com"'
+
 exit 0
 """
 
@@ -67,9 +72,13 @@ def run_deploy(tmp_path: Path, **env: str) -> list[list[str]]:
 
 
 def command(calls: list[list[str]], *words: str) -> list[str]:
-    found = [
-        c for c in calls if [a for a in c if not a.startswith("-")][: len(words)] == list(words)
-    ]
+    """The one call of `gcloud [beta] WORDS...`."""
+
+    def named(c: list[str]) -> list[str]:
+        positional = [a for a in c if not a.startswith("-")]
+        return positional[1:] if positional[:1] == ["beta"] else positional
+
+    found = [c for c in calls if named(c)[: len(words)] == list(words)]
     assert len(found) == 1, f"expected one `gcloud {' '.join(words)}`, got {found}"
     return found[0]
 
@@ -81,6 +90,11 @@ def flags(argv: list[str]) -> dict[str, str]:
             name, _, value = arg[2:].partition("=")
             out[name] = value
     return out
+
+
+def every(argv: list[str], name: str) -> list[str]:
+    """All values of a flag gcloud takes more than once (`--add-volume`)."""
+    return [a.partition("=")[2] for a in argv if a.partition("=")[0] == f"--{name}"]
 
 
 def kv(text: str) -> dict[str, str]:
@@ -102,28 +116,38 @@ def job_from_gcloud(argv: list[str]) -> run_v2.Job:
                 ),
             )
         )
-    volume, mount = kv(f["add-volume"]), kv(f["add-volume-mount"])
-    assert volume["type"] == "cloud-storage"
+    for item in f.get("set-env-vars", "").split(","):
+        name, _, value = item.partition("=")
+        env.append(run_v2.EnvVar(name=name, value=value))
+    volumes = [kv(v) for v in every(argv, "add-volume")]
+    mounts = [kv(m) for m in every(argv, "add-volume-mount")]
+    assert all(v["type"] == "cloud-storage" for v in volumes)
+    # Flags after `--container` are that container's; the rest are the Job's.
+    assert argv.index(f"--container={f['container']}") < argv.index(f"--image={f['image']}")
     task = run_v2.TaskTemplate(
         containers=[
             run_v2.Container(
+                name=f["container"],
                 image=f["image"],
                 env=env,
                 resources=run_v2.ResourceRequirements(
                     limits={"cpu": f["cpu"], "memory": f["memory"], "nvidia.com/gpu": f["gpu"]}
                 ),
                 volume_mounts=[
-                    run_v2.VolumeMount(name=mount["volume"], mount_path=mount["mount-path"])
+                    run_v2.VolumeMount(name=m["volume"], mount_path=m["mount-path"]) for m in mounts
                 ],
             )
         ],
         volumes=[
             run_v2.Volume(
-                name=volume["name"],
+                name=v["name"],
                 gcs=run_v2.GCSVolumeSource(
-                    bucket=volume["bucket"], read_only=volume.get("readonly") == "true"
+                    bucket=v["bucket"],
+                    read_only=v.get("readonly") == "true",
+                    mount_options=[o for o in v.get("mount-options", "").split(";") if o],
                 ),
             )
+            for v in volumes
         ],
         max_retries=int(f["max-retries"]),
         timeout=duration_pb2.Duration(seconds=int(f["task-timeout"].removesuffix("s"))),
@@ -144,6 +168,8 @@ def job_from_gcloud(argv: list[str]) -> run_v2.Job:
             else egress.PRIVATE_RANGES_ONLY,
         )
     return run_v2.Job(
+        # The `gcloud beta` track deploys at launch stage BETA (preview features allowed).
+        launch_stage=LaunchStage.BETA if argv[2] == "beta" else LaunchStage.GA,
         labels=kv(f["labels"]),
         template=run_v2.ExecutionTemplate(task_count=int(f["tasks"]), template=task),
     )
@@ -183,11 +209,13 @@ def test_the_deployed_job_is_the_job_the_dispatcher_builds(
     calls = run_deploy(tmp_path, **extra)
     settings = api_settings(calls, tmp_path)
     job_deploy = command(calls, "run", "jobs", "deploy")
-    assert [a for a in job_deploy if not a.startswith("-")][3] == cj.job_id(settings, gpu)
+    positional = [a for a in job_deploy if not a.startswith("-")]
+    assert positional[positional.index("deploy") + 1] == cj.job_id(settings, gpu)
     deployed = job_from_gcloud(job_deploy)
     built = cj.build_job(settings, gpu)
     assert cj.managed_view(deployed) == cj.managed_view(built)
     assert cj.same_template(deployed, built)
+    assert deployed.launch_stage == built.launch_stage  # the right gcloud track
     assert settings.public_url == f"https://tuneplane-api-{PROJECT_NUMBER}.us-central1.run.app"
     assert settings.callback_auth == "oidc"
     # The api's secrets are Secret Manager references, never values in its environment.
@@ -229,6 +257,14 @@ def test_the_script_creates_every_piece_of_the_guide(tmp_path: Path) -> None:
     ) in roles
     assert ("hf-token", trainer, "roles/secretmanager.secretAccessor") in roles
     assert ("gs://tp-test-tuneplane", trainer, "roles/storage.objectAdmin") in roles
+    build = f"serviceAccount:{PROJECT_NUMBER}-compute@developer.gserviceaccount.com"
+    for role in ("roles/artifactregistry.writer", "roles/storage.objectViewer"):
+        assert ("project", build, role) in roles  # Cloud Build pushes the images
+    # The Job is deployed only once IAM shows the api may act as the trainer.
+    names = [" ".join(a for a in c if not a.startswith("-")) for c in calls]
+    waited = max(i for i, n in enumerate(names) if "get-iam-policy" in n)
+    deployed = min(i for i, n in enumerate(names) if "jobs deploy" in n)
+    assert waited < deployed
 
 
 def test_the_script_refuses_to_start_without_its_settings(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from api.main import create_app
 from api.runs.states import RunStatus
 from tests.api.factories import insert_runs, token_for
 from tests.cloud.conftest import TRAINER_SA, cloud_values
-from tests.fakes.cloudrun import FakeCloudRun, Outcome
+from tests.fakes.cloudrun import FakeCloudRun, FakeExecution, Outcome
 from tests.fakes.oidc import CertServer, SigningKey
 from trainer.contract import events as ev
 
@@ -138,16 +138,30 @@ def test_hmac_tokens_are_not_taken_for_id_tokens() -> None:
     assert not looks_like_id_token("not-a-token")
 
 
+def serving(fake: FakeCloudRun, run_id: str, name: str = EXECUTION) -> FakeExecution:
+    """A live execution in the fake Cloud Run whose environment says it runs `run_id`."""
+    return fake.seed_execution(name, {"TUNEPLANE_RUN_ID": run_id})
+
+
 def test_the_callback_route_takes_id_tokens_bound_to_the_runs_execution(
-    keys: dict[str, Key], certs: CertServer, make_settings: Callable[..., Settings]
+    keys: dict[str, Key],
+    certs: CertServer,
+    fake_cloudrun: FakeCloudRun,
+    make_settings: Callable[..., Settings],
 ) -> None:
     settings = make_settings(
-        **cloud_values(public_url=PUBLIC_URL, oidc_certs_url=certs.url, callback_auth="oidc")
-    )
+        **cloud_values(
+            public_url=PUBLIC_URL, oidc_certs_url=certs.url, callback_auth="oidc",
+            cloud_run_endpoint=fake_cloudrun.endpoint,
+        )
+    )  # fmt: skip
     engine = make_engine(settings.db_url)
     migrate(engine)
     (run_id,) = insert_runs(engine, execution_name=EXECUTION)
-    (other,) = insert_runs(engine, execution_name=EXECUTION.replace("x7k2p", "other"))
+    other_name = EXECUTION.replace("x7k2p", "other")
+    (other,) = insert_runs(engine, execution_name=other_name)
+    serving(fake_cloudrun, run_id)
+    serving(fake_cloudrun, other, other_name)
     token = keys["google-1"].token()
 
     def post(run: str, auth: str, execution: str | None = "tuneplane-trainer-l4-x7k2p") -> Any:
@@ -163,12 +177,31 @@ def test_the_callback_route_takes_id_tokens_bound_to_the_runs_execution(
         assert post(run_id, token).status_code == 201
         refused = post(other, token)  # a genuine token, but that execution serves another run
         assert refused.status_code == 403 and "does not serve this run" in refused.json()["detail"]
+        assert "other" not in refused.text and "x7k2p" not in refused.text  # names nothing
         assert post(run_id, token, execution=None).status_code == 401
         assert post(run_id, keys["forger"].token()).status_code == 401
         stranger = keys["google-1"].token(email="someone@tp-test.iam.gserviceaccount.com")
         assert post(run_id, stranger).status_code == 403
         # The per-run HMAC token keeps working (runs dispatched before the switch to oidc).
         assert post(other, token_for(settings, other), execution=None).status_code == 201
+
+        # The header alone is not trusted: Cloud Run must say the execution runs this run...
+        lying = "tuneplane-trainer-l4-lying"
+        (claimed,) = insert_runs(engine, execution_name=EXECUTION.replace("x7k2p", "lying"))
+        serving(fake_cloudrun, "run_someone_else", EXECUTION.replace("x7k2p", "lying"))
+        refused = post(claimed, token, execution=lying)
+        assert refused.status_code == 403 and "lying" not in refused.text
+        # ...and is still running: an ended execution posts nothing more.
+        done = EXECUTION.replace("x7k2p", "ended")
+        (finished,) = insert_runs(engine, execution_name=done)
+        serving(fake_cloudrun, finished, done)
+        fake_cloudrun.start_attempt(done)
+        fake_cloudrun.end_attempt(done, 0)
+        assert post(finished, token, execution="tuneplane-trainer-l4-ended").status_code == 403
+        # Not one of our Jobs' executions at all.
+        foreign = "projects/tp-test/locations/us-central1/jobs/another-job/executions/another-job-a"
+        (stray,) = insert_runs(engine, execution_name=foreign)
+        assert post(stray, token, execution="another-job-a").status_code == 403
     engine.dispose()
 
 
@@ -210,14 +243,21 @@ def assert_retry_later(response: httpx.Response, words: str) -> None:
 
 
 def test_unreachable_certificates_answer_503_and_the_retried_event_is_taken(
-    keys: dict[str, Key], certs: CertServer, make_settings: Callable[..., Settings]
+    keys: dict[str, Key],
+    certs: CertServer,
+    fake_cloudrun: FakeCloudRun,
+    make_settings: Callable[..., Settings],
 ) -> None:
     settings = make_settings(
-        **cloud_values(public_url=PUBLIC_URL, oidc_certs_url=fresh_url(certs), callback_auth="oidc")
-    )
+        **cloud_values(
+            public_url=PUBLIC_URL, oidc_certs_url=fresh_url(certs), callback_auth="oidc",
+            cloud_run_endpoint=fake_cloudrun.endpoint,
+        )
+    )  # fmt: skip
     engine = make_engine(settings.db_url)
     migrate(engine)
     (run_id,) = insert_runs(engine, execution_name=EXECUTION)
+    serving(fake_cloudrun, run_id)
     event = ev.StartedEvent(run_id=run_id, seq=0, data=ev.Started())
     token = keys["google-1"].token()
     with TestClient(create_app(settings)) as client:

@@ -239,10 +239,27 @@ def test_quota_errors_are_reported_as_quota(
 
 
 @pytest.mark.parametrize(
+    ("method", "hint"),
+    [("RunJob", "roles/run.developer"), ("CreateJob", "roles/iam.serviceAccountUser")],
+)
+def test_permission_denied_is_an_iam_wait_that_says_what_to_grant(
+    fake_cloudrun: FakeCloudRun,
+    make_dispatcher: Callable[..., CloudRunDispatcher],
+    method: str,
+    hint: str,
+) -> None:
+    # Right after deploy.sh the roles may not apply yet: the worker waits (bounded), then fails.
+    fake_cloudrun.fail(method, grpc.StatusCode.PERMISSION_DENIED, "the server's own words")
+    with pytest.raises(DispatchError) as info:
+        make_dispatcher().start(launch("run_p"))
+    assert info.value.kind == "iam"
+    assert "the server's own words" in info.value.message and hint in info.value.message
+    assert len(fake_cloudrun.calls(method)) == 1  # not hammered: the worker waits
+
+
+@pytest.mark.parametrize(
     ("method", "code", "hint"),
     [
-        ("RunJob", grpc.StatusCode.PERMISSION_DENIED, "roles/run.developer"),
-        ("CreateJob", grpc.StatusCode.PERMISSION_DENIED, "roles/iam.serviceAccountUser"),
         ("GetJob", grpc.StatusCode.INVALID_ARGUMENT, "TUNEPLANE_TRAINER_IMAGE"),
         ("CreateJob", grpc.StatusCode.NOT_FOUND, "TUNEPLANE_GCP_PROJECT (tp-test)"),
         ("RunJob", grpc.StatusCode.UNAUTHENTICATED, "application-default login"),

@@ -271,3 +271,19 @@ def test_a_run_longer_than_its_segment_completes_in_segments_with_one_history(
     by_step = [p["segment"] for p in metrics["progress"]]
     assert by_step == sorted(by_step)  # later steps, later segments
     assert len(s.events(run_id, "evaluation")) == 2  # the baseline was not evaluated again
+
+
+def test_a_failure_the_trainer_reports_is_final_cloud_run_does_not_retry_it(
+    stack: Callable[..., Stack], tmp_path: Path, tiny_model: Path
+) -> None:
+    """The trainer reports `failed` and exits 0 on Cloud Run, so the platform does not spend
+    its retries (each up to the task timeout of GPU) on a failure that repeats: the run fails
+    with the trainer's words, and its execution has ended, not retried."""
+    s = stack()
+    run_id = s.create(**tiny_spec(tiny_model, model_id=str(tmp_path / "no-such-model")))
+    run = s.wait(run_id, "succeeded", "failed")
+    assert run["status"] == "failed" and "no-such-model" in run["status_reason"], s.logs()
+    (name,) = s.fake.executions
+    ex = s.fake.wait_for(name, "succeeded", "failed", "cancelled")
+    assert ex.state == "succeeded" and ex.attempt == 0 and len(ex.logs) == 1, s.logs()
+    assert s.fake.live_executions(run_id) == []

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from google.api.launch_stage_pb2 import LaunchStage
 from google.cloud import run_v2
 from pydantic import ValidationError
 
@@ -53,30 +54,36 @@ def test_job_template_carries_identity_secret_bucket_retries_and_timeout(tmp_pat
     assert task.service_account == TRAINER_SA
     assert task.max_retries == 5
     assert task.timeout.total_seconds() == (55 + 4) * 60
-    (hf,) = container.env
+    hf, hf_home = container.env
+    # The model cache is on the bucket, not on the in-memory file system.
+    assert (hf_home.name, hf_home.value) == ("HF_HOME", "/mnt/hf-cache")
     assert hf.name == "HF_TOKEN" and not hf.value
     assert hf.value_source.secret_key_ref.secret == "hf-token"
     assert hf.value_source.secret_key_ref.version == "latest"
-    (volume,) = task.volumes
-    assert (volume.name, volume.gcs.bucket, volume.gcs.read_only) == (
-        "bucket",
-        "tp-artifacts",
-        True,
-    )
-    assert [(m.name, m.mount_path) for m in container.volume_mounts] == [("bucket", "/mnt/bucket")]
+    assert [
+        (v.name, v.gcs.bucket, v.gcs.read_only, list(v.gcs.mount_options)) for v in task.volumes
+    ] == [
+        ("bucket", "tp-artifacts", True, []),
+        ("hf-cache", "tp-artifacts", False, ["only-dir=hf-cache"]),
+    ]
+    assert [(m.name, m.mount_path) for m in container.volume_mounts] == [
+        ("bucket", "/mnt/bucket"),
+        ("hf-cache", "/mnt/hf-cache"),
+    ]
     assert not task.vpc_access.network_interfaces  # no VPC unless one is named
 
 
 def test_secret_in_another_project_with_a_pinned_version(tmp_path: Path) -> None:
     s = settings(tmp_path, hf_token_secret="projects/other/secrets/hf/versions/3")
-    (hf,) = cj.build_job(s, "nvidia-l4").template.template.containers[0].env
+    hf, _ = cj.build_job(s, "nvidia-l4").template.template.containers[0].env
     assert hf.value_source.secret_key_ref.secret == "projects/other/secrets/hf"
     assert hf.value_source.secret_key_ref.version == "3"
 
 
 def test_no_hf_token_secret_means_no_hf_token(tmp_path: Path) -> None:
     s = settings(tmp_path, hf_token_secret=None)
-    assert not cj.build_job(s, "nvidia-l4").template.template.containers[0].env
+    env = cj.build_job(s, "nvidia-l4").template.template.containers[0].env
+    assert [e.name for e in env] == ["HF_HOME"]
 
 
 @pytest.mark.parametrize(
@@ -106,7 +113,7 @@ def test_overrides_hold_the_spec_flags_the_env_and_the_segment_timeout(tmp_path:
         deadline=deadline,
         segment=2,
     )
-    overrides = cj.build_overrides(spec, s, env)
+    overrides = cj.build_overrides(spec, s, env, now=deadline - timedelta(minutes=20))
     (container,) = overrides.container_overrides
     assert container.name == "trainer"
     args = list(container.args)
@@ -204,3 +211,29 @@ def test_oidc_callbacks_without_the_trainers_service_account_are_refused_at_star
     # Token mode needs no account (the Job then runs as the project's default one).
     assert settings(tmp_path, trainer_service_account=None).callback_auth == "token"
     assert settings(tmp_path, callback_auth="oidc").trainer_service_account == TRAINER_SA
+
+
+@pytest.mark.parametrize(
+    ("gpu", "long_tasks", "stage", "cap"),
+    [
+        ("nvidia-l4", False, "GA", 3600),
+        ("nvidia-l4", True, "BETA", 12 * 3600),
+        ("nvidia-rtx-pro-6000", False, "BETA", 3600),  # the GPU itself is in Preview
+        ("nvidia-rtx-pro-6000", True, "BETA", 12 * 3600),
+    ],
+)
+def test_preview_features_set_the_launch_stage_and_the_timeout_never_passes_the_cap(
+    tmp_path: Path, gpu: str, long_tasks: bool, stage: str, cap: int
+) -> None:
+    s = settings(tmp_path, cloud_run_long_gpu_tasks=long_tasks)
+    job = cj.build_job(s, gpu)
+    assert LaunchStage.Name(job.launch_stage) == stage
+    assert job.template.template.timeout.total_seconds() <= cap
+    # The longest budget RunSpec takes (720 min) becomes segments that each fit the cap.
+    spec = RunSpec(model_id="google/gemma-3-4b-it", dataset="digits", time_budget_minutes=720)
+    segment = min(timedelta(minutes=720), cj.max_segment(s))
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    env = ExecutionEnv(run_id="run_x", deadline=now + segment)
+    overrides = cj.build_overrides(spec, s, env, now)
+    assert overrides.timeout.total_seconds() == min(segment.total_seconds() + 300, cap)
+    assert overrides.timeout.total_seconds() <= cap

@@ -4,77 +4,18 @@ real database: what each outcome of a start and of an execution does to the run.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
 
 import grpc
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
 
-from api.config import Settings
-from api.db import make_engine, migrate
-from api.dispatch.service import RetryPolicy
 from api.dispatch.worker import Worker
-from api.main import create_app
-from tests.cloud.conftest import cloud_values
+from tests.cloud.worker_world import (
+    create_run,
+    get_run,
+    reconcile_until,
+)
 from tests.fakes.cloudrun import FakeCloudRun, Outcome
-
-SPEC = {"model_id": "google/gemma-3-4b-it", "dataset": "digits", "time_budget_minutes": 20}
-NO_WAIT = RetryPolicy(max_attempts=3, first_backoff_seconds=0, quota_retry_seconds=0)
-
-
-@pytest.fixture
-def settings(make_settings: Callable[..., Settings], fake_cloudrun: FakeCloudRun) -> Settings:
-    return make_settings(**cloud_values(cloud_run_endpoint=fake_cloudrun.endpoint))
-
-
-@pytest.fixture
-def engine(settings: Settings) -> Iterator[Engine]:
-    eng = make_engine(settings.db_url)
-    migrate(eng)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def client(settings: Settings, engine: Engine) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
-        yield c
-
-
-@pytest.fixture
-def worker(settings: Settings, engine: Engine) -> Iterator[Worker]:
-    w = Worker(settings, engine, retry=NO_WAIT)  # its dispatcher: make_dispatcher -> Cloud Run
-    yield w
-    w.stop()
-
-
-def create_run(client: TestClient, **spec: Any) -> str:
-    response = client.post("/api/v1/runs", json={"spec": {**SPEC, **spec}})
-    assert response.status_code == 201, response.text
-    run_id: str = response.json()["id"]
-    return run_id
-
-
-def get_run(client: TestClient, run_id: str) -> dict[str, Any]:
-    response = client.get(f"/api/v1/runs/{run_id}")
-    assert response.status_code == 200
-    run: dict[str, Any] = response.json()
-    return run
-
-
-def reconcile_until(
-    worker: Worker, client: TestClient, run_id: str, *states: str
-) -> dict[str, Any]:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        worker.reconcile()
-        run = get_run(client, run_id)
-        if run["status"] in states:
-            return run
-        time.sleep(0.1)
-    raise AssertionError(f"{run_id} stayed {get_run(client, run_id)['status']}")
 
 
 def test_the_execution_name_is_stored_as_soon_as_it_is_started(
@@ -157,7 +98,7 @@ def test_no_gpu_quota_leaves_the_run_queued_with_the_reason_then_it_starts(
     assert worker.dispatch_ready() == 0
     run = get_run(client, run_id)
     assert run["status"] == "queued"
-    assert "waiting for quota" in run["status_reason"]
+    assert "waiting for a GPU" in run["status_reason"]
     assert "Quota exceeded for total allowable count of GPUs" in run["status_reason"]
     assert run["execution_name"] is None
 
@@ -168,7 +109,6 @@ def test_no_gpu_quota_leaves_the_run_queued_with_the_reason_then_it_starts(
 @pytest.mark.parametrize(
     ("code", "fix"),
     [
-        (grpc.StatusCode.PERMISSION_DENIED, "roles/run.developer"),
         (grpc.StatusCode.INVALID_ARGUMENT, "TUNEPLANE_TRAINER_IMAGE"),
         (grpc.StatusCode.NOT_FOUND, "TUNEPLANE_GCP_REGION"),
     ],

@@ -1,16 +1,11 @@
-"""A fake Cloud Run Admin API v2 (Jobs, Executions, google.longrunning.Operations) over real gRPC.
-
-The client packages ship no servicers, so the services are built from gRPC's generic method
-handlers and the request/response types of `google.cloud.run_v2`. It keeps Jobs, plays each
-execution forward (pending -> running -> succeeded / failed / cancelled) like the platform does,
-records every request and answers an injected error on demand.
-
-An execution either follows a script (`next_outcome(...)`, for dispatcher tests) or, when the
-fake has a `trainer_command`, runs that command locally as the task's container would: with the
-Job's args and environment as overridden by RunJob, Cloud Run's own `CLOUD_RUN_*` variables,
-the task timeout and the Job's retries (a killed or failed attempt is started again with
-`CLOUD_RUN_TASK_ATTEMPT` one higher).
-"""
+"""A fake Cloud Run Admin API v2 (Jobs, Executions, google.longrunning.Operations) over real gRPC,
+built from gRPC's generic handlers and `google.cloud.run_v2`'s own types (the client packages ship
+no servicers). It keeps Jobs, records every request, answers an injected error on demand, and
+plays executions forward: by a script (`next_outcome`), by running a real trainer as the task's
+container (`trainer_command`; tests/fakes/cloudrun_trainer.py), or only when the test says so
+(`Outcome("manual")`, `start_attempt`, `end_attempt`: no clock decides). Every Job and RunJob
+passes the documented rules of tests/fakes/cloudrun_rules.py first, and counts and conditions
+read as execution.proto defines them (tests/fakes/cloudrun_execution.py)."""
 
 from __future__ import annotations
 
@@ -21,11 +16,10 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 from google.cloud import run_v2
@@ -33,89 +27,18 @@ from google.longrunning import operations_pb2
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
+from tests.fakes import cloudrun_rules as rules
+from tests.fakes.cloudrun_execution import (
+    ENDED,
+    FakeExecution,
+    Outcome,
+)
+from tests.fakes.cloudrun_trainer import attempt_ended, play_script, play_trainer
 from tests.fakes.grpcfake import FakeGrpcServer
 
 Cond = run_v2.Condition
-GPU_MINIMUMS = {"nvidia-l4": (4, 16), "nvidia-rtx-pro-6000": (20, 80)}  # vCPU, GiB
 CANCEL_GRACE_SECONDS = 10.0
-
-
-@dataclass
-class Outcome:
-    """How a scripted execution plays: how long it stays pending and running, and how it ends
-    ("hang" keeps it running until it is cancelled)."""
-
-    end: Literal["succeed", "fail", "timeout", "hang"] = "succeed"
-    pending_s: float = 0.05
-    running_s: float = 0.2
-    exit_code: int = 1
-
-
-@dataclass
-class FakeExecution:
-    name: str
-    job: str
-    template: run_v2.TaskTemplate
-    operation: str
-    max_retries: int
-    create_time: datetime = field(default_factory=lambda: datetime.now(UTC))
-    start_time: datetime | None = None
-    completion_time: datetime | None = None
-    state: Literal["pending", "running", "succeeded", "failed", "cancelled"] = "pending"
-    message: str = ""
-    reason: Any = None
-    attempt: int = 0
-    retried: int = 0
-    cancel_requested: bool = False
-    process: subprocess.Popen[bytes] | None = None
-    history: list[str] = field(default_factory=lambda: ["pending"])
-    logs: list[Path] = field(default_factory=list)  # one per task attempt
-
-    @property
-    def short(self) -> str:
-        return self.name.rsplit("/", 1)[-1]
-
-    def to_proto(self) -> run_v2.Execution:
-        conditions = []
-        if self.state in ("running", "succeeded", "failed", "cancelled") and self.start_time:
-            conditions.append(Cond(type_="Started", state=Cond.State.CONDITION_SUCCEEDED))
-        done = {
-            "succeeded": Cond.State.CONDITION_SUCCEEDED,
-            "failed": Cond.State.CONDITION_FAILED,
-            "cancelled": Cond.State.CONDITION_FAILED,
-        }
-        completed = Cond(
-            type_="Completed",
-            state=done.get(self.state, Cond.State.CONDITION_PENDING),
-            message=self.message,
-        )
-        if isinstance(self.reason, Cond.ExecutionReason):
-            completed.execution_reason = self.reason
-        elif isinstance(self.reason, Cond.CommonReason):
-            completed.reason = self.reason
-        conditions.append(completed)
-        ex = run_v2.Execution(
-            name=self.name,
-            uid=self.short,
-            job=self.job.rsplit("/", 1)[-1],
-            task_count=1,
-            parallelism=1,
-            template=self.template,
-            conditions=conditions,
-            reconciling=self.state in ("pending", "running"),
-            running_count=int(self.state == "running"),
-            succeeded_count=int(self.state == "succeeded"),
-            failed_count=int(self.state == "failed"),
-            cancelled_count=int(self.state == "cancelled"),
-            retried_count=self.retried,
-            log_uri=f"http://fake-cloudrun.invalid/logs/{self.short}",
-            create_time=self.create_time,
-        )
-        if self.start_time:
-            ex.start_time = self.start_time
-        if self.completion_time:
-            ex.completion_time = self.completion_time
-        return ex
+__all__ = ["ENDED", "FakeCloudRun", "FakeExecution", "Outcome"]
 
 
 def _pack(message: Any) -> any_pb2.Any:
@@ -151,7 +74,10 @@ class FakeCloudRun(FakeGrpcServer):
         self.operations: dict[str, operations_pb2.Operation] = {}
         self.outcomes: deque[Outcome] = deque()
         self.default_outcome = Outcome()
-        self._stopping = threading.Event()
+        self.asked_stage: dict[str, int] = {}
+        # Called with each new execution before RunJob answers.
+        self.after_run_job: Callable[[FakeExecution], None] | None = None
+        self.stopping = threading.Event()
         rq = run_v2
         op = operations_pb2.Operation.SerializeToString
         self.add_service(
@@ -205,6 +131,18 @@ class FakeCloudRun(FakeGrpcServer):
         with self.lock:
             self.outcomes.append(outcome)
 
+    def seed_execution(self, name: str, env: dict[str, str]) -> FakeExecution:
+        """A live `manual` execution that exists as if some RunJob had started it (a test of a
+        reader of executions needs no Job for it)."""
+        variables = [run_v2.EnvVar(name=k, value=v) for k, v in env.items()]
+        template = run_v2.TaskTemplate(containers=[run_v2.Container(image="i", env=variables)])
+        operation = operations_pb2.Operation(name=f"{name}/operation")
+        ex = FakeExecution(name, name.split("/executions/")[0], template, operation.name, 0)
+        with self.lock:
+            self.operations[operation.name] = operation
+            self.executions[name] = ex
+        return ex
+
     def execution(self, name: str) -> FakeExecution:
         with self.lock:
             return self.executions[name]
@@ -220,10 +158,8 @@ class FakeCloudRun(FakeGrpcServer):
 
     def log_text(self, name: str) -> str:
         """Every attempt's output, for assertion messages."""
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-6000:]}"
-            for p in self.execution(name).logs
-        )
+        logs = self.execution(name).logs
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-6000:]}" for p in logs)
 
     def kill_task(self, name: str, sig: int = signal.SIGKILL) -> None:
         """What platform maintenance does to a GPU task: the container dies mid-run."""
@@ -232,7 +168,7 @@ class FakeCloudRun(FakeGrpcServer):
         os.killpg(ex.process.pid, sig)
 
     def stop(self) -> None:
-        self._stopping.set()
+        self.stopping.set()
         with self.lock:
             procs = [e.process for e in self.executions.values() if e.process]
         for proc in procs:
@@ -253,22 +189,18 @@ class FakeCloudRun(FakeGrpcServer):
         return operation
 
     def _validate(self, job: run_v2.Job, context: grpc.ServicerContext) -> None:
-        task = job.template.template
-        if len(task.containers) != 1 or not task.containers[0].image:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "spec.template.containers: image")
-        limits = task.containers[0].resources.limits
-        accelerator = task.node_selector.accelerator
-        if accelerator:
-            if accelerator not in GPU_MINIMUMS:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown GPU {accelerator}")
-            if limits.get("nvidia.com/gpu") != "1":
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a GPU needs nvidia.com/gpu: 1")
-            cpu, mem = GPU_MINIMUMS[accelerator]
-            if float(limits.get("cpu", "1")) < cpu or int(limits.get("memory", "0Gi")[:-2]) < mem:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{accelerator} needs at least {cpu} CPU and {mem}Gi memory",
-                )
+        try:
+            rules.check_job(job)
+        except rules.Rejected as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+    def _stored(self, job: run_v2.Job) -> run_v2.Job:
+        stored = run_v2.Job(job)
+        # What was asked for governs what later RunJob overrides may use; reads report the
+        # least stable stage the template needs ([launch stage]).
+        self.asked_stage[stored.name] = job.launch_stage
+        stored.launch_stage = rules.output_stage(job)
+        return stored
 
     def _create_job(
         self, req: run_v2.CreateJobRequest, context: grpc.ServicerContext
@@ -278,8 +210,9 @@ class FakeCloudRun(FakeGrpcServer):
         with self.lock:
             if name in self.jobs:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"Job {name} already exists")
-            job = run_v2.Job(req.job)
-            job.name, job.generation = name, 1
+            req.job.name = name
+            job = self._stored(req.job)
+            job.generation = 1
             self.jobs[name] = job
         return self._done_operation(job)
 
@@ -298,7 +231,7 @@ class FakeCloudRun(FakeGrpcServer):
             old = self.jobs.get(req.job.name)
             if old is None and not req.allow_missing:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"Resource '{req.job.name}' not found")
-            job = run_v2.Job(req.job)
+            job = self._stored(req.job)
             job.generation = (old.generation if old else 0) + 1
             self.jobs[job.name] = job
         return self._done_operation(job)
@@ -310,20 +243,12 @@ class FakeCloudRun(FakeGrpcServer):
             job = self.jobs.get(req.name)
         if job is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"Resource '{req.name}' was not found")
-        template = run_v2.TaskTemplate(job.template.template)
-        container = template.containers[0]
-        for override in req.overrides.container_overrides:
-            if override.name and override.name != container.name:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"no container named {override.name!r}"
-                )
-            if override.args or override.clear_args:
-                container.args = list(override.args)
-            env = {e.name: e for e in container.env}
-            env.update({e.name: e for e in override.env})
-            container.env = list(env.values())
-        if req.overrides.timeout:
-            template.timeout = req.overrides.timeout
+        asked = run_v2.Job(job)
+        asked.launch_stage = self.asked_stage.get(req.name, job.launch_stage)
+        try:
+            template = rules.apply_overrides(asked, req.overrides)
+        except rules.Rejected as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         short = f"{req.name.rsplit('/', 1)[-1]}-{uuid.uuid4().hex[:5]}"
         operation = operations_pb2.Operation(
             name=f"{req.name.split('/jobs/')[0]}/operations/{uuid.uuid4()}"
@@ -333,13 +258,18 @@ class FakeCloudRun(FakeGrpcServer):
             job=req.name,
             template=template,
             operation=operation.name,
-            max_retries=template.max_retries,
+            max_retries=rules.max_retries(template),
+            launch_stage=job.launch_stage,
         )
         operation.metadata.CopyFrom(_pack(ex.to_proto()))
         with self.lock:
             self.executions[ex.name] = ex
             self.operations[operation.name] = operation
             outcome = self.outcomes.popleft() if self.outcomes else self.default_outcome
+        if self.after_run_job is not None:
+            self.after_run_job(ex)  # e.g. SIGKILL the api before it hears the answer
+        if outcome.end == "manual":
+            return operation
         target = self._play_trainer if self.trainer_command else self._play_script
         threading.Thread(target=target, args=(ex, outcome), daemon=True).start()
         return operation
@@ -359,7 +289,14 @@ class FakeCloudRun(FakeGrpcServer):
         self, req: run_v2.ListExecutionsRequest, context: grpc.ServicerContext
     ) -> run_v2.ListExecutionsResponse:
         with self.lock:
-            found = [e for e in self.executions.values() if e.job == req.parent]
+            # [execution.proto] "To list all Executions across Jobs, use "-" instead of Job name."
+            across = req.parent.endswith("/jobs/-")
+            prefix = req.parent[: -len("-")]
+            found = [
+                e
+                for e in self.executions.values()
+                if e.job == req.parent or (across and e.job.startswith(prefix))
+            ]
             found.sort(key=lambda e: e.create_time, reverse=True)
             return run_v2.ListExecutionsResponse(
                 executions=[e.to_proto() for e in found[: req.page_size or 100]]
@@ -372,14 +309,19 @@ class FakeCloudRun(FakeGrpcServer):
             ex = self.executions.get(req.name)
             if ex is None:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"Resource '{req.name}' was not found")
-            if ex.state in ("succeeded", "failed", "cancelled"):
+            if not ex.live:
                 context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION, f"Execution {ex.short} already finished"
                 )
             ex.cancel_requested = True
             proc = ex.process
             operation = self.operations[ex.operation]
-        if proc is not None and proc.poll() is None:
+            # No task is running (still pending, or between attempts): nothing to stop, and no
+            # further attempt starts.
+            waiting = ex.state in ("pending", "retrying")
+        if waiting:
+            self.cancelled(ex)
+        elif proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             threading.Thread(target=self._kill_after_grace, args=(proc,), daemon=True).start()
         return operation
@@ -399,15 +341,19 @@ class FakeCloudRun(FakeGrpcServer):
 
     # -- playing executions forward -----------------------------------------------------------
 
-    def _set(self, ex: FakeExecution, state: str, message: str = "", reason: Any = None) -> None:
+    def set_state(
+        self, ex: FakeExecution, state: str, message: str = "", reason: Any = None
+    ) -> None:
         with self.lock:
+            if not ex.live:
+                return  # an ended execution never changes again
             ex.state = state  # type: ignore[assignment]
             ex.message, ex.reason = message, reason
             ex.history.append(state)
             now = datetime.now(UTC)
             if state == "running" and ex.start_time is None:
                 ex.start_time = now
-            if state in ("succeeded", "failed", "cancelled"):
+            if state in ENDED:
                 ex.completion_time = now
                 operation = self.operations[ex.operation]
                 operation.done = True
@@ -416,105 +362,37 @@ class FakeCloudRun(FakeGrpcServer):
                 else:
                     operation.error.CopyFrom(status_pb2.Status(code=2, message=message))
 
-    def _cancelled(self, ex: FakeExecution) -> None:
-        self._set(ex, "cancelled", "The execution was cancelled.", Cond.ExecutionReason.CANCELLED)
+    def cancelled(self, ex: FakeExecution) -> None:
+        self.set_state(
+            ex, "cancelled", "The execution was cancelled.", Cond.ExecutionReason.CANCELLED
+        )
+
+    def attempt_ended(self, ex: FakeExecution, code: int, timed_out: bool = False) -> bool:
+        return attempt_ended(self, ex, code, timed_out)
+
+    # A test moves a `manual` execution itself: no clock decides anything.
+    def start_attempt(self, name: str) -> FakeExecution:
+        ex = self.execution(name)
+        assert ex.state in ("pending", "retrying"), f"{ex.short} is {ex.state}"
+        self.set_state(ex, "running")
+        return ex
+
+    def end_attempt(self, name: str, exit_code: int, *, timed_out: bool = False) -> FakeExecution:
+        ex = self.execution(name)
+        assert ex.state == "running", f"{ex.short} is {ex.state}"
+        self.attempt_ended(ex, exit_code, timed_out)
+        return ex
+
+    def live_executions(self, run_id: str | None = None) -> list[FakeExecution]:
+        with self.lock:
+            return [
+                e
+                for e in self.executions.values()
+                if e.live and (run_id is None or e.env().get("TUNEPLANE_RUN_ID") == run_id)
+            ]
 
     def _play_script(self, ex: FakeExecution, outcome: Outcome) -> None:
-        time.sleep(outcome.pending_s)
-        if ex.cancel_requested:
-            return self._cancelled(ex)
-        self._set(ex, "running")
-        end = time.monotonic() + outcome.running_s
-        while time.monotonic() < end or outcome.end == "hang":
-            if ex.cancel_requested:
-                return self._cancelled(ex)
-            if self._stopping.is_set():
-                return
-            time.sleep(0.02)
-        if outcome.end == "succeed":
-            self._set(ex, "succeeded", "Execution completed successfully.")
-        elif outcome.end == "timeout":
-            self._set(
-                ex,
-                "failed",
-                f"Task {ex.short}-task0 failed with message: The configured timeout was reached.",
-                Cond.ExecutionReason.NON_ZERO_EXIT_CODE,
-            )
-        else:
-            message = _exit_message(ex, outcome.exit_code)
-            self._set(ex, "failed", message, Cond.ExecutionReason.NON_ZERO_EXIT_CODE)
-
-    def _environ(self, ex: FakeExecution) -> dict[str, str]:
-        # A container has none of the api's own settings.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEPLANE_")}
-        env.update(self.extra_env)
-        for var in ex.template.containers[0].env:
-            if not var.value_source.secret_key_ref.secret:
-                env[var.name] = var.value
-        env.update(
-            CLOUD_RUN_JOB=ex.job.rsplit("/", 1)[-1],
-            CLOUD_RUN_EXECUTION=ex.short,
-            CLOUD_RUN_TASK_INDEX="0",
-            CLOUD_RUN_TASK_COUNT="1",
-            CLOUD_RUN_TASK_ATTEMPT=str(ex.attempt),
-        )
-        return env
+        play_script(self, ex, outcome)
 
     def _play_trainer(self, ex: FakeExecution, outcome: Outcome) -> None:
-        assert self.trainer_command is not None
-        time.sleep(outcome.pending_s)
-        timeout = ex.template.timeout.total_seconds() if ex.template.timeout else 600.0
-        while True:
-            if ex.cancel_requested:
-                return self._cancelled(ex)
-            log_path = (self.log_dir or Path("/tmp")) / f"{ex.short}.attempt{ex.attempt}.log"
-            args = list(ex.template.containers[0].args)
-            if self.container_tmp is not None:
-                tmp = self.container_tmp / f"{ex.short}-{ex.attempt}"
-                scratch = "/tmp/tuneplane/"
-                args = [str(tmp / a[len(scratch) :]) if a.startswith(scratch) else a for a in args]
-            with open(log_path, "wb") as log_file:
-                proc = subprocess.Popen(
-                    [*self.trainer_command, *args, *self.extra_args],
-                    env=self._environ(ex),
-                    cwd=self.cwd,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            with self.lock:
-                ex.process = proc
-                ex.logs.append(log_path)
-            if ex.state != "running":
-                self._set(ex, "running")
-            try:
-                code = proc.wait(timeout=timeout)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                code, timed_out = proc.wait(), True
-            if self._stopping.is_set():
-                return
-            if ex.cancel_requested:
-                return self._cancelled(ex)
-            if code == 0:
-                return self._set(ex, "succeeded", "Execution completed successfully.")
-            if ex.attempt < ex.max_retries:
-                with self.lock:
-                    ex.attempt += 1
-                    ex.retried += 1
-                continue
-            message = (
-                f"Task {ex.short}-task0 failed with message: The configured timeout was reached."
-                if timed_out
-                else _exit_message(ex, code)
-            )
-            return self._set(ex, "failed", message, Cond.ExecutionReason.NON_ZERO_EXIT_CODE)
-
-
-def _exit_message(ex: FakeExecution, code: int) -> str:
-    status = 128 - code if code < 0 else code  # a death by signal N reads as 128 + N
-    return (
-        f"Task {ex.short}-task0 failed with message: The container exited with a non-zero "
-        f"status of {status}."
-    )
+        play_trainer(self, ex, outcome)

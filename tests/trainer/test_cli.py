@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -38,10 +40,14 @@ SHORT_FLAGS = shlex.split(
     " --save-steps 100"
 )
 SHORT_TOTAL_STEPS = 20
+PROGRESS_LINE = re.compile(r"^\d\d:\d\d:\d\d step \d+/\d+, ")
 
 
-def _events(stdout: str) -> list[Event]:
-    return [parse_event(line) for line in stdout.splitlines() if line.startswith("{")]
+def _events(path: Path) -> list[Event]:
+    """The events a run wrote to its `--events-file` (stdout has readable lines instead)."""
+    if not path.exists():
+        return []
+    return [parse_event(line) for line in path.read_text().splitlines()]
 
 
 def _of(events: list[Event], kind: str) -> list[Any]:
@@ -82,9 +88,12 @@ def learned(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
             *LEARN_FLAGS,
             "--output-dir",
             str(out),
+            "--events-file",
+            str(out / "events.jsonl"),
         ],
         cwd=REPO,
-        env=_trainer_env(TUNEPLANE_RUN_ID="run-learn"),
+        # One thread, as the demo's trainer: the reproducibility test runs it again the same way.
+        env=_trainer_env(TUNEPLANE_RUN_ID="run-learn", OMP_NUM_THREADS="1"),
         capture_output=True,
         text=True,
         timeout=600,
@@ -93,7 +102,7 @@ def learned(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         "proc": proc,
         "out": out,
         "seconds": time.monotonic() - started,
-        "events": _events(proc.stdout),
+        "events": _events(out / "events.jsonl"),
         "results": json.loads((out / "results.json").read_text())
         if (out / "results.json").exists()
         else None,
@@ -175,6 +184,47 @@ def test_events_tell_the_whole_story_in_order(learned: dict[str, Any]) -> None:
     assert names == ["baseline.json", dir_name(300), dir_name(352)]
 
 
+@pytest.mark.slow
+def test_by_hand_stdout_is_readable_and_the_log_is_clean(learned: dict[str, Any]) -> None:
+    out, err = learned["proc"].stdout, learned["proc"].stderr
+    assert not [line for line in out.splitlines() if not re.match(r"\d\d:\d\d:\d\d ", line)]
+    lines = [line[9:] for line in out.splitlines()]
+    assert lines[0].startswith("started on cpu")
+    assert [x for x in lines if x.startswith("phase: ")] == [
+        "phase: loading", "phase: baseline_eval", "phase: training", "phase: final_eval",
+        "phase: uploading",
+    ]  # fmt: skip
+    assert any(re.fullmatch(r"step 352/352, epoch 4\.00, loss [\d.]+, .*", x) for x in lines)
+    assert any(x.startswith("final: accuracy ") for x in lines)
+    assert lines[-1].startswith("completed at step 352; results: ")
+    # Noise from the libraries that says nothing about the run (trainer/quiet.py).
+    assert "kernels-community" not in err and "Warning" not in err, err
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_bit_identical_predictions_and_metrics(
+    learned: dict[str, Any], tiny_model: Path, tmp_path: Path
+) -> None:
+    """README's figures are reproducible: a second run of the same spec on CPU (same versions,
+    same thread count) predicts exactly what the first did, sample by sample."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "--model-id", str(tiny_model), *LEARN_FLAGS,
+         "--output-dir", str(tmp_path)],
+        cwd=REPO, env=_trainer_env(TUNEPLANE_RUN_ID="run-learn", OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = learned["results"], json.loads((tmp_path / "results.json").read_text())
+    for stage in ("baseline", "final"):
+        a, b = first[stage], second[stage]
+        assert [(p["sample_id"], p["raw_answer"]) for p in a["predictions"]] == [
+            (p["sample_id"], p["raw_answer"]) for p in b["predictions"]
+        ]
+        for key in ("accuracy", "macro_f1", "unknown_rate", "per_class", "confusion_matrix"):
+            assert a[key] == b[key], (stage, key)
+    assert first["training"]["history"] == second["training"]["history"]
+
+
 # ---- stopping and resuming ------------------------------------------------------------------
 
 
@@ -190,23 +240,25 @@ def _run_in_process(
         monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    events_file = Path(tempfile.mkdtemp(prefix="events-")) / "events.jsonl"
     real_stdout = sys.stdout
     if on_line is not None:
         # Put back by hand right after: a monkeypatch undo would run after capsys has closed
         # the stream it wraps.
         sys.stdout = _Watcher(real_stdout, on_line)
     try:
-        code = main(argv)
+        code = main([*argv, "--events-file", str(events_file)])
     finally:
         sys.stdout = real_stdout
     captured = capsys.readouterr()
     if stderr is not None:
         stderr.append(captured.err)
-    return code, _events(captured.out)
+    return code, _events(events_file)
 
 
 class _Watcher:
-    """stdout that also shows each line to a callback (the stdout reporter writes events)."""
+    """stdout that also shows each line to a callback (the console reporter writes a line per
+    event there, e.g. `12:00:01 step 1/20, epoch 0.10, loss ...`)."""
 
     def __init__(self, stream: Any, on_line: Callable[[str], None]) -> None:
         self.stream, self.on_line = stream, on_line
@@ -221,7 +273,7 @@ class _Watcher:
 
 
 def _sigterm_at_first_progress(line: str) -> None:
-    if '"type":"progress"' in line and not getattr(_sigterm_at_first_progress, "sent", False):
+    if PROGRESS_LINE.search(line) and not getattr(_sigterm_at_first_progress, "sent", False):
         _sigterm_at_first_progress.sent = True  # type: ignore[attr-defined]
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -342,7 +394,7 @@ def test_sigterm_mid_step_abandons_the_step_and_the_next_segment_trains_it_once(
     trap = _SigtermOnImageOpen(folder)
 
     def arm_after_first_step(line: str) -> None:
-        if '"type":"progress"' in line and '"step":1,' in line:
+        if " step 1/" in line:
             # Step 2's micro-batches open 2 images each; this one opens micro-batch 3's first.
             trap.arm((MIDSTEP_SIGNAL_AT - 1) * MIDSTEP_BATCH + 1)
 
@@ -442,18 +494,20 @@ def test_an_invalid_spec_exits_2_with_the_reason(
 ) -> None:
     for key in [k for k in os.environ if k.startswith("TUNEPLANE_")]:
         monkeypatch.delenv(key)
-    code = main(["--model-id", "m", "--dataset", "digits", "--lora-r", "0",
-                 "--output-dir", str(tmp_path)])  # fmt: skip
+    code = main(["--model-id", "m", "--dataset", "digits", "--lora-r", "0", "--output-dir",
+                 str(tmp_path), "--events-file", str(tmp_path / "ev.jsonl")])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 2
     assert "lora_r: must be between 1 and 1024 (got '0')" in captured.err
-    failed = _of(_events(captured.out), "failed")
+    assert "failed: invalid run spec: lora_r" in captured.out
+    failed = _of(_events(tmp_path / "ev.jsonl"), "failed")
     assert len(failed) == 1 and "lora_r" in failed[0].error
 
 
 def test_a_failure_is_reported_and_exits_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    err: list[str] = []
     code, events = _run_in_process(
         [
             "--model-id",
@@ -469,9 +523,13 @@ def test_a_failure_is_reported_and_exits_1(
         ],
         monkeypatch,
         capsys,
+        stderr=err,
         TUNEPLANE_RUN_ID="run-fail",
     )
     assert code == 1
+    # Said before the model is looked for: on a CPU, an id that is no directory means the Hub.
+    warning, failure = err[0].index("is not a local directory"), err[0].index("failed: ")
+    assert warning < failure and "python -m trainer.tiny DIR" in err[0]
     assert events[0].type == "started" and events[-1].type == "failed"
     failed = events[-1].data
     assert "no-such-model" in failed.error and "Traceback" in failed.traceback_tail
@@ -543,3 +601,21 @@ def test_device_cuda_without_a_gpu_fails_fast_and_says_why(
     assert time.monotonic() - started < 30
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["outcome"] == "failed" and "no CUDA device" in results["error"]
+
+
+def test_a_reported_failure_on_cloud_run_exits_0_so_cloud_run_does_not_retry_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A non-zero exit makes Cloud Run retry the task (max_retries times, each up to the task
+    # timeout of GPU); a failure the trainer reported is final, and tuneplane decides.
+    code, events = _run_in_process(
+        ["--model-id", str(tmp_path / "no-such-model"), "--dataset", "digits",
+         "--train-size", "4", "--eval-size", "2", "--output-dir", str(tmp_path / "out")],
+        monkeypatch,
+        capsys,
+        TUNEPLANE_RUN_ID="run-fail",
+        CLOUD_RUN_EXECUTION="tuneplane-trainer-l4-abcde",
+        CLOUD_RUN_TASK_ATTEMPT="0",
+    )  # fmt: skip
+    assert code == 0
+    assert events[-1].type == "failed" and "no-such-model" in events[-1].data.error

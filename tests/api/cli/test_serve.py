@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -242,3 +243,18 @@ def test_a_sqlite_directory_it_cannot_make_is_one_line(tmp_path: Path) -> None:
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"tuneplane worker: cannot open the database {url}: "), line
     assert "Not a directory" in line, line
+
+
+def test_a_port_in_use_is_one_line_naming_port_before_serving(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = tuneplane(
+            "serve", "--port", str(port), env=clean_env(TUNEPLANE_DATA_DIR=str(tmp_path))
+        )
+    assert result.returncode == 2, result
+    assert result.stderr.strip().splitlines() == [
+        f"tuneplane: port {port} is already in use (another server?); choose another with --port"
+    ]
+    assert "serving on" not in result.stdout, result.stdout

@@ -283,3 +283,34 @@ def test_names_and_factory(make_settings: Callable[..., Settings]) -> None:
     assert d.status("projects/p/executions/e").state == "unknown"
     with pytest.raises(ValueError, match="not a local execution"):
         d.cancel("local:nope")
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter from /proc (`Z`: a zombie nobody reaped), None once gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_finished_trainers_leave_no_zombie_even_unasked(
+    dispatcher_for: Callable[..., LocalDispatcher],
+) -> None:
+    """The worker often learns that a run ended from the trainer's events and never asks
+    `status` again: the supervisor must be reaped all the same."""
+    d = dispatcher_for("ok")
+    names = [d.start(launch(run_id=f"run_z{i}")).name for i in range(3)]
+    for name in names:
+        run_id, segment, supervisor = d.parse_name(name)
+        exit_file = d.settings.logs_dir / f"{run_id}-{segment}.exit"
+        deadline = time.monotonic() + 60  # a guard against a hang, not the thing under test
+        while _state(supervisor) is not None:
+            # Once it has written its exit code, the supervisor only has to exit: being
+            # reaped is what takes its /proc entry away.
+            assert time.monotonic() < deadline, (
+                f"supervisor {supervisor} is {_state(supervisor)!r} "
+                f"{'after writing its exit code' if exit_file.exists() else ''}"
+            )
+            time.sleep(0.05)
+        assert exit_file.read_text() == "0"

@@ -186,3 +186,18 @@ def test_a_max_length_that_cannot_hold_the_image_is_refused() -> None:
     assert est.fits is False and any("raise max_length to at least 640" in n for n in est.notes)
     assert "raise max_length to at least 640" in refusal_detail(spec(max_length=512), est)
     assert estimate(spec(model_id="llava-hf/llava-1.5-7b-hf", max_length=1024)).fits is True
+
+
+def test_instance_memory_counts_weights_on_the_in_memory_disk() -> None:
+    # Gemma 3 12B by Hub id: its cache is on the bucket mount, one file in memory at a time.
+    hub = estimate(spec(model_id="google/gemma-3-12b-it", gpu_type="nvidia-l4"))
+    assert hub.memory is not None and hub.memory.instance_limit_gib == 16
+    assert hub.memory.instance_gib is not None and hub.memory.instance_gib < 16
+    # The same weights on Cloud Run's in-memory disk (~24 GB) cannot fit an L4 instance's 16 GiB,
+    # although the GPU could hold the quantized model.
+    tmp = spec(model_id="/tmp/models/gemma-3-12b-it", gpu_type="nvidia-l4")
+    est = estimate(tmp)
+    assert est.memory is not None and est.memory.total_gib <= est.memory.gpu_gib
+    assert est.memory.instance_gib is not None and est.memory.instance_gib > 16
+    assert est.fits is False
+    assert "in-memory disk" in refusal_detail(tmp, est)

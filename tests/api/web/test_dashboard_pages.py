@@ -220,6 +220,18 @@ def test_keyset_pages_cover_every_run_once_in_both_directions(
 # ---- history -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("n", "args", "shown"),
+    [(0, ("run",), "0 runs"), (1, ("finished run",), "1 finished run"),
+     (2, ("finished run",), "2 finished runs"), (1, ("class", "classes"), "1 class"),
+     (37, ("class", "classes"), "37 classes")],
+)  # fmt: skip
+def test_counts_agree_with_their_noun(n: int, args: tuple[str, ...], shown: str) -> None:
+    from api.wording import count
+
+    assert count(n, *args) == shown
+
+
 def test_history_groups_finished_runs_by_model_and_data_set(
     client: TestClient, seeder: Seeder
 ) -> None:
@@ -235,6 +247,8 @@ def test_history_groups_finished_runs_by_model_and_data_set(
     assert "broken" not in body
     # Another run finishing shows at once (the per-group counts are cached until one does).
     assert "3 finished runs" in body
+    # digits: singular, in the group's line and in its charts' labels
+    assert body.count("1 finished run") >= 3 and "1 finished runs" not in body
     pets.append(seeder.succeeded_run("pets 3", [0.4] * 4, [0.95] * 4, steps=2))
     body = client.get("/history").text
     assert "4 finished runs" in body and f'href="/runs/{pets[-1]}" class="pt"' in body

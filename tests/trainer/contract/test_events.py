@@ -8,12 +8,12 @@ from pydantic import ValidationError
 
 from trainer.contract import events as ev
 from trainer.contract.spec import field_bounds
-from trainer.report import EventLog, StdoutReporter
+from trainer.report import EventLog, JsonLinesReporter
 
 
 def test_event_log_numbers_events_per_segment_and_validates_payloads() -> None:
     out = io.StringIO()
-    log = EventLog(StdoutReporter(out), run_id="run_1", segment=2)
+    log = EventLog(JsonLinesReporter(out), run_id="run_1", segment=2)
     first = log.emit("started", ev.Started(segment=2))
     second = log.emit("progress", ev.Progress(step=5, total_steps=10, epoch=0.5, loss=1.25))
     assert (first.seq, second.seq) == (2_000_000, 2_000_001)
@@ -47,10 +47,10 @@ def test_the_last_segment_numbers_its_events_within_the_seq_bound() -> None:
     # leave every event of the last segment it allows a valid seq.
     last = (ev.MAX_SEGMENT + 1) * EventLog.SEQ_PER_SEGMENT - 1
     assert last <= ev.MAX_INT
-    log = EventLog(StdoutReporter(io.StringIO()), run_id="run_1", segment=ev.MAX_SEGMENT)
+    log = EventLog(JsonLinesReporter(io.StringIO()), run_id="run_1", segment=ev.MAX_SEGMENT)
     assert log.emit("started", ev.Started(segment=ev.MAX_SEGMENT)).seq <= ev.MAX_INT
     with pytest.raises(ValidationError):
-        EventLog(StdoutReporter(io.StringIO()), "run_1", ev.MAX_SEGMENT + 1).emit("started", {})
+        EventLog(JsonLinesReporter(io.StringIO()), "run_1", ev.MAX_SEGMENT + 1).emit("started", {})
 
 
 # Oxford-IIIT Pet's longest breed names, each answer wrong: a large prediction for that data set.
