@@ -39,6 +39,7 @@ from trainer.contract.spec import RunSpec, describe_errors
 from trainer.deadline import SegmentEnd, Stopper
 from trainer.evaluate import Evaluator
 from trainer.merge import write_merged
+from trainer.plan import plan_run
 from trainer.report import EventLog, make_reporter
 from trainer.results import Results, environment
 from trainer.storage import open_location, upload_tree
@@ -202,8 +203,6 @@ class Execution:
     def load_model(self, device: Any, stopper: Stopper, splits: Any) -> model.Loaded:
         spec = self.spec
         assert self.store is not None
-        from trainer.plan import plan_run
-
         step_plan = plan_run(spec, device, splits.labels, splits.train[0])
         log(f"step plan: {step_plan.summary()}")
         self.results.step_plan = step_plan.as_dict()
@@ -224,13 +223,9 @@ class Execution:
             f"model: {spec.model_id} on {device}, {loaded.weights}"
             f", {loaded.trainable_params:,} of {loaded.total_params:,} parameters trained"
         )
-        self.results.model = {
-            "model_id": spec.model_id,
-            "quantized_4bit": loaded.quantized,
-            "weights": loaded.weights,
-            "trainable_params": loaded.trainable_params,
-            "total_params": loaded.total_params,
-        }
+        keys = ("weights", "trainable_params", "total_params")
+        self.results.model = {"model_id": spec.model_id, "quantized_4bit": loaded.quantized}
+        self.results.model.update({k: getattr(loaded, k) for k in keys})
         return loaded
 
     def baseline_eval(self, evaluator: Evaluator, stopper: Stopper) -> None:
