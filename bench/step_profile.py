@@ -24,8 +24,16 @@ import torch
 RATE_TFLOPS = 790.0
 
 
-def _linear_params(module: torch.nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+def _linear_weights(module: torch.nn.Module) -> int:
+    """Logical weights of the linear layers (bitsandbytes' Linear4bit is an nn.Linear whose
+    packed weight has fewer elements, so count in x out). Only nn.Linear instances, no LoRA
+    factors: peft's LoRA wrappers also have in/out_features, and counting them too doubled the
+    language model's FLOPs in the first H200 run (bench/results/gpu_trainer_plan/README.md)."""
+    return sum(
+        m.in_features * m.out_features
+        for name, m in module.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lora_" not in name
+    )
 
 
 def flops_per_sample(model: Any, tokens: int, answer_tokens: int, answer_only: bool) -> dict:
@@ -35,16 +43,11 @@ def flops_per_sample(model: Any, tokens: int, answer_tokens: int, answer_only: b
     vision = base.model.vision_tower
     v = cfg.vision_config
     patches = (v.image_size // v.patch_size) ** 2
-    # bnb's 4-bit linears keep a packed weight: count their logical shapes.
-    v_lin = sum(
-        m.in_features * m.out_features for m in vision.modules() if hasattr(m, "in_features")
-    )
+    v_lin = _linear_weights(vision)
     vision_f = 2 * v_lin * patches + 4 * v.num_hidden_layers * patches**2 * v.hidden_size
     decoder = base.get_decoder()
     t = cfg.get_text_config()
-    lm_lin = sum(
-        m.in_features * m.out_features for m in decoder.modules() if hasattr(m, "in_features")
-    )
+    lm_lin = _linear_weights(decoder)
     head_positions = answer_tokens if answer_only else tokens
     lm_f = (
         2 * lm_lin * tokens
