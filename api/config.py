@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     hub_url: str = Field(
         "https://huggingface.co",
         description="where a Hub model id's config.json and chat template are read when a run "
-        "is created (api/model_check.py); empty: only local model directories are checked",
+        "is created (api/runs/model_check.py); empty: only local model directories are checked",
     )
 
     # -- access (api/auth/access.py) ------------------------------------------------------

@@ -16,7 +16,6 @@ Exit status: 0 for a completed run and for a segment that stopped at its deadlin
 from __future__ import annotations
 
 import argparse
-import random
 import socket
 import sys
 import time
@@ -27,7 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import ValidationError
 
@@ -157,7 +155,7 @@ class Execution:
         spec, env = self.spec, self.env
         device = model.pick_device(self.device_choice)
         self.results.environment = environment(device)
-        _seed_everything(spec.seed)
+        train.seed_everything(spec.seed)
         self.store = CheckpointStore(
             env.checkpoint_uri or self.output_dir / "checkpoints",
             work_dir=self.output_dir / ".work",
@@ -390,9 +388,3 @@ class Execution:
 
 def _same_dir(uri: str, local: Path) -> bool:
     return "://" not in uri and Path(uri).resolve() == local.resolve()
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

@@ -329,6 +329,12 @@ class _Window:
     step_t0: float = field(default_factory=time.perf_counter)
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def _rng_state() -> dict[str, Any]:
     return {
         "python": random.getstate(),

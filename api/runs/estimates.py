@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from api.model_archs import KNOWN, Arch, model_size
+from api.runs.model_archs import KNOWN, Arch, model_size
 from trainer.contract.spec import RunSpec
 
 __all__ = ["KNOWN", "Estimate", "estimate", "model_size", "refusal_detail"]
@@ -147,11 +147,7 @@ def estimate(spec: RunSpec, config: dict[str, Any] | None = None) -> Estimate:
     if arch.image_tokens and spec.max_length < arch.image_tokens + MIN_PROMPT_TOKENS:
         # The trainer would stop at its first batch (PromptTooLong): refuse it here instead.
         fits = False
-        notes.append(
-            f"max_length {spec.max_length} cannot hold one image ({arch.image_tokens} tokens in "
-            f"{arch.name}) and the prompt: raise max_length to at least "
-            f"{arch.image_tokens + MIN_PROMPT_TOKENS}"
-        )
+        notes.append(too_short_note(spec, arch))
     return Estimate(
         model_id=spec.model_id,
         gpu_type=spec.gpu_type,
@@ -302,6 +298,14 @@ def instance_note(spec: RunSpec, need: float, have: int) -> str:
     )
 
 
+def too_short_note(spec: RunSpec, arch: Arch) -> str:
+    return (
+        f"max_length {spec.max_length} cannot hold one image ({arch.image_tokens} tokens in "
+        f"{arch.name}) and the prompt: raise max_length to at least "
+        f"{arch.image_tokens + MIN_PROMPT_TOKENS}"
+    )
+
+
 def _gib(value: float) -> float:
     return round(value / GIB, 1)
 
@@ -313,7 +317,7 @@ def refusal_detail(spec: RunSpec, est: Estimate) -> str:
     host, limit = est.memory.instance_gib, est.memory.instance_limit_gib
     if need <= have and host is not None and limit is not None and host > limit:
         return instance_note(spec, host, int(limit))  # the GPU is not the problem
-    if need <= have:  # refused for what it cannot hold, not for memory
+    if need <= have:  # refused for what max_length cannot hold, not for memory
         return f"{spec.model_id}: " + "; ".join(n for n in est.notes if "max_length" in n)
     parts = [
         f"{spec.model_id} on {spec.gpu_type} needs about {need:g} GiB of GPU memory; "

@@ -14,11 +14,10 @@ from pydantic import ValidationError
 from sqlalchemy import and_, or_, update
 from sqlmodel import Session, col, select
 
-from api import model_check
 from api.config import Settings
 from api.errors import Problem
 from api.events.models import RunEvent, RunEventPublic
-from api.runs import idempotency
+from api.runs import idempotency, model_check
 from api.runs.estimates import estimate, refusal_detail
 from api.runs.models import _TAG, RetrainRequest, Run, RunCreate, RunPublic, RunsPage, RunTag
 from api.runs.pagination import decode_cursor, encode_cursor
@@ -300,7 +299,8 @@ def estimate_or_refuse(
     if est.fits is False:
         detail = refusal_detail(spec, est)
         memory_fits = est.memory is not None and est.memory.total_gib <= est.memory.gpu_gib
-        culprit = "max_length" if memory_fits else "gpu_type"
+        too_short = memory_fits and any("max_length" in n for n in est.notes)
+        culprit = "max_length" if too_short else "gpu_type"
         raise Problem(
             422,
             "Run does not fit the GPU",

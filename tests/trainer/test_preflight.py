@@ -25,9 +25,10 @@ def weightless(tiny_model: Path, tmp_path: Path) -> Path:
 
 def _run(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> list[dict]:
     argv = ["--model-id", str(path), "--dataset", "digits", "--train-size", "4"]
+    events = tmp_path / "events.jsonl"
     argv += ["--eval-size", "2", "--output-dir", str(tmp_path / "out"), *extra]
-    assert main(argv) == 1
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert main([*argv, "--events-file", str(events)]) == 1
+    return [json.loads(line) for line in events.read_text().splitlines() if line.strip()]
 
 
 def test_a_template_without_an_answer_turn_fails_first(

@@ -197,8 +197,13 @@ def test_instance_memory_counts_weights_on_the_in_memory_disk() -> None:
     assert hub.memory.instance_gib is not None and hub.memory.instance_gib < 16
     # The same weights on Cloud Run's in-memory disk (~24 GB) cannot fit an L4 instance's 16 GiB,
     # although the GPU could hold the quantized model.
-    # (batch 2: the GPU side fits, so only the instance memory refuses it)
-    tmp = spec(model_id="/tmp/models/gemma-3-12b-it", gpu_type="nvidia-l4", batch_size=2)
+    # (At batch 4 x 4: batch 8 of 12B does not fit an L4's GPU either.)
+    tmp = spec(
+        model_id="/tmp/models/gemma-3-12b-it",
+        gpu_type="nvidia-l4",
+        batch_size=4,
+        gradient_accumulation_steps=4,
+    )
     est = estimate(tmp)
     assert est.memory is not None and est.memory.total_gib <= est.memory.gpu_gib
     assert est.memory.instance_gib is not None and est.memory.instance_gib > 16

@@ -43,7 +43,11 @@ def walk(client: TestClient, query: str, limit: int) -> list[str]:
 
 def test_newest_first_with_filters(client: TestClient, engine: Engine) -> None:
     a = create(client, tags=["team:vision", "nightly"])
-    b = create(client, spec={"model_id": "google/gemma-3-12b-it"}, tags=["nightly"])
+    b = create(
+        client,
+        spec={"model_id": "google/gemma-3-12b-it", "gpu_type": "nvidia-rtx-pro-6000"},
+        tags=["nightly"],
+    )
     c = create(client, tags=["team:vision"])
     with session_scope(engine) as s:
         run = s.get(Run, b)
