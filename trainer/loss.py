@@ -34,6 +34,10 @@ def answer_loss(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
     keep = targets != IGNORE_INDEX
     rest = {k: v for k, v in inputs.items() if k != "labels"}
     logits = model(**rest, logits_to_keep=keep).logits  # (answer tokens, vocabulary)
+    if logits.dim() == 3 and logits.shape[:2] == keep.shape:
+        # A model whose forward takes the argument but not a mask (PaliGemma under peft, seen
+        # in tests/trainer/families) returns every position: the same loss, without the saving.
+        logits = logits[keep]
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 

@@ -105,7 +105,11 @@ def score_batch(
     from transformers import DynamicCache
 
     cut = inputs["input_ids"].shape[1] - _prompt_tail(inputs, cont)
-    prefix = {k: (v[:, :cut] if _per_token(k, v, inputs) else v) for k, v in inputs.items()}
+    prefix = {
+        k: (v[:, :cut] if _per_token(k, v, inputs) else v)
+        for k, v in inputs.items()
+        if k != "labels"  # a prefix-LM processor (PaliGemma) returns some; nothing to learn here
+    }
     attn = prefix["attention_mask"]
     positions = (attn.long().cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
