@@ -148,7 +148,12 @@ class Settings(BaseSettings):
         60, ge=1, le=7 * 24 * 60, description="lifetime of signed artifact download URLs"
     )
     segment_seconds_max: int | None = Field(
-        None, ge=10, le=720 * 60, description="cap on each segment's length (demos, tests)"
+        None, ge=10, le=720 * 60, description="cap on each segment's length (demos)"
+    )
+    # Tests end segments at a step count, the same on every machine; a wall-clock cap ends them
+    # wherever the machine's speed got to. Production leaves it unset.
+    segment_max_steps: int | None = Field(
+        None, ge=1, description="testing knob: end each segment after this many optimizer steps"
     )
 
     @model_validator(mode="after")

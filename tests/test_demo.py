@@ -28,7 +28,7 @@ from tests.conftest import free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def demo(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def demo(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     # The user's own TUNEPLANE_* settings must not steer the test (the demo sets what it needs).
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEPLANE_")}
     proc = subprocess.Popen(

@@ -118,7 +118,7 @@ class Execution:
         self.started = time.monotonic()
 
     def run(self) -> int:
-        stopper = Stopper(self.env.deadline)
+        stopper = Stopper(self.env.deadline, max_steps=self.env.segment_max_steps)
         with stopper.handling_sigterm():
             return self._run(stopper)
 

@@ -1,16 +1,21 @@
-"""When a segment must stop: its deadline is near, or the platform sent SIGTERM.
+"""When a segment must stop: its deadline is near, the platform sent SIGTERM, or (tests) it has
+taken its `max_steps` optimizer steps.
 
 Cloud Run sends SIGTERM (then SIGKILL about 10 s later) when a task times out, is cancelled or
 its machine goes into maintenance. Both cases end the same way: save a checkpoint, report
 `segment_done`, exit 0. The handler only sets a flag; the training loop and the evaluation
 batches poll `should_stop` at points where a checkpoint is consistent.
+
+`max_steps` (TUNEPLANE_SEGMENT_MAX_STEPS) exists so tests can end segments at a step they choose:
+a deadline ends one wherever the machine's speed got to, so a test of "a run in several segments"
+would pass or fail with the load on the machine. Production sets no step limit.
 """
 
 from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import FrameType
@@ -28,13 +33,23 @@ class SegmentEnd(Exception):  # a stop, not an error: no -Error suffix
 
 
 class Stopper:
-    def __init__(self, deadline: datetime | None, now: datetime | None = None) -> None:
+    def __init__(
+        self,
+        deadline: datetime | None,
+        now: datetime | None = None,
+        max_steps: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if deadline is not None and deadline.tzinfo is None:
             deadline = deadline.replace(tzinfo=UTC)  # the zone every dispatcher writes
         self.deadline = deadline
+        self.max_steps = max_steps
+        self.steps = 0  # optimizer steps taken in this segment
         start = now or datetime.now(UTC)
-        # Monotonic from here on: wall clocks can jump, the budget should not.
-        self._t0 = time.monotonic()
+        # Monotonic from here on: wall clocks can jump, the budget should not. (`clock` is
+        # there for tests, which advance time by hand instead of waiting for it.)
+        self._clock = clock
+        self._t0 = clock()
         self._budget = (deadline - start).total_seconds() if deadline is not None else float("inf")
         self.save_seconds: float | None = None  # the last checkpoint save, measured
         self.signal_name: str | None = None
@@ -60,7 +75,7 @@ class Stopper:
         return self._budget
 
     def seconds_left(self) -> float:
-        return self._budget - (time.monotonic() - self._t0)
+        return self._budget - (self._clock() - self._t0)
 
     def margin(self) -> float:
         """Time kept in reserve for the final save: at least a minute or twice the last save,
@@ -81,6 +96,18 @@ class Stopper:
         if self.seconds_left() - next_work_seconds < self.margin():
             return f"deadline {self.deadline.isoformat()} is near"
         return None
+
+    def step_taken(self) -> None:
+        """One optimizer step is done: work that survives this segment."""
+        self.steps += 1
+        self.progressed = True
+
+    def should_stop_after_step(self, next_step_seconds: float) -> str | None:
+        """`should_stop`, and the step limit. Asked only between optimizer steps: a segment at
+        its limit still finishes the run's evaluation and uploads when training is done."""
+        if self.max_steps is not None and self.steps >= self.max_steps:
+            return f"took its {self.steps} optimizer steps (the segment's step limit)"
+        return self.should_stop(next_step_seconds)
 
     def check(self, next_work_seconds: float = 0.0) -> None:
         reason = self.should_stop(next_work_seconds)

@@ -253,7 +253,8 @@ class Trainer:
 
     def _end_step(self, window: _Window) -> bool:
         """Apply the accumulated gradients, report, checkpoint; True when training is done.
-        Raises SegmentEnd when the deadline leaves no room for another step."""
+        Raises SegmentEnd when the deadline leaves no room for another step, or the segment
+        has taken its step limit (tests)."""
         state = self.state
         torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], MAX_GRAD_NORM
@@ -263,7 +264,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         window.boundary = self._boundary()
-        self.stopper.progressed = True
+        self.stopper.step_taken()
         now = time.perf_counter()
         step_seconds = now - window.step_t0
         state.train_seconds += step_seconds
@@ -281,7 +282,7 @@ class Trainer:
         if state.step % self.spec.save_steps == 0:
             self.save_checkpoint()
             window.step_t0 = time.perf_counter()  # saving is not training time
-        reason = self.stopper.should_stop(step_seconds)
+        reason = self.stopper.should_stop_after_step(step_seconds)
         if reason:
             raise SegmentEnd(reason)
         return False

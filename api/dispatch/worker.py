@@ -247,6 +247,7 @@ class Worker:
             callback_token=SecretStr(mint_token(self.settings.signing_key, run_id, expires)),
             deadline=now + segment_length(self.settings, spec, self._segment_cap()),
             segment=segment,
+            segment_max_steps=self.settings.segment_max_steps,
         )
         return Launch(run_id=run_id, spec=spec, env=env)
 

@@ -22,6 +22,7 @@ from playwright.sync_api import (
     Page,
     Request,
     Response,
+    expect,
     sync_playwright,
 )
 from sqlalchemy import Engine
@@ -125,9 +126,16 @@ def watch(site: Site) -> Iterator[Watch]:
     assert not w.problems, "\n".join(w.problems)
 
 
+# Waits in the browser end when what they wait for is on the page; the limit only guards
+# against a hang (Playwright's 5 s default for `expect` is reached by a loaded machine).
+HANG_GUARD_MS = 120_000
+expect.set_options(timeout=HANG_GUARD_MS)
+
+
 @pytest.fixture
 def page(browser: Browser, site: Site, watch: Watch) -> Iterator[Page]:
     context = browser.new_context(viewport=DESKTOP, base_url=site.url)
+    context.set_default_timeout(HANG_GUARD_MS)
     pg = context.new_page()
     watch.attach(pg)
     yield pg

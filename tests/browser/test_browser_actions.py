@@ -13,7 +13,7 @@ from sqlmodel import Session, select
 
 from api.runs import query as q
 from api.runs.models import Run, RunTag
-from tests.browser.conftest import DESKTOP, Site, Watch
+from tests.browser.conftest import DESKTOP, HANG_GUARD_MS, Site, Watch
 
 pytestmark = pytest.mark.browser
 
@@ -146,14 +146,14 @@ def test_a_running_run_updates_without_a_reload(page: Page, site: Site, shoot: S
     expect(page.locator(".progress-text")).to_contain_text("step 5 of 30")
     page.evaluate("window.__sameDocument = true")
     site.seeder.progress(run_id, range(6, 19), 30)
-    expect(page.locator(".progress-text")).to_contain_text("step 18 of 30", timeout=10_000)
+    expect(page.locator(".progress-text")).to_contain_text("step 18 of 30")
     expect(page.locator("[data-live-indicator]")).to_contain_text("Live")
     shoot(page, "run-running")
     site.seeder.progress(run_id, range(19, 31), 30)
     site.seeder.phase(run_id, "final_eval")
     site.seeder.evaluate(run_id, "final", [0.9, 0.8, 1.0, 0.7])
     site.seeder.completed(run_id, 30)
-    expect(page.locator("h1 .badge")).to_contain_text("succeeded", timeout=10_000)
+    expect(page.locator("h1 .badge")).to_contain_text("succeeded")
     expect(page.locator(".stat-value").first).to_have_text(re.compile(r"\d+\.\d%"))
     expect(page.locator("ol.timeline")).to_contain_text("completed")
     expect(page.locator("button:has-text('Cancel run')")).to_have_count(0)
@@ -209,6 +209,7 @@ def test_a_double_submitted_form_makes_one_run(page: Page, site: Site) -> None:
 
 def test_forms_work_with_javascript_off(browser: Browser, site: Site, watch: Watch) -> None:
     context = browser.new_context(viewport=DESKTOP, base_url=site.url, java_script_enabled=False)
+    context.set_default_timeout(HANG_GUARD_MS)
     page = context.new_page()
     watch.attach(page)
     page.goto("/runs/new")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.browser.conftest import DESKTOP, Site, Watch
+from tests.browser.conftest import DESKTOP, HANG_GUARD_MS, Site, Watch
 from tests.browser.seed import XSS, XSS_LABEL
 
 pytestmark = pytest.mark.browser
@@ -230,6 +230,7 @@ def test_markup_in_names_notes_tags_labels_and_answers_never_runs(
 
 def test_pages_work_with_javascript_off(browser: Browser, site: Site, watch: Watch) -> None:
     context = browser.new_context(viewport=DESKTOP, base_url=site.url, java_script_enabled=False)
+    context.set_default_timeout(HANG_GUARD_MS)
     page = context.new_page()
     watch.attach(page)
     page.goto("/")

@@ -22,7 +22,7 @@ from api.main import create_app
 from api.runs.models import Run
 from api.templates.models import TemplateVersion
 from tests.api.templating import SPEC
-from tests.browser.conftest import DESKTOP, Site, Watch
+from tests.browser.conftest import DESKTOP, HANG_GUARD_MS, Site, Watch
 from tests.conftest import LiveServer
 
 pytestmark = pytest.mark.browser
@@ -114,6 +114,7 @@ def test_login_page_and_a_read_only_session_saving_a_template(
     server = LiveServer(create_app(settings)).start()
     watch = Watch(server.url)
     context = browser.new_context(viewport=DESKTOP, base_url=server.url)
+    context.set_default_timeout(HANG_GUARD_MS)
     try:
         r = httpx.post(
             f"{server.url}/api/v1/templates",

@@ -65,7 +65,7 @@ def run_deploy(tmp_path: Path, **env: str) -> list[list[str]]:
         },
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,  # a hang guard
     )
     assert result.returncode == 0, result.stderr
     return [line.split("\t") for line in log.read_text().splitlines()]
@@ -273,7 +273,7 @@ def test_the_script_refuses_to_start_without_its_settings(tmp_path: Path) -> Non
         env={"PATH": os.environ["PATH"]},
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=300,  # a hang guard
     )
     assert result.returncode != 0
     assert "set PROJECT_ID" in result.stderr

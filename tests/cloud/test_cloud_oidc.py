@@ -360,7 +360,7 @@ def test_a_trainer_faster_than_the_dispatch_record_is_told_to_retry_not_refused(
     (run_id,) = insert_runs(
         engine, status=RunStatus.queued, segment=segment, execution_name=previous
     )
-    fake_cloudrun.next_outcome(Outcome("hang", pending_s=30))
+    fake_cloudrun.next_outcome(Outcome("hang", pending_s=600))  # pending throughout
     event = ev.StartedEvent(run_id=run_id, seq=0, segment=segment, data=ev.Started())
     token = keys["google-1"].token()
     early: list[httpx.Response] = []

@@ -2,8 +2,8 @@
 Cloud Run server, which runs the real trainer (tiny model, digits) with the overrides it got ->
 callbacks to the live api -> artifacts and checkpoints in the Cloud Storage emulator.
 
-Segments are kept short with `segment_seconds_max` (the worker's cap on a segment's deadline),
-since a spec's time budget is at least two minutes.
+Segments end at a step count (`segment_max_steps`, the tests' trigger), not at a deadline: how
+far a segment gets in some seconds depends on the machine and its load, its steps do not.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from tests.cloud.conftest import PROJECT, TRAINER_SA, cloud_values
 from tests.conftest import LiveServer, free_port
 from tests.fakes.cloudrun import FakeCloudRun
 from tests.fakes.gcs import FakeGcs
+from tests.fakes.holdproxy import HoldingProxy
 from tests.fakes.oidc import CertServer, MetadataServer, SigningKey
+from trainer.checkpoints import dir_name
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -153,7 +155,7 @@ def steps(events: list[RunEvent]) -> list[int]:
 
 
 def test_a_run_survives_a_killed_task_and_ends_succeeded_with_its_artifacts_in_the_bucket(
-    stack: Callable[..., Stack], tiny_model: Path
+    stack: Callable[..., Stack], tiny_model: Path, gcs_env: FakeGcs
 ) -> None:
     """REST -> worker -> Cloud Run -> trainer -> callbacks -> bucket, in the recommended mode
     (no token in the overrides: the trainer posts with its service account's ID token from the
@@ -162,16 +164,24 @@ def test_a_run_survives_a_killed_task_and_ends_succeeded_with_its_artifacts_in_t
     manifest."""
     google = SigningKey("google-1")
     certs, metadata = CertServer(google), MetadataServer(google, TRAINER_SA)
+    # The trainer's Cloud Storage traffic goes through a proxy that holds step 4's checkpoint
+    # save: the kill lands there, mid-save, on any machine.
+    storage_proxy = HoldingProxy(gcs_env.url, hold_on=dir_name(4).encode()).start()
     try:
         s = stack(
             callback_auth="oidc",
             oidc_certs_url=certs.url,
-            container_env={"GCE_METADATA_HOST": metadata.host, "GCE_METADATA_IP": metadata.host},
+            container_env={
+                "GCE_METADATA_HOST": metadata.host,
+                "GCE_METADATA_IP": metadata.host,
+                "STORAGE_EMULATOR_HOST": storage_proxy.url,
+            },
         )
         run_id = s.create(**tiny_spec(tiny_model, train_size=48))
-        killed_after = kill_after_a_checkpoint(s, run_id)
+        kill_during_a_save(s, storage_proxy, run_id)
         run = s.wait(run_id, "succeeded", "failed")
     finally:
+        storage_proxy.stop()
         certs.stop()
         metadata.stop()
     assert run["status"] == "succeeded", f"{run}\n{s.logs()}"
@@ -189,10 +199,9 @@ def test_a_run_survives_a_killed_task_and_ends_succeeded_with_its_artifacts_in_t
 
     first, retry = s.events(run_id, "started")
     assert (first.data["attempt"], retry.data["attempt"]) == (0, 1)
-    resumed = retry.data["resumed_from_step"]
-    # The newest checkpoint complete at the kill: at least the one reported before it, a
-    # multiple of save_steps, and not the manifest-less one planted at step 99.
-    assert killed_after <= resumed < 99 and resumed % 2 == 0, (killed_after, resumed)
+    # The newest checkpoint complete at the kill: step 2's, not step 4's (its save was cut
+    # short) nor the manifest-less one planted at step 99.
+    assert retry.data["resumed_from_step"] == 2
     metrics = httpx.get(f"{s.server.url}/api/v1/runs/{run_id}/metrics").json()
     assert [p["step"] for p in metrics["progress"]] == [1, 2, 3, 4, 5, 6]
     assert metrics["baseline"] is not None and metrics["final"] is not None
@@ -219,57 +228,51 @@ def test_a_run_survives_a_killed_task_and_ends_succeeded_with_its_artifacts_in_t
     assert {a["kind"]: a["uri"] for a in listed}["results"] == results
 
 
-def kill_after_a_checkpoint(s: Stack, run_id: str) -> int:
-    """Wait for a checkpoint, plant a newer one without manifest (a save a kill interrupted),
-    then kill the task; returns the newest checkpoint step reported before the kill."""
-    deadline = time.monotonic() + 300
-    while not s.events(run_id, "checkpoint"):
-        assert time.monotonic() < deadline, s.logs()
-        assert s.run(run_id)["status"] not in ("failed", "succeeded"), s.logs()
-        time.sleep(0.2)
-    partial = f"runs/{run_id}/checkpoints/checkpoint-00000099"
+def kill_during_a_save(s: Stack, storage_proxy: HoldingProxy, run_id: str) -> None:
+    """Wait until the trainer is inside step 4's checkpoint save (its first request to Cloud
+    Storage held), plant a newer checkpoint without manifest (another save a kill
+    interrupted), then kill the task as maintenance would; the held request then goes."""
+    assert storage_proxy.held.wait(timeout=300), s.logs()  # a hang guard
+    partial = f"runs/{run_id}/checkpoints/{dir_name(99)}"
     s.bucket.blob(f"{partial}/adapter/adapter_model.safetensors").upload_from_string(b"\0" * 64)
     s.bucket.blob(f"{partial}/state.json").upload_from_string(b'{"step": 99}')
-    seen = max(c.data["step"] for c in s.events(run_id, "checkpoint"))
     (name,) = s.fake.executions
     s.fake.kill_task(name)  # SIGKILL to the task's processes; Cloud Run retries the task
-    return seen
+    storage_proxy.release.set()
 
 
 def test_a_run_longer_than_its_segment_completes_in_segments_with_one_history(
     stack: Callable[..., Stack], tiny_model: Path
 ) -> None:
-    # Each segment spends its first seconds starting up (imports, model, checkpoint download):
-    # about 4 s on an idle 2-core machine, 7-10 s under CI's load. A 30 s cap leaves each one
-    # 20 s or more of training. Measured on a 2-core machine: two segments in 38 s alone, 60 s
-    # with a second trainer beside it. (A 10 s cap left a loaded machine's segments time for
-    # one step each: 40 segments in 420 s, and the test timed out.)
-    s = stack(segment_seconds_max=30)
-    total_steps = 512 * 4 // 8
-    run_id = s.create(**tiny_spec(tiny_model, train_size=512, num_epochs=4, save_steps=16))
+    # 8 steps at 3 a segment: segments stop at steps 3 and 6, the third trains 7-8 and completes,
+    # on every machine.
+    s = stack(segment_max_steps=3)
+    total_steps = 64 // 8
+    run_id = s.create(**tiny_spec(tiny_model, train_size=64, save_steps=2))
     run = s.wait(run_id, "succeeded", "failed", timeout=420)
     assert run["status"] == "succeeded", f"{run}\n{s.logs()}"
 
-    segments = [
-        int({e.name: e.value for e in r.overrides.container_overrides[0].env}["TUNEPLANE_SEGMENT"])
+    envs = [
+        {e.name: e.value for e in r.overrides.container_overrides[0].env}
         for r in s.fake.calls("RunJob")
     ]
-    assert len(segments) >= 2 and segments == list(range(len(segments))), segments
-    print(f"\n{total_steps} steps in {len(segments)} segments")
-    assert run["segment"] == segments[-1]
+    segments = [int(env["TUNEPLANE_SEGMENT"]) for env in envs]
+    assert segments == [0, 1, 2], segments
+    assert {env["TUNEPLANE_SEGMENT_MAX_STEPS"] for env in envs} == {"3"}
+    assert run["segment"] == 2
 
     # Each segment resumed where the one before stopped, so no step was trained twice.
     done = s.events(run_id, "segment_done")
+    assert steps(done) == [3, 6]
     started = s.events(run_id, "started")
     assert [e.data["segment"] for e in started] == segments
     for before, after in zip(done, started[1:], strict=True):
         assert after.data["resumed_from_step"] == before.data["step"]
     trained = steps(s.events(run_id, "progress"))  # every logging step, once, in order
-    assert trained == sorted(set(trained)) and trained[-1] == total_steps, trained
+    assert trained == list(range(1, total_steps + 1)), trained
     metrics = httpx.get(f"{s.server.url}/api/v1/runs/{run_id}/metrics").json()
     assert [p["step"] for p in metrics["progress"]] == trained
-    by_step = [p["segment"] for p in metrics["progress"]]
-    assert by_step == sorted(by_step)  # later steps, later segments
+    assert [p["segment"] for p in metrics["progress"]] == [0, 0, 0, 1, 1, 1, 2, 2]
     assert len(s.events(run_id, "evaluation")) == 2  # the baseline was not evaluated again
 
 

@@ -32,7 +32,7 @@ def get_run(client: TestClient, run_id: str) -> dict[str, Any]:
 def reconcile_until(
     worker: Worker, client: TestClient, run_id: str, *states: str
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 120  # a hang guard
     while time.monotonic() < deadline:
         worker.reconcile()
         run = get_run(client, run_id)

@@ -147,7 +147,7 @@ class FakeCloudRun(FakeGrpcServer):
         with self.lock:
             return self.executions[name]
 
-    def wait_for(self, name: str, *states: str, timeout: float = 30.0) -> FakeExecution:
+    def wait_for(self, name: str, *states: str, timeout: float = 120.0) -> FakeExecution:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ex = self.execution(name)

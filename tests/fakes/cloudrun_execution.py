@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +28,9 @@ class Outcome:
     running_s: float = 0.2
     exit_code: int = 1
     then: tuple[str, ...] = ()
+    # Set by the test to end `pending` at once: a test that asserts "still pending" holds the
+    # execution there with a long pending_s and lets it go with this, not with a short delay.
+    leave_pending: threading.Event | None = None
 
     def end_of(self, attempt: int) -> str:
         ends = (self.end, *self.then)

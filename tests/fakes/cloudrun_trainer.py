@@ -39,9 +39,22 @@ def environ(fake: FakeCloudRun, ex: FakeExecution) -> dict[str, str]:
     return env
 
 
+def wait_pending(fake: FakeCloudRun, outcome: Outcome) -> bool:
+    """Wait out `pending` (or until the test lets it go); True when the fake was stopped
+    meanwhile, so that a long pending wait never outlives the fake."""
+    end = time.monotonic() + outcome.pending_s
+    while time.monotonic() < end:
+        if outcome.leave_pending is not None and outcome.leave_pending.is_set():
+            break
+        if fake.stopping.wait(0.02):
+            break
+    return fake.stopping.is_set()
+
+
 def play_trainer(fake: FakeCloudRun, ex: FakeExecution, outcome: Outcome) -> None:
     assert fake.trainer_command is not None
-    time.sleep(outcome.pending_s)
+    if wait_pending(fake, outcome):
+        return
     timeout = rules.timeout_seconds(ex.template)
     while True:
         if ex.cancel_requested or not ex.live:
@@ -78,7 +91,8 @@ def play_trainer(fake: FakeCloudRun, ex: FakeExecution, outcome: Outcome) -> Non
 
 
 def play_script(fake: FakeCloudRun, ex: FakeExecution, outcome: Outcome) -> None:
-    time.sleep(outcome.pending_s)
+    if wait_pending(fake, outcome):
+        return
     while True:
         if ex.cancel_requested or not ex.live:
             return fake.cancelled(ex)

@@ -45,7 +45,7 @@ class FakeGcs:
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )  # fmt: skip
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120  # a hang guard: a loaded machine starts slowly
         while True:
             try:
                 if httpx.get(f"{self.url}/storage/v1/b", timeout=1).status_code == 200:

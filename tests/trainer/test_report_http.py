@@ -34,7 +34,11 @@ class CallbackServer:
         self.accepted: list[dict[str, object]] = []
         self.requests: list[tuple[float, str, dict[str, object]]] = []  # (time, auth, body)
         self.rule: Rule = lambda body: None
-        self.delay = 0.0
+        # Cleared, the server takes requests and answers none until it is set again: an api that
+        # hangs, for as long as the test wants, instead of a delay a slow machine could outlast.
+        self.answering = threading.Event()
+        self.answering.set()
+        self.stopping = False
         self._httpd: ThreadingHTTPServer | None = None
         self._lock = threading.Lock()
 
@@ -49,7 +53,9 @@ class CallbackServer:
                     server.requests.append(
                         (time.monotonic(), self.headers.get("Authorization", ""), body)
                     )
-                time.sleep(server.delay)
+                server.answering.wait(timeout=600)
+                if server.stopping:  # a held request the client gave up on: never answered
+                    return
                 answer = server.rule(body)
                 status, headers = answer if answer else (201, {})
                 if answer is None:
@@ -66,11 +72,14 @@ class CallbackServer:
                 pass
 
         ThreadingHTTPServer.allow_reuse_address = True
+        self.stopping = False
         self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
         return self
 
     def stop(self) -> None:
+        self.stopping = True
+        self.answering.set()  # the held requests end, so that their threads can be joined
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -95,7 +104,8 @@ def _progress(log: EventLog, n: int) -> list[ev.Event]:
     ]
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+def _wait_for(predicate: Callable[[], bool], timeout: float = 120.0) -> None:
+    # A guard against a hang, not a measurement.
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -106,13 +116,14 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
 def test_emit_never_waits_and_close_delivers_in_order_with_the_token(
     server: CallbackServer, tmp_path: Path
 ) -> None:
-    server.delay = 0.05  # a slow api: 20 posts take a second, emit must not
+    server.answering.clear()  # an api that answers nothing yet: emit must not wait for it
     reporter = HttpReporter(server.url, "tok-123", tmp_path / "spool.jsonl")
     log = EventLog(reporter, "run_1")
-    started = time.perf_counter()
-    _progress(log, 20)
-    assert time.perf_counter() - started < 0.2
-    reporter.close(timeout=30)
+    _progress(log, 20)  # returns while the first post is still unanswered
+    _wait_for(lambda: len(server.requests) == 1)
+    assert server.accepted == [] and reporter.delivered == 0
+    server.answering.set()
+    reporter.close(timeout=120)
     assert server.accepted_seqs() == list(range(20))
     assert {auth for _, auth, _ in server.requests} == {"Bearer tok-123"}
     assert reporter.delivered == 20 and reporter.spooled == 0
@@ -173,12 +184,20 @@ def test_close_gives_up_at_its_timeout_and_the_next_process_resends(
     server: CallbackServer, tmp_path: Path
 ) -> None:
     spool = tmp_path / "spool.jsonl"
-    server.stop()
-    first = HttpReporter(server.url, "t", spool, retry_budget_seconds=0.2)
+    server.answering.clear()  # an api that takes the request and never answers
+    # Retries that would go on for an hour: only close's own timeout ends them. A request
+    # already in flight when close is called keeps its own timeout (1 s here), so close may
+    # take up to timeout + request timeout; the limit below only guards against a hang.
+    first = HttpReporter(
+        server.url, "t", spool, retry_budget_seconds=3600, request_timeout_seconds=1
+    )
     events = _progress(EventLog(first, "run_1"), 5)
     started = time.monotonic()
     first.close(timeout=1.0)
-    assert time.monotonic() - started < 4
+    assert time.monotonic() - started < 120
+    server.stop()
+    # Every event is on disk: the thread gave up on all of them (it would still be retrying
+    # the first without close's timeout).
     kept = [json.loads(line)["id"] for line in spool.read_text().splitlines()]
     assert kept == [e.id for e in events]
 

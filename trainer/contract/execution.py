@@ -28,6 +28,7 @@ OWN_FIELDS = (
     "checkpoint_uri",
     "deadline",
     "segment",
+    "segment_max_steps",
     "spool_dir",
 )
 
@@ -42,6 +43,12 @@ class ExecutionEnv(BaseModel):
     checkpoint_uri: str | None = Field(None, description="where checkpoints live across segments")
     deadline: datetime | None = Field(None, description="save and stop with segment_done by then")
     segment: int = 0
+    # A testing knob (api setting `segment_max_steps`): a segment that ends after a number of
+    # optimizer steps is the same on every machine, where a deadline ends it wherever the
+    # machine's speed has got to. Production leaves it unset and keeps only the deadline.
+    segment_max_steps: int | None = Field(
+        None, ge=1, description="end the segment after this many optimizer steps (tests)"
+    )
     spool_dir: str | None = Field(None, description="where events the api did not take wait")
     # Set by the platform, not by the dispatcher:
     task_attempt: int = 0

@@ -83,7 +83,7 @@ def _with_password(url: str) -> str:
 
 
 def _wait_ready(proc: subprocess.Popen[str], url: str) -> None:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # a hang guard
     while True:
         assert proc.poll() is None, proc.communicate()[0]
         try:

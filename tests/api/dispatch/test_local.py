@@ -33,12 +33,7 @@ seen = {
 }
 with open("seen.json", "w") as f:
     json.dump(seen, f)
-print("fake trainer: started", flush=True)
-if mode == "ok":
-    sys.exit(0)
-if mode == "exit3":
-    print("Traceback (most recent call last):\nValueError: no such data set", flush=True)
-    sys.exit(3)
+# The handlers before "started": the tests send SIGTERM once they read that line.
 if mode == "term":
     def saved(*_):
         print("fake trainer: SIGTERM, saving a checkpoint", flush=True)
@@ -46,11 +41,20 @@ if mode == "term":
     signal.signal(signal.SIGTERM, saved)
 if mode == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("fake trainer: started", flush=True)
+if mode == "ok":
+    sys.exit(0)
+if mode == "exit3":
+    print("Traceback (most recent call last):\nValueError: no such data set", flush=True)
+    sys.exit(3)
 while True:
     time.sleep(0.05)
 """
 
 SPEC = RunSpec(model_id="/models/tiny", dataset="digits", train_size=10, eval_size=5)
+# Waits for a process to start or end are hang guards, not measurements: a loaded machine may
+# take seconds to start a Python.
+HANG_GUARD_S = 120.0
 
 
 @pytest.fixture
@@ -66,11 +70,15 @@ def dispatcher_for(
 ) -> Callable[..., LocalDispatcher]:
     made: list[LocalDispatcher] = []
 
-    def _make(mode: str, **settings: object) -> LocalDispatcher:
+    def _make(
+        mode: str, grace_seconds: float = HANG_GUARD_S, **settings: object
+    ) -> LocalDispatcher:
+        # A trainer that stops on SIGTERM gets all the grace it could need, so that a slow
+        # machine never turns its clean stop into a SIGKILL; only `stubborn` waits out a short one.
         d = LocalDispatcher(
             make_settings(**settings),
             trainer_command=[sys.executable, str(fake_trainer), mode],
-            grace_seconds=0.5,
+            grace_seconds=grace_seconds,
         )
         made.append(d)
         return d
@@ -95,7 +103,7 @@ def launch(run_id: str = "run_abc", segment: int = 0) -> Launch:
     return Launch(run_id=run_id, spec=SPEC, env=env)
 
 
-def wait_for(d: LocalDispatcher, name: str, timeout: float = 20) -> ExecutionStatus:
+def wait_for(d: LocalDispatcher, name: str, timeout: float = HANG_GUARD_S) -> ExecutionStatus:
     deadline = time.monotonic() + timeout
     while (status := d.status(name)).state == "running":
         if time.monotonic() > deadline:
@@ -105,7 +113,7 @@ def wait_for(d: LocalDispatcher, name: str, timeout: float = 20) -> ExecutionSta
 
 
 def wait_started(d: LocalDispatcher, name: str) -> int:
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + HANG_GUARD_S
     while (pid := d.trainer_pid(name)) is None or not _log(d, name).count("started"):
         assert time.monotonic() < deadline, "the trainer did not start"
         time.sleep(0.05)
@@ -239,7 +247,7 @@ def test_cancel_sends_sigterm_and_the_trainer_stops_cleanly(
 def test_cancel_kills_a_trainer_that_ignores_sigterm(
     dispatcher_for: Callable[..., LocalDispatcher],
 ) -> None:
-    d = dispatcher_for("stubborn")
+    d = dispatcher_for("stubborn", grace_seconds=0.5)
     name = d.start(launch()).name
     wait_started(d, name)
     started = time.monotonic()

@@ -126,6 +126,7 @@ def test_dispatch_builds_the_launch_and_records_the_execution(
     platform = FakePlatform()
     before = datetime.now(UTC)
     assert make_worker(settings, engine, platform).dispatch_ready() == 1
+    after = datetime.now(UTC)
 
     (launch,) = platform.launches
     env = launch.env
@@ -135,8 +136,10 @@ def test_dispatch_builds_the_launch_and_records_the_execution(
     assert env.callback_token is not None
     verify_token(settings.signing_key, env.callback_token.get_secret_value(), run_id)
     budget = timedelta(minutes=launch.spec.time_budget_minutes)
-    assert env.deadline is not None and before + budget <= env.deadline <= before + budget * 1.01
+    # Bounded by the clock read before and after, not by a slack a slow machine could exceed.
+    assert env.deadline is not None and before + budget <= env.deadline <= after + budget
     assert env.segment == 0
+    assert env.segment_max_steps is None  # production: segments end at their deadline only
 
     run = load(engine, run_id)
     assert run.status == RunStatus.dispatched
@@ -145,6 +148,18 @@ def test_dispatch_builds_the_launch_and_records_the_execution(
     assert run.artifact_uri == f"mem://runs/{run_id}"
     assert run.checkpoint_uri == f"mem://runs/{run_id}/checkpoints"
     assert run.claimed_by is None and run.dispatch_attempts == 0
+
+
+def test_the_segment_step_limit_reaches_the_trainer(
+    make_settings: Callable[..., Settings], engine: Engine
+) -> None:
+    settings = make_settings(segment_max_steps=7)
+    insert_runs(engine, status=RunStatus.queued)
+    platform = FakePlatform()
+    assert make_worker(settings, engine, platform).dispatch_ready() == 1
+    (launch,) = platform.launches
+    assert launch.env.segment_max_steps == 7
+    assert launch.env.as_environ()["TUNEPLANE_SEGMENT_MAX_STEPS"] == "7"
 
 
 def test_max_concurrency_counts_dispatched_running_and_cancelling(
@@ -466,7 +481,7 @@ def test_the_app_starts_and_stops_its_worker(
     before = workers()
     with TestClient(create_app(make_settings(run_worker=True))):
         assert workers() == before + 1
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 120  # a hang guard
     while workers() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert workers() == before
@@ -488,13 +503,27 @@ def test_two_workers_never_dispatch_a_run_twice(
     # With a low limit, executions end on their second poll and the runs go in waves.
     platform = FakePlatform(polls_to_end=2 if waves else None)
     threads: Counter[int] = Counter()
-    platform.on_start = lambda launch: threads.update([threading.get_ident()])
+    # Each worker's first launch waits for the other's, so both take part however the threads
+    # are scheduled (a fast one could otherwise take every run). With the low limit, claims of
+    # 2 leave room for the second worker's while the first waits.
+    both_started = threading.Barrier(2, timeout=120)
+
+    def on_start(launch: Launch) -> None:
+        threads.update([threading.get_ident()])
+        if threads[threading.get_ident()] == 1:
+            both_started.wait()
+
+    platform.on_start = on_start
+    batch = 2 if waves else 8
     engines = [make_engine(settings.db_url) for _ in range(2)]
-    workers = [make_worker(settings, e, platform, worker_id=f"w{i}") for i, e in enumerate(engines)]
+    workers = [
+        make_worker(settings, e, platform, worker_id=f"w{i}", claim_batch=batch)
+        for i, e in enumerate(engines)
+    ]
     for w in workers:
         w.start()
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300  # a hang guard
         while len(platform.launches) < n and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
@@ -531,7 +560,7 @@ def test_tuneplane_worker_runs_alone_and_stops_on_sigterm(
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # a hang guard
         while load(engine, run_id).status != RunStatus.failed:
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             assert time.monotonic() < deadline, "the worker never finished the run"

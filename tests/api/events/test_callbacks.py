@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -456,7 +455,7 @@ def test_concurrent_posts_store_one_copy_each_and_a_consistent_state(
         httpx.Client(base_url=live_server.url, timeout=60, limits=limits) as c,
         ThreadPoolExecutor(max_workers=12) as pool,
     ):
-        started_at = time.monotonic()
+        # No stopwatch: a deadlock would show as a request past the client's timeout.
         codes = list(
             pool.map(lambda item: post(c, item[0], item[1], tokens[item[0]]).status_code, work)
         )
@@ -468,7 +467,6 @@ def test_concurrent_posts_store_one_copy_each_and_a_consistent_state(
         assert (run.baseline_accuracy, run.final_accuracy, run.last_step) == (0.1, 0.9, 6)
         assert count(engine, RunEvent, run_id) == len(full_history(run_id, steps=6))
         assert count(engine, ProgressPoint, run_id) == 6
-    assert time.monotonic() - started_at < 60
 
 
 def test_non_finite_numbers_become_null_or_refuse_the_event(

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -117,13 +117,38 @@ def deliveries(engine: Engine) -> list[WebhookDelivery]:
         return list(session.exec(select(WebhookDelivery)))
 
 
-def deliver_until_settled(w: World, settings: Settings | None = None, tries: int = 50) -> None:
-    for _ in range(tries):
+def deliver_until_settled(w: World, settings: Settings | None = None) -> None:
+    deadline = time.monotonic() + 120  # a hang guard: backoffs here are fractions of a second
+    while time.monotonic() < deadline:
         deliver_due(w.engine, settings or w.settings)
         if all(d.status != "pending" for d in deliveries(w.engine)):
             return
         time.sleep(0.05)
     raise AssertionError(f"still pending: {deliveries(w.engine)}")
+
+
+def attempt(w: World) -> tuple[WebhookDelivery, datetime, datetime]:
+    """One `deliver_due` of the only delivery, with the clock read before and after it: a next
+    attempt is due a delay after an instant between the two, however long the call took."""
+    before = datetime.now(UTC)
+    assert deliver_due(w.engine, w.settings) == 1
+    after = datetime.now(UTC)
+    (d,) = deliveries(w.engine)
+    return d, before, after
+
+
+def due_between(d: WebhookDelivery, before: datetime, after: datetime, seconds: float) -> bool:
+    delay = timedelta(seconds=seconds)
+    return before + delay <= d.next_attempt_at.replace(tzinfo=UTC) <= after + delay
+
+
+def an_hour_passes(w: World) -> None:
+    """Make every pending delivery due now, as an hour's wait would."""
+    with session_scope(w.engine) as session:
+        for d in session.exec(select(WebhookDelivery)):
+            d.next_attempt_at = datetime.now(UTC)
+            session.add(d)
+        session.commit()
 
 
 def test_a_finished_run_posts_a_signed_message(world: World, receiver: Receiver) -> None:
@@ -164,23 +189,20 @@ def test_a_finished_run_posts_a_signed_message(world: World, receiver: Receiver)
 def test_transient_failures_are_retried_with_backoff_and_the_same_body(
     world: World, receiver: Receiver
 ) -> None:
-    receiver.answers = [(503, {}), (429, {"Retry-After": "1"}), (200, {})]
+    receiver.answers = [(503, {}), (429, {"Retry-After": "3600"}), (200, {})]
     finished_run(world, receiver.url)
-    deliver_due(world.engine, world.settings)
-    (d,) = deliveries(world.engine)
+    d, before, after = attempt(world)
     assert (d.status, d.attempts, d.last_status_code) == ("pending", 1, 503)
-    first_wait = d.next_attempt_at - d.created_at
-    assert timedelta(seconds=0.04) <= first_wait < timedelta(seconds=1)
-    time.sleep(0.1)
-    deliver_due(world.engine, world.settings)
-    (d,) = deliveries(world.engine)
+    assert due_between(d, before, after, 0.05)  # the first backoff
+    time.sleep(0.05)  # the backoff itself (a sleep is at least as long as asked)
+    d, before, after = attempt(world)
     assert (d.attempts, d.last_status_code) == (2, 429)
-    # The receiver's Retry-After (1 s) beats the backoff (0.1 s).
-    assert d.next_attempt_at - d.created_at >= timedelta(seconds=1)
-    assert deliver_due(world.engine, world.settings) == 0  # not due yet
-    time.sleep(1.1)
-    deliver_due(world.engine, world.settings)
-    (d,) = deliveries(world.engine)
+    # The receiver's Retry-After (an hour) beats the backoff (0.1 s). Not due for an hour, so
+    # "not due yet" holds however slow this machine is.
+    assert due_between(d, before, after, 3600)
+    assert deliver_due(world.engine, world.settings) == 0
+    an_hour_passes(world)
+    d, _, _ = attempt(world)
     assert (d.status, d.attempts, d.last_status_code) == ("delivered", 3, 200)
     bodies = {r.body for r in receiver.received}
     assert len(receiver.received) == 3 and len(bodies) == 1  # a retry is the same message
@@ -257,7 +279,7 @@ def test_the_notifier_thread_sends_without_being_asked(world: World, receiver: R
     )
     notifier.start()
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120  # a hang guard
         while not receiver.received and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:

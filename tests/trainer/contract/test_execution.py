@@ -14,6 +14,7 @@ def test_round_trip_through_the_environment() -> None:
         checkpoint_uri="gs://bucket/runs/run_abc/checkpoints",
         deadline=datetime(2026, 11, 28, 12, 0, tzinfo=UTC),
         segment=2,
+        segment_max_steps=5,
         spool_dir="/tmp/spool",
     )
     environ = env.as_environ()
