@@ -1,7 +1,8 @@
-"""Engine, sessions and migrations.
+"""Engine, sessions, migrations, the row lock, and the column types every table uses.
 
-Where commits happen (the one rule): the service functions in `api/services/` commit their own
-unit of work; routes, models and the dispatch worker's loop never call `commit()` themselves.
+Where commits happen (the one rule): the service functions (`api/<domain>/service.py` and the
+other modules beside it that write) commit their own unit of work; routes, models and the
+dispatch worker's loop never call `commit()` themselves.
 Routes get a session only through `api.deps.SessionDep`; background loops open one with
 `session_scope(engine)`. A session is closed (and anything uncommitted rolled back) when either
 ends.
@@ -14,18 +15,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import DateTime, Engine, create_engine, event
+from sqlalchemy import DateTime, Engine, create_engine, event, inspect, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
-from sqlmodel import Session
+from sqlmodel import Session, SQLModel
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+Row = TypeVar("Row", bound=SQLModel)
 
 
 def make_engine(url: str) -> Engine:
@@ -57,9 +59,9 @@ def _alembic_config(engine: Engine) -> Config:
     return cfg
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest migration (a no-op when it is there already)."""
-    command.upgrade(_alembic_config(engine), "head")
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to the newest migration, or to `revision` (a no-op when it is there)."""
+    command.upgrade(_alembic_config(engine), revision)
 
 
 def migration_state(engine: Engine) -> tuple[str | None, str | None]:
@@ -74,6 +76,18 @@ def migration_state(engine: Engine) -> tuple[str | None, str | None]:
 def session_scope(engine: Engine) -> Iterator[Session]:
     with Session(engine, expire_on_commit=False) as session:
         yield session
+
+
+def lock_row(session: Session, model: type[Row], key: Any) -> Row | None:
+    """The row of `model` with primary key `key`, read fresh and locked against concurrent
+    writers until the caller commits (None if there is none). PostgreSQL takes a row lock
+    (FOR UPDATE). SQLite ignores FOR UPDATE, so a no-op UPDATE of the row's `updated_at` takes
+    the database's write lock first, and the row read after it cannot go stale."""
+    if session.get_bind().dialect.name == "sqlite":
+        table: Any = model
+        pk = inspect(model).primary_key[0]
+        session.execute(update(model).where(pk == key).values(updated_at=table.updated_at))
+    return session.get(model, key, populate_existing=True, with_for_update=True)
 
 
 def utcnow() -> datetime:

@@ -11,6 +11,8 @@ from api import errors, health
 from api.auth import network_guard
 from api.config import Settings
 from api.db import make_engine
+from api.dispatch.worker import Worker
+from api.notify.service import Notifier
 from api.routers import api_router, pages_router
 from api.secrets import resolve_secrets
 from api.web import docs, login
@@ -27,9 +29,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The dispatch worker lives with the app unless it runs alone (`tuneplane worker`).
         worker = notifier = None
         if settings.run_worker:
-            from api.dispatch.worker import Worker
-            from api.notify.service import Notifier
-
             worker = Worker(settings, engine)
             worker.start()
             # Webhooks of finished runs (api/notify/service.py).

@@ -10,11 +10,7 @@ from api.runs import artifact_routes as artifacts
 from api.runs import routes as runs
 from api.templates import champion_routes as champions
 from api.templates import routes as templates
-from api.web import new_run as dashboard_new_run
-from api.web import run_actions as dashboard_run_actions
-from api.web import run_page as dashboard_run_page
-from api.web import runs_list as dashboard_runs
-from api.web import template_forms, template_pages
+from api.web import new_run, run_actions, run_page, runs_list, template_forms, template_pages
 
 # Every route under /api/v1 is checked by `authorize` (api/auth/access.py decides the scope by
 # method and path, so a route added later is covered without anyone remembering to protect it).
@@ -29,11 +25,11 @@ api_router.include_router(tokens.router)
 
 # With auth on, every page needs a login session (api/auth/access.py); static files do not.
 pages_router = APIRouter(include_in_schema=False, dependencies=[Depends(dashboard_access)])
-pages_router.include_router(dashboard_runs.router)
+pages_router.include_router(runs_list.router)
 # Before the run page: routes match in order, and /runs/{run_id} would take /runs/new.
-pages_router.include_router(dashboard_new_run.router)
-pages_router.include_router(dashboard_run_page.router)
-pages_router.include_router(dashboard_run_actions.router)
+pages_router.include_router(new_run.router)
+pages_router.include_router(run_page.router)
+pages_router.include_router(run_actions.router)
 # Before the template page, for the same reason: /templates/{name} would take /templates/_new.
 pages_router.include_router(template_forms.router)
 pages_router.include_router(template_pages.router)

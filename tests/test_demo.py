@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from api.cli.demo import DEMO_SPEC
+from api.cli.demo_run import DEMO_SPEC
 from api.db import make_engine, session_scope
 from api.runs.models import Run
 from api.runs.states import duration_seconds

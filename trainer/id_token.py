@@ -3,7 +3,7 @@
 On Cloud Run the api gives the trainer no token (overrides are readable by project viewers); the
 trainer asks the metadata server for an ID token of its own service account, with the api's URL
 as audience, and names its execution so the api can bind the token to the run
-(api/oidc_auth.py). Tokens last an hour; a fresh one is fetched a few minutes before that.
+(api/auth/oidc.py). Tokens last an hour; a fresh one is fetched a few minutes before that.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class ApiToken(SQLModel, table=True):
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
-Scope = str  # one of api.auth.SCOPES; checked there, so the error can list them
+Scope = str  # one of api.auth.tokens.SCOPES; checked there, so the error can list them
 
 
 class TokenCreate(BaseModel):

@@ -1,11 +1,10 @@
 """An open api (auth off) answers only requests that arrived on a loopback address.
 
-`tuneplane serve` refuses to bind anything else with auth off (api/auth/access.py
-`check_exposure`), but the app can be served without it (`uvicorn --factory api.main:create_app
---host 0.0.0.0`, a process manager, a container's own command). So the app checks too, per request:
-the ASGI `server` of a request is the local address its connection arrived on, which for a server
-bound to every address tells loopback from the network. Anything else gets a 403 that says what to
-set.
+`tuneplane serve` refuses to bind anything else with auth off (`check_exposure`, below), but the
+app can be served without it (`uvicorn --factory api.main:create_app --host 0.0.0.0`, a process
+manager, a container's own command). So the app checks too, per request: the ASGI `server` of a
+request is the local address its connection arrived on, which for a server bound to every address
+tells loopback from the network. Anything else gets a 403 that says what to set.
 
 Only an IP address counts as "the network": servers report the socket's numeric address, while a
 name in `server` (a Unix socket's path, an in-process test client's `testserver`) is no network
@@ -69,3 +68,31 @@ class OpenNetworkGuard:
 def install(app: FastAPI, settings: Settings) -> None:
     if not (settings.auth_enabled or settings.allow_open_network):
         app.add_middleware(OpenNetworkGuard)
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
+
+
+class ExposureRefused(RuntimeError):
+    pass
+
+
+def check_exposure(host: str, settings: Settings) -> None:
+    """Refuse to serve an open api (auth off) on anything but loopback, unless the operator said
+    explicitly that something in front of it authenticates (`allow_open_network`)."""
+    if settings.auth_enabled or settings.allow_open_network or is_loopback(host):
+        return
+    raise ExposureRefused(
+        f"refusing to serve on {host} with authentication off: anyone who can reach this "
+        "address could start and cancel runs. Turn it on (TUNEPLANE_AUTH_ENABLED=true, then make "
+        "an admin token with `tuneplane token create --name admin --scopes admin`), bind to "
+        "127.0.0.1, or, if a proxy in front of tuneplane authenticates every request, set "
+        "TUNEPLANE_ALLOW_OPEN_NETWORK=true"
+    )

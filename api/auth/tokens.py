@@ -2,23 +2,56 @@
 
 Used by the tokens REST resource, `tuneplane token` (which talks to the database directly, so an
 operator can make the first admin token before any token exists) and api/auth/access.py.
+
+Tokens are `tp_` + 43 URL-safe characters (32 random bytes). The database keeps only the hex
+SHA-256 of a token. Why plain SHA-256 and not a slow or peppered hash: a token carries 256 bits
+of randomness, so a stolen table of hashes can be neither brute-forced nor looked up in a
+dictionary, whatever the hash costs. Slow hashes (bcrypt, argon2) protect low-entropy passwords
+and would add ~100 ms to every request; a pepper would add a second secret whose loss or rotation
+silently invalidates every token, for no gain against 256-bit secrets. The lookup goes through a
+unique index on the hash, so a timing difference there reveals at most part of a hash.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+import secrets
+from collections.abc import Iterable
 from datetime import timedelta
 
 from sqlalchemy import Engine, or_, update
 from sqlmodel import Session, col, select
 
-from api.auth.access import check_scopes, hash_token, new_token
 from api.auth.models import ApiToken, TokenCreate
 from api.db import session_scope, utcnow
 from api.errors import Problem
 
+TOKEN_PREFIX = "tp_"
+SCOPES = ("runs:read", "runs:write", "admin")
+TOKEN_SHAPE = re.compile(r"^tp_[A-Za-z0-9_-]{20,100}$")
 # Recording every use would make each read request a write; a minute's resolution is enough to
 # tell a token in use from a forgotten one.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_scopes(scopes: Iterable[str]) -> list[str]:
+    """The scopes, de-duplicated, or ValueError naming the unknown one and the allowed ones."""
+    out = list(dict.fromkeys(s.strip() for s in scopes if s.strip()))
+    if not out:
+        raise ValueError(f"give at least one scope: {', '.join(SCOPES)}")
+    for scope in out:
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}; the scopes are: {', '.join(SCOPES)}")
+    return out
 
 
 class TokenRefused(Exception):

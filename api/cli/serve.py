@@ -38,10 +38,10 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings("tuneplane", public_url=local_url(args.host, args.port))
     if settings is None:
         return 2
-    from api.auth.access import ExposureRefused, check_exposure
+    from api.auth.network_guard import ExposureRefused, check_exposure
 
     try:
-        check_exposure(args.host, settings)  # no open api on a network (api/auth/access.py)
+        check_exposure(args.host, settings)  # no open api on a network (api/auth/network_guard.py)
     except ExposureRefused as exc:
         print(f"tuneplane: {exc}", file=sys.stderr)
         return 2

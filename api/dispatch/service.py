@@ -22,6 +22,7 @@ from sqlmodel import Session, col, select
 from api.db import utcnow
 from api.dispatch.base import DispatchError, Execution, ExecutionStatus
 from api.events import service as events
+from api.runs.finish import finish_run
 from api.runs.models import Run
 from api.runs.service import lock_run
 from api.runs.states import ACTIVE, TERMINAL, RunStatus
@@ -178,14 +179,14 @@ def dispatch_failed(
         # Nothing started (an ambiguous transient error may have started one: keep the marker).
         run.launched_at = None
     if error.kind == "permanent":
-        set_status(session, run, RunStatus.failed, f"dispatch failed: {error.message}")
+        finish_run(session, run, RunStatus.failed, f"dispatch failed: {error.message}")
         outcome = "failed"
     elif error.kind in ("quota", "iam"):
         outcome = _wait_for_platform(session, run, error, policy, now)
     else:
         run.dispatch_attempts += 1
         if run.dispatch_attempts >= policy.max_attempts:
-            set_status(
+            finish_run(
                 session,
                 run,
                 RunStatus.failed,
@@ -220,7 +221,7 @@ def _wait_for_platform(
     run.waiting_since = run.waiting_since or now
     waited = (now - run.waiting_since).total_seconds()
     if waited >= policy.wait_seconds:
-        set_status(
+        finish_run(
             session,
             run,
             RunStatus.failed,
@@ -278,18 +279,18 @@ def execution_ended(
         return None
     message = status.message or ""
     if run.status == RunStatus.cancelling:
-        set_status(session, run, RunStatus.cancelled, _join("cancelled", message))
+        finish_run(session, run, RunStatus.cancelled, _join("cancelled", message))
     elif status.state == "cancelled":
         # Stopped outside tuneplane (the console, gcloud): it is cancelled all the same.
         set_status(session, run, RunStatus.cancelling)
-        set_status(
+        finish_run(
             session,
             run,
             RunStatus.cancelled,
             _join(f"execution {execution_name} was cancelled outside tuneplane", message),
         )
     elif status.state == "succeeded":
-        set_status(
+        finish_run(
             session,
             run,
             RunStatus.failed,
@@ -297,7 +298,7 @@ def execution_ended(
             "(its final events were lost)",
         )
     else:
-        set_status(
+        finish_run(
             session,
             run,
             RunStatus.failed,
@@ -352,7 +353,7 @@ def finish_cancel_without_execution(session: Session, run_id: str) -> bool:
     if run.status != RunStatus.cancelling or run.execution_name is not None:
         session.rollback()
         return False
-    set_status(session, run, RunStatus.cancelled, run.status_reason or "cancelled")
+    finish_run(session, run, RunStatus.cancelled, run.status_reason or "cancelled")
     session.commit()
     return True
 

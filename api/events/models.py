@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import JSON, Column
+from sqlalchemy import JSON, Column, String
 from sqlmodel import Field, SQLModel
 
 from api.db import UTCDateTime, utcnow
+
+
+class EventState(StrEnum):
+    """What applying a stored event did (its `outcome` says it in words)."""
+
+    applied = "applied"  # it changed the run or its data
+    recorded = "recorded"  # kept for the record; nothing to change (a phase, an older checkpoint)
+    deferred = "deferred"  # came before its run could take it; the worker applies it later
+    rejected = "rejected"  # must not change the run: it is finished, or the event is stale
 
 
 class RunEvent(SQLModel, table=True):
@@ -23,7 +33,9 @@ class RunEvent(SQLModel, table=True):
     time: datetime = Field(sa_type=UTCDateTime)
     received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    # What applying it did: "applied", or why it changed nothing ("run is succeeded", ...).
+    # A plain string column, like `runs.status`: a new state must not need a type migration.
+    state: EventState = Field(default=EventState.applied, sa_type=String(20))
+    # What applying it did, in words: "applied: the run is running", or why it changed nothing.
     outcome: str = Field(default="applied", max_length=500)
 
 
@@ -37,6 +49,7 @@ class RunEventPublic(BaseModel):
     time: datetime
     received_at: datetime
     data: dict[str, Any]
+    state: EventState
     outcome: str
 
 

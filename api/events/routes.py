@@ -22,6 +22,7 @@ from api.deps import SessionDep
 from api.errors import Problem, problem_responses
 from api.events import service
 from api.events.metrics import RunMetrics, run_metrics
+from api.events.models import EventState
 from api.runs.states import RunStatus
 from trainer.contract.events import MAX_EVENT_BYTES, parse_event
 
@@ -33,6 +34,7 @@ RunId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,40}$", description="a run
 class EventReceipt(BaseModel):
     id: str
     duplicate: bool = Field(description="true when this event id had been stored before")
+    state: EventState = Field(description="applied, recorded, deferred or rejected")
     outcome: str = Field(description="what applying the event did, or why it changed nothing")
     run_status: RunStatus
 
@@ -102,6 +104,7 @@ def post_event(
     return EventReceipt(
         id=result.event_id,
         duplicate=result.duplicate,
+        state=result.state,
         outcome=result.outcome,
         run_status=result.run_status,
     )

@@ -25,16 +25,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
 from api.errors import Problem
-from api.events.models import ClassMetric, Evaluation, ProgressPoint, RunEvent
+from api.events.models import ClassMetric, Evaluation, EventState, ProgressPoint, RunEvent
+from api.runs.finish import finish_run
 from api.runs.models import Run
 from api.runs.service import lock_run
 from api.runs.states import TERMINAL, RunStatus
 from api.runs.status import set_status
 from trainer.contract import events as ev
 
-# Prefix of the outcome of a status event that came before its run could take it (the trainer's
-# first post landed before the worker recorded the dispatch). The worker replays these.
-DEFERRED = "deferred"
 _STATUS_TYPES = ("started", "segment_done", "completed", "failed")
 # What an evaluation event's metrics become in the table (per-class rows go to their own).
 _EVALUATION_COLUMNS = frozenset(Evaluation.model_fields) - {"run_id", "stage", "created_at"}
@@ -46,6 +44,12 @@ class IngestResult:
     duplicate: bool  # True: this id was stored before; nothing was applied again
     outcome: str
     run_status: RunStatus
+    state: EventState = EventState.applied
+
+
+# What applying an event did: its state, and the same in words (stored as `outcome`).
+Applied = tuple[EventState, str]
+APPLIED, RECORDED = EventState.applied, EventState.recorded
 
 
 def ingest(session: Session, run_id: str, event: ev.Event) -> IngestResult:
@@ -88,10 +92,11 @@ def ingest(session: Session, run_id: str, event: ev.Event) -> IngestResult:
             raise
         current = session.get(Run, run_id)
         return _duplicate(clash, run_id, RunStatus(current.status if current else run.status))
-    row.outcome = _apply(session, run, event)[:500]
+    row.state, outcome = _apply(session, run, event)
+    row.outcome = outcome[:500]
     session.add(row)
     session.commit()
-    return IngestResult(event.id, False, row.outcome, RunStatus(run.status))
+    return IngestResult(event.id, False, row.outcome, RunStatus(run.status), row.state)
 
 
 def replay_deferred(session: Session, run: Run) -> list[str]:
@@ -103,7 +108,7 @@ def replay_deferred(session: Session, run: Run) -> list[str]:
             RunEvent.run_id == run.id,
             RunEvent.segment == run.segment,
             col(RunEvent.type).in_(_STATUS_TYPES),
-            col(RunEvent.outcome).startswith(DEFERRED),
+            col(RunEvent.state) == EventState.deferred,
         )
         .order_by(col(RunEvent.seq), col(RunEvent.received_at))
     ).all()
@@ -120,7 +125,8 @@ def replay_deferred(session: Session, run: Run) -> list[str]:
                 "data": row.data,
             }
         )
-        row.outcome = ("replayed: " + _apply(session, run, event))[:500]
+        row.state, outcome = _apply(session, run, event)
+        row.outcome = ("replayed: " + outcome)[:500]
         session.add(row)
         outcomes.append(row.outcome)
     return outcomes
@@ -168,44 +174,50 @@ def _duplicate(existing: RunEvent, run_id: str, status: RunStatus) -> IngestResu
             "Event id already used",
             f"event id {existing.id!r} belongs to another run; every event needs a unique id",
         )
-    return IngestResult(existing.id, True, existing.outcome, status)
+    return IngestResult(existing.id, True, existing.outcome, status, EventState(existing.state))
 
 
 # -- applying one event --------------------------------------------------------------------------
 
 
-def _apply(session: Session, run: Run, event: ev.Event) -> str:
+def _apply(session: Session, run: Run, event: ev.Event) -> Applied:
     handler = _HANDLERS[event.type]
     return handler(session, run, event)
 
 
-def _status_guard(run: Run, event: ev.Event) -> str | None:
-    """Why a status event must not move the run, or None if it may."""
+def _status_guard(run: Run, event: ev.Event) -> Applied | None:
+    """Why a status event must not move the run (yet), or None if it may."""
     status = RunStatus(run.status)
+    rejected = EventState.rejected
     if status in TERMINAL:
-        return f"recorded, not applied: the run is already {status.value}"
+        return rejected, f"recorded, not applied: the run is already {status.value}"
     if event.segment != run.segment:
-        return (
+        return rejected, (
             f"recorded, not applied: it comes from segment {event.segment} and the run is at "
             f"segment {run.segment}"
         )
     if status == RunStatus.queued:
-        return f"{DEFERRED}: the run is still queued; applied once its dispatch is recorded"
+        # The trainer's first post landed before the worker recorded the dispatch: the worker
+        # applies it then (replay_deferred).
+        return (
+            EventState.deferred,
+            "deferred: the run is still queued; applied once its dispatch is recorded",
+        )
     return None
 
 
-def _on_started(session: Session, run: Run, event: ev.Event) -> str:
+def _on_started(session: Session, run: Run, event: ev.Event) -> Applied:
     assert isinstance(event, ev.StartedEvent)
     if (why := _status_guard(run, event)) is not None:
         return why
     attempt = f" (platform retry, attempt {event.data.attempt})" if event.data.attempt else ""
     if run.status == RunStatus.dispatched:
         set_status(session, run, RunStatus.running, f"segment {run.segment} started{attempt}")
-        return "applied: the run is running"
-    return f"recorded: the run is already {run.status}{attempt}"
+        return APPLIED, "applied: the run is running"
+    return RECORDED, f"recorded: the run is already {run.status}{attempt}"
 
 
-def _on_segment_done(session: Session, run: Run, event: ev.Event) -> str:
+def _on_segment_done(session: Session, run: Run, event: ev.Event) -> Applied:
     assert isinstance(event, ev.SegmentDoneEvent)
     if (why := _status_guard(run, event)) is not None:
         return why
@@ -213,10 +225,10 @@ def _on_segment_done(session: Session, run: Run, event: ev.Event) -> str:
     run.last_step = max(run.last_step, data.step)
     run.checkpoint_uri = data.checkpoint_uri
     if run.status == RunStatus.cancelling:
-        set_status(
+        finish_run(
             session, run, RunStatus.cancelled, f"cancelled; checkpoint at step {data.step} kept"
         )
-        return "applied: the cancel is finished (the trainer saved a checkpoint)"
+        return APPLIED, "applied: the cancel is finished (the trainer saved a checkpoint)"
     set_status(
         session,
         run,
@@ -229,42 +241,44 @@ def _on_segment_done(session: Session, run: Run, event: ev.Event) -> str:
     run.dispatch_attempts = 0
     run.claimed_by = run.claim_expires_at = None
     session.add(run)
-    return f"applied: queued for segment {run.segment}"
+    return APPLIED, f"applied: queued for segment {run.segment}"
 
 
-def _on_completed(session: Session, run: Run, event: ev.Event) -> str:
+def _on_completed(session: Session, run: Run, event: ev.Event) -> Applied:
     assert isinstance(event, ev.CompletedEvent)
     if (why := _status_guard(run, event)) is not None:
         return why
     run.last_step = max(run.last_step, event.data.step)
-    set_status(session, run, RunStatus.succeeded, "completed")
-    return "applied: the run succeeded"
+    finish_run(session, run, RunStatus.succeeded, "completed")
+    return APPLIED, "applied: the run succeeded"
 
 
-def _on_failed(session: Session, run: Run, event: ev.Event) -> str:
+def _on_failed(session: Session, run: Run, event: ev.Event) -> Applied:
     assert isinstance(event, ev.FailedEvent)
     if (why := _status_guard(run, event)) is not None:
         return why
     if run.status == RunStatus.cancelling:
         # Stopping it is what made it fail (or it failed while stopping): either way, cancelled.
-        set_status(
+        finish_run(
             session, run, RunStatus.cancelled, f"cancelled (the trainer said: {event.data.error})"
         )
-        return "applied: the cancel is finished"
-    set_status(session, run, RunStatus.failed, f"the trainer failed: {event.data.error}")
-    return "applied: the run failed"
+        return APPLIED, "applied: the cancel is finished"
+    finish_run(session, run, RunStatus.failed, f"the trainer failed: {event.data.error}")
+    return APPLIED, "applied: the run failed"
 
 
-def _data_outcome(run: Run) -> str:
+def _data_outcome(run: Run) -> Applied:
     status = RunStatus(run.status)
-    return f"applied (the run is already {status.value})" if status in TERMINAL else "applied"
+    return APPLIED, (
+        f"applied (the run is already {status.value})" if status in TERMINAL else "applied"
+    )
 
 
-def _on_phase(session: Session, run: Run, event: ev.Event) -> str:
-    return "recorded"
+def _on_phase(session: Session, run: Run, event: ev.Event) -> Applied:
+    return RECORDED, "recorded"
 
 
-def _on_progress(session: Session, run: Run, event: ev.Event) -> str:
+def _on_progress(session: Session, run: Run, event: ev.Event) -> Applied:
     assert isinstance(event, ev.ProgressEvent)
     data = event.data
     # Keyed by (run, step): a resumed segment re-reporting a step overwrites it, never appends.
@@ -283,7 +297,7 @@ def _on_progress(session: Session, run: Run, event: ev.Event) -> str:
     return _data_outcome(run)
 
 
-def _on_evaluation(session: Session, run: Run, event: ev.Event) -> str:
+def _on_evaluation(session: Session, run: Run, event: ev.Event) -> Applied:
     assert isinstance(event, ev.EvaluationEvent)
     data = event.data
     values: dict[str, Any] = {
@@ -317,25 +331,25 @@ def _on_evaluation(session: Session, run: Run, event: ev.Event) -> str:
     return _data_outcome(run)
 
 
-def _on_checkpoint(session: Session, run: Run, event: ev.Event) -> str:
+def _on_checkpoint(session: Session, run: Run, event: ev.Event) -> Applied:
     assert isinstance(event, ev.CheckpointEvent)
     # Out of order, an older checkpoint must not replace a newer one as the place to resume.
     newest = _newest_checkpoint_step(session, run.id, exclude=event.id)
     if newest is not None and newest > event.data.step:
-        return f"recorded: a newer checkpoint (step {newest}) is already known"
+        return RECORDED, f"recorded: a newer checkpoint (step {newest}) is already known"
     run.checkpoint_uri = event.data.uri
     session.add(run)
     return _data_outcome(run)
 
 
-def _on_artifact(session: Session, run: Run, event: ev.Event) -> str:
+def _on_artifact(session: Session, run: Run, event: ev.Event) -> Applied:
     assert isinstance(event, ev.ArtifactEvent)
     # The run links to its output directory; single files are kept in the event record.
     if event.data.kind == "output_dir" or run.artifact_uri is None:
         run.artifact_uri = event.data.uri
         session.add(run)
         return _data_outcome(run)
-    return "recorded"
+    return RECORDED, "recorded"
 
 
 def _newest_checkpoint_step(session: Session, run_id: str, exclude: str) -> int | None:
@@ -350,7 +364,7 @@ def _newest_checkpoint_step(session: Session, run_id: str, exclude: str) -> int 
     return max(steps) if steps else None
 
 
-_HANDLERS: dict[str, Callable[[Session, Run, Any], str]] = {
+_HANDLERS: dict[str, Callable[[Session, Run, Any], Applied]] = {
     "started": _on_started,
     "phase": _on_phase,
     "progress": _on_progress,

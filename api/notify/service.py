@@ -29,8 +29,9 @@ from sqlmodel import Session, col, select
 
 from api.config import Settings
 from api.db import session_scope, utcnow
-from api.notify.models import WebhookDelivery
+from api.notify.models import WebhookDelivery, WebhookDeliveryPublic
 from api.runs.models import Run
+from api.runs.query import find_run
 from api.templates.models import TemplateVersion
 
 log = logging.getLogger("tuneplane.notify")
@@ -238,14 +239,15 @@ def deliver_due(engine: Engine, settings: Settings, client: httpx.Client | None 
     return attempted
 
 
-def deliveries_of(session: Session, run_id: str) -> list[WebhookDelivery]:
-    return list(
-        session.exec(
-            select(WebhookDelivery)
-            .where(WebhookDelivery.run_id == run_id)
-            .order_by(col(WebhookDelivery.created_at))
-        )
+def deliveries_of(session: Session, run_id: str) -> list[WebhookDeliveryPublic]:
+    """The run's deliveries, oldest first (404 for an unknown run)."""
+    find_run(session, run_id)
+    rows = session.exec(
+        select(WebhookDelivery)
+        .where(WebhookDelivery.run_id == run_id)
+        .order_by(col(WebhookDelivery.created_at))
     )
+    return [WebhookDeliveryPublic.model_validate(d, from_attributes=True) for d in rows]
 
 
 class Notifier:

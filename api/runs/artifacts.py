@@ -1,5 +1,6 @@
-"""Download links for artifacts in Cloud Storage: a V4 signed URL where the api's credentials
-can sign one, else none (the API and dashboard then show the `gs://` URI alone).
+"""A run's artifacts (`run_artifacts`, for GET /api/v1/runs/{id}/artifacts and the run's page),
+and their download links: a V4 signed URL for a file in Cloud Storage where the api's
+credentials can sign one, else none (the API and dashboard then show the `gs://` URI alone).
 
 Credentials that can sign: a service-account key (signs locally), or a service account on
 Cloud Run / GCE (signs through the IAM Credentials API; the account needs
@@ -18,10 +19,33 @@ from google.auth import credentials as gcreds
 from google.auth import exceptions as gauth_exc
 from google.auth.transport.requests import Request
 from google.cloud import storage  # type: ignore[attr-defined,unused-ignore]
+from pydantic import BaseModel, Field
+from sqlmodel import Session, col, select
 
 from api.config import Settings
+from api.events.models import RunEvent
+from api.runs.query import find_run
 
 log = logging.getLogger(__name__)
+
+# Artifacts that are one file (the others, adapter and processor, are directories).
+FILE_KINDS = frozenset({"results", "log"})
+
+
+class ArtifactOut(BaseModel):
+    kind: str
+    uri: str
+    download_url: str | None = Field(
+        description="a time-limited signed URL (files in Cloud Storage, when the api's "
+        "credentials can sign); null otherwise"
+    )
+
+
+class RunArtifacts(BaseModel):
+    run_id: str
+    artifact_uri: str | None = Field(description="the run's output prefix (gs://... or a path)")
+    artifacts: list[ArtifactOut]
+
 
 _lock = threading.Lock()
 _credentials: list[Any] = []  # [credentials or None], looked up once: it may probe metadata
@@ -96,3 +120,28 @@ def download_url(uri: str | None, settings: Settings) -> str | None:
             log.warning("artifact links will have no signed URL: %s", err)
             _warned = True
         return None
+
+
+def run_artifacts(session: Session, settings: Settings, run_id: str) -> RunArtifacts:
+    """The newest report of each kind of artifact of the run (404 for an unknown run)."""
+    run = find_run(session, run_id)
+    rows = session.exec(
+        select(RunEvent)
+        .where(RunEvent.run_id == run_id, RunEvent.type == "artifact")
+        .order_by(col(RunEvent.time))
+    ).all()
+    latest: dict[str, str] = {}
+    for row in rows:  # a later segment's or attempt's report wins
+        latest[str(row.data["kind"])] = str(row.data["uri"])
+    return RunArtifacts(
+        run_id=run_id,
+        artifact_uri=run.artifact_uri,
+        artifacts=[
+            ArtifactOut(
+                kind=kind,
+                uri=uri,
+                download_url=download_url(uri, settings) if kind in FILE_KINDS else None,
+            )
+            for kind, uri in sorted(latest.items())
+        ],
+    )

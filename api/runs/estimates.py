@@ -1,6 +1,7 @@
 """Estimate a run's GPU memory, time and cost from its spec, before anything is dispatched
-(DESIGN.md step 1). A spec whose estimate does not fit its GPU is refused at submission, which
-is far cheaper than an out-of-memory kill twenty minutes into a Cloud Run execution.
+(docs/architecture.md, "Data flow", step 1). A spec whose estimate does not fit its GPU is refused
+at submission, which is far cheaper than an out-of-memory kill twenty minutes into a Cloud Run
+execution.
 
 The model's size comes from its config.json when the create-run check could read it
 (`arch_from_config`: a local directory, or the Hub), else from its id: the families the trainer
@@ -47,7 +48,7 @@ class Gpu:
     memory_gib: float  # what a process can allocate, not the marketing figure
     train_tflops: float  # effective for QLoRA training (calibrated, not the peak)
     bandwidth_gbs: float  # memory bandwidth, GB/s: bounds token-by-token generation
-    vcpu: int  # Cloud Run's minimum CPU and memory for this GPU (DESIGN.md)
+    vcpu: int  # Cloud Run's minimum CPU and memory for this GPU (docs/architecture.md, "Data flow")
     memory_gib_host: int
     gpu_usd_per_second: float
 

@@ -1,10 +1,12 @@
-"""What happens when a run ends: its quality gate, auto-promotion, and webhook notifications.
+"""How a run ends: `finish_run` moves it into a terminal state and does what that implies, its
+quality gate, auto-promotion and webhook notifications, inside the caller's unit of work, so the
+run never appears finished without its gate and the notifications are queued atomically with the
+end they announce (a crash leaves both or neither).
 
-Called by `set_status` (api/runs/status.py) for every move into a terminal state, inside the
-unit of work that makes the move, so the run never appears finished without its gate and the
-notifications are queued atomically with the end they announce (a crash leaves both or neither).
-Every terminal move goes through `set_status`: the trainer's final event, a cancel, a failed
-dispatch, the reconciler noticing a dead execution.
+Every end calls it: the trainer's final event (api/events/service.py), a cancel of a queued run
+(api/runs/service.py), a failed dispatch and the reconciler noticing a dead execution
+(api/dispatch/service.py). A live execution is not stopped here: cancelling a started run moves
+it to `cancelling`, and the dispatch worker stops the execution, then finishes the run.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from sqlmodel import Session
 from api.events.models import Evaluation
 from api.notify import service as notify
 from api.runs.models import Run
-from api.templates.champions import add_champion
+from api.runs.states import TERMINAL, RunStatus
+from api.runs.status import apply_transition
+from api.templates.champions import add_champion, current_champion
 from api.templates.gates import Check, EvalSummary, GateResult, Gates, evaluate
 from api.templates.models import TemplateVersion
-from api.templates.service import current_champion
 
 log = logging.getLogger("tuneplane.gates")
 
@@ -53,9 +56,17 @@ def _gate(session: Session, run: Run, version: TemplateVersion) -> GateResult:
     return evaluate(gates, str(run.status), _summary(session, run.id), champion_eval, champion_id)
 
 
-def on_run_finished(session: Session, run: Run) -> None:
-    """Record the run's gate; promote it if its template says so and it passed; queue its
-    webhooks. Adds to the caller's session; the caller commits."""
+def finish_run(session: Session, run: Run, status: RunStatus, reason: str | None = None) -> None:
+    """End `run` in the terminal `status` (raises IllegalTransition when the state machine
+    forbids it), then record its gate, promote it if its template says so and it passed, and
+    queue its webhooks. Adds to the caller's session; the caller commits."""
+    if status not in TERMINAL:
+        raise ValueError(f"{status.value} is not an end; set_status moves a run between states")
+    apply_transition(session, run, status, reason)
+    _after_end(session, run)
+
+
+def _after_end(session: Session, run: Run) -> None:
     if run.template_name is None or run.template_version is None:
         run.gate_status = "not_applicable"
         run.gate_reasons = [

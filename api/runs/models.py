@@ -16,7 +16,9 @@ from api.db import UTCDateTime, new_id, utcnow
 from api.runs.states import RunStatus, duration_seconds
 from trainer.contract.spec import RunSpec
 
-_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/=+-]{0,63}$")
+# A tag, as every way of making a run checks it (api/runs/service.py `check_tags`) and the
+# runs list filters by it.
+TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/=+-]{0,63}$")
 Tag = Annotated[str, PField(min_length=1, max_length=64)]
 
 
@@ -103,7 +105,7 @@ class RunCreate(BaseModel):
     @field_validator("tags")
     @classmethod
     def _check_tags(cls, tags: list[str]) -> list[str]:
-        bad = [t for t in tags if not _TAG.match(t)]
+        bad = [t for t in tags if not TAG.match(t)]
         if bad:
             raise ValueError(
                 f"bad tag {bad[0]!r}: letters, digits and _.:/=+- only, starting with a letter "

@@ -1,10 +1,12 @@
-"""Read queries behind the dashboard pages. Nothing here writes: creating, cancelling and
-retraining runs go through `api.runs.service`, the same functions the REST API uses.
+"""Reading runs: the one query module behind GET /api/v1/runs and the dashboard alike (filters,
+the keyset cursor, tags, champions, one run; a run's events are api/events/query.py). Nothing
+here writes: creating, cancelling and retraining runs go through `api.runs.service`. The
+dashboard's history and run detail read through `api.runs.history` and `api.runs.detail`.
 
-The runs list and the history are the pages people keep open, so they stay fast with many runs:
-the list pages by keyset over (created_at, id) — the `created_at` index serves both the order and
-the range, so page 200 costs what page 1 costs — and the history reads a bounded number of recent
-runs per model and data set through the `status` and `model_id` indexes.
+Keyset pagination: a cursor holds the sort keys of the last row of a page, (created_at, id), so
+the next page is "strictly older than that row". New runs are newer than every cursor, so they
+never shift a page that a client is walking, unlike OFFSET; and the `created_at` index serves
+both the order and the range, so page 200 costs what page 1 costs.
 """
 
 from __future__ import annotations
@@ -13,39 +15,85 @@ import base64
 import binascii
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, tuple_
-from sqlalchemy import select as sa_select
-from sqlalchemy.orm import aliased, load_only
+from sqlalchemy import func, or_, tuple_
+from sqlalchemy.orm import load_only
 from sqlmodel import Session, col, select
 
-from api.events.models import ClassMetric, Evaluation, ProgressPoint, RunEvent
-from api.runs.models import Run, RunTag
+from api.errors import Problem
+from api.runs.models import TAG, Run, RunPublic, RunsPage, RunTag
 from api.runs.states import RunStatus
-from api.templates.models import Champion, RunTemplate
+from api.runs.validation import check_text, invalid
+from api.templates.champions import champions_among
 
-PAGE_SIZE = 50
+PAGE_SIZE = 50  # the dashboard's and the REST list's default
 MAX_PAGE_SIZE = 200
-HISTORY_PER_GROUP = 60
-HISTORY_GROUPS = 6
-TIMELINE_EVENTS = 300
+MAX_CURSOR = 200
+# What decoding something that is not a cursor of ours can raise (UnicodeDecodeError and
+# json.JSONDecodeError are ValueErrors; RecursionError: JSON nested too deep).
+_NOT_A_CURSOR = (ValueError, TypeError, OverflowError, binascii.Error, RecursionError)
 
 
-class BadQuery(ValueError):
-    """A filter or cursor that cannot be used; the message says what to change."""
+# ---- one run ------------------------------------------------------------------------------------
 
 
-# ---- runs list --------------------------------------------------------------------------------
+def to_public(run: Run, tags: Iterable[str]) -> RunPublic:
+    fields = {name: getattr(run, name) for name in RunPublic.model_fields if name != "tags"}
+    return RunPublic.model_validate({**fields, "tags": sorted(tags)})
+
+
+def find_run(session: Session, run_id: str) -> Run:
+    """The run's row, or a 404 problem."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise not_found(run_id)
+    return run
+
+
+def run_row(session: Session, run_id: str) -> Run | None:
+    """The run's row, or None (the dashboard answers a missing run with its own page)."""
+    return session.get(Run, run_id)
+
+
+def get_run(session: Session, run_id: str) -> RunPublic:
+    run = find_run(session, run_id)
+    return to_public(run, tags_of(session, [run.id])[run.id])
+
+
+def not_found(run_id: str) -> Problem:
+    return Problem(404, "Run not found", f"there is no run with id {run_id!r}")
+
+
+def tags_of(session: Session, run_ids: list[str]) -> dict[str, list[str]]:
+    """{run id: its tags, sorted}; a run without tags maps to []."""
+    out: dict[str, list[str]] = defaultdict(list)
+    if not run_ids:
+        return out
+    rows = session.exec(
+        select(RunTag.run_id, RunTag.tag)
+        .where(col(RunTag.run_id).in_(run_ids))
+        .order_by(col(RunTag.tag))
+    )
+    for run_id, tag in rows:
+        out[run_id].append(tag)
+    return out
+
+
+# ---- filters ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class RunFilters:
-    status: RunStatus | None = None
+    """Which runs a list shows: any of `statuses`, all of `tags`, and the rest exactly (`text`
+    is a case-insensitive search of name, id, model, data set and notes)."""
+
+    statuses: tuple[RunStatus, ...] = ()
     model: str | None = None
-    tag: str | None = None
+    tags: tuple[str, ...] = ()
     text: str | None = None
     dataset: str | None = None
 
@@ -58,20 +106,32 @@ class RunFilters:
         text: str | None,
         dataset: str | None = None,
     ) -> RunFilters:
+        """The dashboard's filter form: one status and one tag at most, text trimmed."""
         st = (status or "").strip() or None
         if st is not None and st not in RunStatus.__members__:
-            raise BadQuery(f"unknown status {st!r}: use one of {', '.join(RunStatus)}")
+            raise invalid(
+                "query.status", f"unknown status {st!r}: use one of {', '.join(RunStatus)}"
+            )
+        tag = (tag or "").strip()[:64] or None
         return cls(
-            status=RunStatus(st) if st else None,
+            statuses=(RunStatus(st),) if st else (),
             model=(model or "").strip()[:300] or None,
-            tag=(tag or "").strip()[:64] or None,
+            tags=(tag,) if tag else (),
             text=(text or "").strip()[:200] or None,
             dataset=(dataset or "").strip()[:500] or None,
         )
 
     @property
+    def status(self) -> RunStatus | None:  # the dashboard's one status
+        return self.statuses[0] if self.statuses else None
+
+    @property
+    def tag(self) -> str | None:  # the dashboard's one tag
+        return self.tags[0] if self.tags else None
+
+    @property
     def active(self) -> bool:
-        return any((self.status, self.model, self.tag, self.text, self.dataset))
+        return any((self.statuses, self.model, self.tags, self.text, self.dataset))
 
     def query_args(self) -> dict[str, str]:
         args = {
@@ -84,46 +144,39 @@ class RunFilters:
         return {k: str(v) for k, v in args.items() if v}
 
 
-@dataclass
-class RunRow:
-    run: Run
-    tags: list[str]
-    champion_of: str | None = None  # the template whose current champion this run is
-
-    @property
-    def train_size(self) -> Any:
-        return self.run.spec.get("train_size")
-
-    @property
-    def eval_size(self) -> Any:
-        return self.run.spec.get("eval_size")
-
-
-@dataclass
-class RunsPage:
-    rows: list[RunRow]
-    total: int
-    older: str | None  # cursor of the next (older) page
-    newer: str | None  # cursor of the previous (newer) page
-    status_counts: dict[str, int]
-    models: list[str]
+# ---- the cursor ---------------------------------------------------------------------------------
 
 
 def encode_cursor(run: Run) -> str:
-    raw = json.dumps([run.created_at.isoformat(), run.id]).encode()
+    raw = json.dumps([run.created_at.isoformat(), run.id], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) in `cursor`; a 422 problem for anything this module did not make."""
     try:
+        if len(cursor) > MAX_CURSOR:
+            raise ValueError("too long")
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        at, run_id = json.loads(raw)
-        when = datetime.fromisoformat(at)
-        if when.tzinfo is None or not isinstance(run_id, str):
-            raise ValueError
-    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError) as exc:
-        raise BadQuery("this page link is damaged; start again from the first page") from exc
-    return when, run_id
+        created, row_id = json.loads(raw)
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None or not isinstance(row_id, str) or not row_id:
+            raise ValueError("not a cursor")
+        # In UTC here, where a time near datetime's limits with an offset (9999-12-31T23:59-23:59)
+        # overflows, rather than in the column type, where the OverflowError would be a 500.
+        when = when.astimezone(UTC)
+    except _NOT_A_CURSOR:
+        raise Problem(
+            422,
+            "Invalid cursor",
+            "this page link is damaged: a cursor must be a `next_cursor` value from an earlier "
+            "page, unchanged",
+            errors=[{"field": "query.cursor", "message": "not a cursor this api issued"}],
+        ) from None
+    return when, row_id
+
+
+# ---- lists --------------------------------------------------------------------------------------
 
 
 # A filter that keeps fewer than this share of the runs is looked up through its own index (and
@@ -133,7 +186,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 SELECTIVE = 0.05
 
 
-def _unindexed(column: Any) -> Any:
+def unindexed(column: Any) -> Any:
     """`column || ''`: the same value, but no index on `column` can serve the comparison, so
     the planner walks the index that gives the order (see SELECTIVE)."""
     return column.concat("")
@@ -151,19 +204,19 @@ def _where(
     def selective(matches: int) -> bool:
         return counts is None or matches <= total * SELECTIVE
 
-    if filters.status:
-        n = counts.get(filters.status, 0) if counts is not None else 0
-        column = col(Run.status) if selective(n) else _unindexed(col(Run.status))
-        conds.append(column == filters.status)
+    if filters.statuses:
+        n = sum(counts.get(s, 0) for s in filters.statuses) if counts is not None else 0
+        column = col(Run.status) if selective(n) else unindexed(col(Run.status))
+        conds.append(column.in_([RunStatus(s).value for s in filters.statuses]))
     if filters.model:
-        n = 0 if counts is None else _count(session, col(Run.model_id) == filters.model)
-        column = col(Run.model_id) if selective(n) else _unindexed(col(Run.model_id))
+        n = 0 if counts is None else count_runs(session, col(Run.model_id) == filters.model)
+        column = col(Run.model_id) if selective(n) else unindexed(col(Run.model_id))
         conds.append(column == filters.model)
     if filters.dataset:
         conds.append(col(Run.dataset) == filters.dataset)
-    if filters.tag:
-        tagged = select(RunTag.run_id).where(col(RunTag.tag) == filters.tag)
-        n = 0 if counts is None else _count_tagged(session, filters.tag)
+    for tag in dict.fromkeys(filters.tags):
+        tagged = select(RunTag.run_id).where(col(RunTag.tag) == tag)
+        n = 0 if counts is None else _count_tagged(session, tag)
         if selective(n):
             conds.append(col(Run.id).in_(tagged))
         else:
@@ -185,7 +238,7 @@ def _where(
     return conds
 
 
-def _count(session: Session, *conds: Any) -> int:
+def count_runs(session: Session, *conds: Any) -> int:
     return session.exec(select(func.count()).select_from(Run).where(*conds)).one()
 
 
@@ -199,27 +252,26 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def list_runs(
+def keyset_page(
     session: Session,
-    filters: RunFilters,
+    conds: Sequence[Any],
     *,
     after: str | None = None,
     before: str | None = None,
     limit: int = PAGE_SIZE,
-) -> RunsPage:
-    """Newest first. `after`: the page older than that cursor; `before`: the page newer."""
-    limit = max(1, min(limit, MAX_PAGE_SIZE))
-    counts = status_counts(session)
-    conds = _where(session, filters, counts)
+    columns: Sequence[Any] = (),
+) -> tuple[list[Run], str | None, str | None]:
+    """Newest first: (runs, cursor of the older page, cursor of the newer page). `after`: the
+    page older than that cursor; `before`: the page newer. `columns`: load only those."""
     key = tuple_(col(Run.created_at), col(Run.id))
-    # Only what the table shows: notes (up to 10,000 characters) and the JSON bookkeeping
-    # columns stay in the database.
-    stmt = select(Run).options(load_only(*_LIST_COLUMNS)).where(*conds)
+    stmt = select(Run).where(*conds)
+    if columns:
+        stmt = stmt.options(load_only(*columns))
     if before:
         stmt = stmt.where(key > tuple_(*decode_cursor(before)))
         stmt = stmt.order_by(col(Run.created_at).asc(), col(Run.id).asc())
     else:
-        if after:
+        if after:  # an empty cursor is the first page (a shell loop's first `cursor=$NEXT`)
             stmt = stmt.where(key < tuple_(*decode_cursor(after)))
         stmt = stmt.order_by(col(Run.created_at).desc(), col(Run.id).desc())
     # One row more than a page tells whether another page follows, without counting.
@@ -234,11 +286,85 @@ def list_runs(
     else:
         older = encode_cursor(runs[-1]) if runs and more else None
         newer = encode_cursor(runs[0]) if runs and after else None
+    return runs, older, newer
+
+
+def list_runs(
+    session: Session,
+    *,
+    status: Sequence[RunStatus] = (),
+    model: str | None = None,
+    tags: Sequence[str] = (),
+    limit: int = PAGE_SIZE,
+    cursor: str | None = None,
+) -> RunsPage:
+    """GET /api/v1/runs. Newest first. `status`: any of them; `tags`: all of them; `cursor`:
+    a page's `next_cursor`."""
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise invalid("query.limit", f"must be between 1 and {MAX_PAGE_SIZE} (got {limit})")
+    if model is not None:
+        check_text(model, "query.model", max_length=300)
+    for tag in tags:
+        if not TAG.match(tag):
+            raise invalid("query.tag", f"{tag!r} is not a tag (letters, digits and _.:/=+-)")
+    filters = RunFilters(statuses=tuple(status), model=model, tags=tuple(tags))
+    runs, older, _ = keyset_page(session, _where(session, filters), after=cursor, limit=limit)
+    tag_map = tags_of(session, [r.id for r in runs])
+    return RunsPage(items=[to_public(r, tag_map[r.id]) for r in runs], next_cursor=older)
+
+
+@dataclass
+class RunRow:
+    run: Run
+    tags: list[str]
+    champion_of: str | None = None  # the template whose current champion this run is
+
+    @property
+    def train_size(self) -> Any:
+        return self.run.spec.get("train_size")
+
+    @property
+    def eval_size(self) -> Any:
+        return self.run.spec.get("eval_size")
+
+
+@dataclass
+class RunsTable:
+    """The dashboard's runs list: a page of rows and what the filter bar shows."""
+
+    rows: list[RunRow]
+    total: int
+    older: str | None  # cursor of the next (older) page
+    newer: str | None  # cursor of the previous (newer) page
+    status_counts: dict[str, int]
+    models: list[str]
+
+
+def runs_table(
+    session: Session,
+    filters: RunFilters,
+    *,
+    after: str | None = None,
+    before: str | None = None,
+    limit: int = PAGE_SIZE,
+) -> RunsTable:
+    """The dashboard's list. Each filter is written so that the cheaper of its own index and
+    the `created_at` walk serves it (see SELECTIVE)."""
+    limit = max(1, min(limit, MAX_PAGE_SIZE))
+    counts = status_counts(session)
+    conds = _where(session, filters, counts)
+    # Only what the table shows: notes (up to 10,000 characters) and the JSON bookkeeping
+    # columns stay in the database.
+    runs, older, newer = keyset_page(
+        session, conds, after=after, before=before, limit=limit, columns=_LIST_COLUMNS
+    )
     tags = tags_of(session, [r.id for r in runs])
     crowned = champions_among(session, [r.id for r in runs])
-    total = _count(session, *_where(session, filters)) if filters.active else sum(counts.values())
-    return RunsPage(
-        rows=[RunRow(r, tags.get(r.id, []), crowned.get(r.id)) for r in runs],
+    total = (
+        count_runs(session, *_where(session, filters)) if filters.active else sum(counts.values())
+    )
+    return RunsTable(
+        rows=[RunRow(r, tags[r.id], crowned.get(r.id)) for r in runs],
         total=total,
         older=older,
         newer=newer,
@@ -265,51 +391,6 @@ _LIST_COLUMNS: tuple[Any, ...] = (
 )
 
 
-def tags_of(session: Session, run_ids: list[str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = defaultdict(list)
-    if not run_ids:
-        return out
-    rows = session.exec(
-        select(RunTag.run_id, RunTag.tag)
-        .where(col(RunTag.run_id).in_(run_ids))
-        .order_by(col(RunTag.tag))
-    )
-    for run_id, tag in rows:
-        out[run_id].append(tag)
-    return out
-
-
-def champions_among(session: Session, run_ids: list[str]) -> dict[str, str]:
-    """{run id: template name} for those of `run_ids` that are their template's current
-    champion, in one query whatever the number of runs or templates. The current champion is
-    a template's newest promotion (api/services/templates.current_champion: latest
-    `promoted_at`, then highest id), so a promotion row counts when no newer row of its
-    template exists. A deleted (hidden) template has no champion to show."""
-    if not run_ids:
-        return {}
-    newer = aliased(Champion)
-    superseded = exists().where(
-        col(newer.template_name) == col(Champion.template_name),
-        or_(
-            col(newer.promoted_at) > col(Champion.promoted_at),
-            and_(
-                col(newer.promoted_at) == col(Champion.promoted_at),
-                col(newer.id) > col(Champion.id),
-            ),
-        ),
-    )
-    rows = session.exec(
-        select(Champion.run_id, Champion.template_name)
-        .join(RunTemplate, col(RunTemplate.name) == col(Champion.template_name))
-        .where(
-            col(Champion.run_id).in_(run_ids),
-            col(RunTemplate.deleted_at).is_(None),
-            ~superseded,
-        )
-    )
-    return {run_id: template for run_id, template in rows}
-
-
 def status_counts(session: Session) -> dict[str, int]:
     rows = session.exec(select(Run.status, func.count()).group_by(col(Run.status)))
     return {str(status): n for status, n in rows}
@@ -317,264 +398,3 @@ def status_counts(session: Session) -> dict[str, int]:
 
 def models(session: Session) -> list[str]:
     return list(session.exec(select(Run.model_id).distinct().order_by(col(Run.model_id))).all())
-
-
-# ---- history ----------------------------------------------------------------------------------
-
-
-@dataclass
-class HistoryRun:
-    id: str
-    name: str
-    created_at: datetime
-    finished_at: datetime | None
-    baseline_accuracy: float | None
-    baseline_macro_f1: float | None
-    final_accuracy: float
-    final_macro_f1: float | None
-
-    @property
-    def at(self) -> datetime:
-        return self.finished_at or self.created_at
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.id})" if self.name else self.id
-
-
-@dataclass
-class HistoryGroup:
-    model_id: str
-    dataset: str
-    count: int  # finished runs in the group; `runs` holds the newest HISTORY_PER_GROUP
-    runs: list[HistoryRun] = field(default_factory=list)
-
-    @property
-    def best(self) -> HistoryRun | None:
-        return max(self.runs, key=lambda r: r.final_accuracy, default=None)
-
-
-@dataclass
-class History:
-    groups: list[HistoryGroup]
-    more_groups: list[tuple[str, str, int]]  # (model, data set, runs) beyond the shown groups
-
-
-# (database, model, data set, succeeded runs) -> the groups: see `_groups`.
-_GROUPS: dict[tuple[str, str | None, str | None, int], list[tuple[str, str, int]]] = {}
-_GROUPS_KEPT = 64
-
-
-def _groups(session: Session, model: str | None, dataset: str | None) -> list[tuple[str, str, int]]:
-    """(model, data set, succeeded runs) of every group, the most recently active first.
-
-    Counting per group reads every succeeded run's row (no index holds the data set), tens of
-    milliseconds with 10,000 runs, so the answer is kept and reused while the number of
-    succeeded runs is unchanged. That number identifies the answer exactly: `succeeded` is
-    final and a run's model and data set never change, so the set of succeeded runs only grows,
-    and the count (read from the status index alone) changes whenever it does.
-    """
-    succeeded = _count(session, col(Run.status) == RunStatus.succeeded)
-    key = (str(session.get_bind().engine.url), model, dataset, succeeded)
-    cached = _GROUPS.get(key)
-    if cached is not None:
-        return cached
-    conds = [col(Run.status) == RunStatus.succeeded]
-    if model:
-        conds.append(col(Run.model_id) == model)
-    if dataset:
-        conds.append(col(Run.dataset) == dataset)
-    newest = func.max(col(Run.created_at))
-    rows = session.exec(
-        select(Run.model_id, Run.dataset, func.count(), newest)
-        .where(*conds)
-        .group_by(col(Run.model_id), col(Run.dataset))
-        .order_by(newest.desc())
-    ).all()
-    groups = [(m, d, n) for m, d, n, _ in rows]
-    if len(_GROUPS) >= _GROUPS_KEPT:
-        _GROUPS.pop(next(iter(_GROUPS)))
-    _GROUPS[key] = groups
-    return groups
-
-
-def history(
-    session: Session,
-    *,
-    model: str | None = None,
-    dataset: str | None = None,
-    per_group: int = HISTORY_PER_GROUP,
-    max_groups: int = HISTORY_GROUPS,
-) -> History:
-    groups = _groups(session, model, dataset)
-    shown = [HistoryGroup(m, d, n) for m, d, n in groups[:max_groups]]
-    finished = sum(n for _, _, n in groups)
-    common = {(g.model_id, g.dataset): g for g in shown if g.count > finished * SELECTIVE}
-    # Common groups: one walk down the `created_at` index, stopped as soon as each has its
-    # newest `per_group` runs (a few hundred rows when the groups are evenly used).
-    if common:
-        walk: Any = (  # sqlmodel types selects of at most four columns
-            sa_select(*_HISTORY_FIELDS, col(Run.model_id), col(Run.dataset))
-            .where(
-                _unindexed(col(Run.status)) == RunStatus.succeeded,
-                col(Run.final_accuracy).is_not(None),
-                # Only the rows of the groups shown come back (compared unindexed, so the
-                # walk stays on `created_at`).
-                _unindexed(col(Run.model_id)).in_({m for m, _ in common}),
-                _unindexed(col(Run.dataset)).in_({d for _, d in common}),
-            )
-            .order_by(col(Run.created_at).desc())
-            .execution_options(yield_per=100)
-        )
-        waiting = set(common)
-        result = session.exec(walk)
-        try:
-            for *row, model_id, dataset in result:
-                g = common.get((model_id, dataset))
-                if g is None or len(g.runs) >= per_group:
-                    continue
-                g.runs.append(HistoryRun(*row))
-                if len(g.runs) >= per_group:
-                    waiting.discard((model_id, dataset))
-                    if not waiting:
-                        break
-        finally:
-            result.close()
-    # Rare groups: through the model's index, the few rows sorted.
-    for g in shown:
-        if (g.model_id, g.dataset) in common:
-            continue
-        recent: Any = (
-            sa_select(*_HISTORY_FIELDS)
-            .where(
-                _unindexed(col(Run.status)) == RunStatus.succeeded,
-                col(Run.final_accuracy).is_not(None),
-                col(Run.model_id) == g.model_id,
-                col(Run.dataset) == g.dataset,
-            )
-            .order_by(col(Run.created_at).desc())
-            .limit(per_group)
-        )
-        g.runs = [HistoryRun(*row) for row in session.exec(recent).all()]
-    for g in shown:
-        g.runs.reverse()  # oldest first, as the chart draws them
-    return History(shown, groups[max_groups:])
-
-
-_HISTORY_FIELDS: tuple[Any, ...] = (
-    Run.id,
-    Run.name,
-    Run.created_at,
-    Run.finished_at,
-    Run.baseline_accuracy,
-    Run.baseline_macro_f1,
-    Run.final_accuracy,
-    Run.final_macro_f1,
-)
-
-
-# ---- one run ----------------------------------------------------------------------------------
-
-
-@dataclass
-class RunDetail:
-    run: Run
-    tags: list[str]
-    events: list[RunEvent]
-    loss: list[tuple[int, float]]
-    evaluations: dict[str, Evaluation]
-    class_metrics: dict[str, list[ClassMetric]]
-    parent: Run | None
-    children: list[Run]
-    champion_of: str | None = None  # the template whose current champion this run is
-
-    @property
-    def latest_progress(self) -> tuple[int, float] | None:
-        return self.loss[-1] if self.loss else None
-
-
-def get_run(session: Session, run_id: str) -> Run | None:
-    return session.get(Run, run_id)
-
-
-def run_detail(session: Session, run_id: str) -> RunDetail | None:
-    run = session.get(Run, run_id)
-    if run is None:
-        return None
-    # Progress events become ProgressPoints; the timeline shows the events that change state.
-    events = list(
-        session.exec(
-            select(RunEvent)
-            .where(col(RunEvent.run_id) == run_id, col(RunEvent.type) != "progress")
-            .order_by(col(RunEvent.time), col(RunEvent.segment), col(RunEvent.seq))
-            .limit(TIMELINE_EVENTS)
-        ).all()
-    )
-    loss = [
-        (step, loss)
-        for step, loss in session.exec(
-            select(ProgressPoint.step, ProgressPoint.loss)
-            .where(col(ProgressPoint.run_id) == run_id, col(ProgressPoint.loss).is_not(None))
-            .order_by(col(ProgressPoint.step))
-        )
-        if loss is not None
-    ]
-    evaluations = {
-        e.stage: e
-        for e in session.exec(select(Evaluation).where(col(Evaluation.run_id) == run_id)).all()
-    }
-    metrics: dict[str, list[ClassMetric]] = defaultdict(list)
-    for m in session.exec(select(ClassMetric).where(col(ClassMetric.run_id) == run_id)).all():
-        metrics[m.stage].append(m)
-    parent = session.get(Run, run.parent_id) if run.parent_id else None
-    children = list(
-        session.exec(
-            select(Run).where(col(Run.parent_id) == run_id).order_by(col(Run.created_at)).limit(20)
-        ).all()
-    )
-    return RunDetail(
-        run=run,
-        tags=tags_of(session, [run_id]).get(run_id, []),
-        events=events,
-        loss=loss,
-        evaluations=evaluations,
-        class_metrics=dict(metrics),
-        parent=parent,
-        children=children,
-        champion_of=champions_among(session, [run_id]).get(run_id) if run.template_name else None,
-    )
-
-
-# ---- compare ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Comparison:
-    runs: list[Run]
-    spec_rows: list[tuple[str, list[Any], bool]]  # (field, value per run, differs)
-    class_rows: list[tuple[str, list[float | None]]]  # (label, final F1 per run)
-
-
-def compare(session: Session, run_ids: list[str]) -> tuple[Comparison | None, list[str]]:
-    """The runs in the order asked for; the second value lists ids that do not exist."""
-    found = {r.id: r for r in session.exec(select(Run).where(col(Run.id).in_(run_ids))).all()}
-    missing = [i for i in run_ids if i not in found]
-    if missing:
-        return None, missing
-    runs = [found[i] for i in run_ids]
-    names: list[str] = []
-    for r in runs:
-        names += [k for k in r.spec if k not in names]
-    spec_rows = []
-    for name in names:
-        values = [r.spec.get(name) for r in runs]
-        spec_rows.append((name, values, any(v != values[0] for v in values)))
-    f1: dict[str, dict[str, float]] = defaultdict(dict)
-    for m in session.exec(
-        select(ClassMetric).where(
-            col(ClassMetric.run_id).in_(run_ids), col(ClassMetric.stage) == "final"
-        )
-    ).all():
-        f1[m.label][m.run_id] = m.f1
-    class_rows = [(label, [per_run.get(i) for i in run_ids]) for label, per_run in f1.items()]
-    return Comparison(runs, spec_rows, class_rows), []

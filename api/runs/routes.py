@@ -14,10 +14,11 @@ from fastapi import APIRouter, Body, Depends, Header, Path, Query, Response
 
 from api.deps import SessionDep, SettingsDep
 from api.errors import problem_responses, require_json
+from api.events import query as events_query
 from api.events.models import RunEventPublic
-from api.runs import service
+from api.runs import query, service
 from api.runs.idempotency import KEY_PATTERN
-from api.runs.models import _TAG, RetrainRequest, RunCreate, RunPublic, RunsPage
+from api.runs.models import TAG, RetrainRequest, RunCreate, RunPublic, RunsPage
 from api.runs.states import RunStatus
 
 # Bodies over 256 KiB are refused with 413 by api.errors.BodyLimit.
@@ -117,16 +118,16 @@ def list_runs(
         str | None, Query(max_length=300, pattern=r"^[^\x00]*$", description="exact model id")
     ] = None,
     tag: Annotated[
-        list[Annotated[str, Query(pattern=_TAG.pattern)]] | None,
+        list[Annotated[str, Query(pattern=TAG.pattern)]] | None,
         Query(description="runs with all of these tags"),
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = service.DEFAULT_PAGE,
+    limit: Annotated[int, Query(ge=1, le=query.MAX_PAGE_SIZE)] = query.PAGE_SIZE,
     cursor: Annotated[
         str | None, Query(max_length=200, description="`next_cursor` of the previous page")
     ] = None,
 ) -> RunsPage:
     """Newest first; `next_cursor` pages on, stable while runs are being added."""
-    return service.list_runs(
+    return query.list_runs(
         session, status=status or (), model=model, tags=tag or (), limit=limit, cursor=cursor
     )
 
@@ -138,7 +139,7 @@ def list_runs(
     responses=problem_responses(404, 422),
 )
 def get_run(run_id: RunId, session: SessionDep) -> RunPublic:
-    return service.get_run(session, run_id)
+    return query.get_run(session, run_id)
 
 
 @router.post(
@@ -189,8 +190,8 @@ def list_events(
     after_seq: Annotated[
         int, Query(ge=-1, le=2**31 - 1, description="only events with a larger `seq`")
     ] = -1,
-    limit: Annotated[int, Query(ge=1, le=service.MAX_EVENTS_PAGE)] = 100,
+    limit: Annotated[int, Query(ge=1, le=events_query.MAX_EVENTS_PAGE)] = 100,
 ) -> list[RunEventPublic]:
     """Ordered by `seq`, then arrival. Page on with `after_seq` = the last event's `seq`
     (a page never splits events that share a `seq`)."""
-    return service.list_events(session, run_id, after_seq=after_seq, limit=limit)
+    return events_query.list_events(session, run_id, after_seq=after_seq, limit=limit)

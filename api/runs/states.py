@@ -1,4 +1,5 @@
-"""The run state machine (DESIGN.md "Run states"), the only place that decides a status change.
+"""The run state machine (docs/architecture.md, "Run states"), the only place that decides a status
+change.
 
     queued -> dispatched -> running -> succeeded | failed | cancelled
     cancelling while a cancel is in flight; running -> queued between segments.

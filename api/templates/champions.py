@@ -1,15 +1,18 @@
 """Champions: the run each template's new runs are compared with. Promotion appends a row, so
-the history is every promotion in order and the current champion is the newest."""
+the history is every promotion in order and the current champion is the newest: latest
+`promoted_at`, then highest id. That rule is written once, in `_is_current`; every question about
+the current champion (of one template, among a page of runs) is a query built on it."""
 
 from __future__ import annotations
 
+from sqlalchemy import ColumnElement, and_, exists, or_
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from api.errors import Problem
 from api.runs.models import Run
 from api.runs.states import RunStatus
 from api.templates.models import Champion, ChampionPublic, PromoteRequest, RunTemplate
-from api.templates.service import current_champion
 
 
 def promote(session: Session, run_id: str, request: PromoteRequest, *, by: str) -> ChampionPublic:
@@ -72,14 +75,41 @@ def history(session: Session, name: str) -> list[ChampionPublic]:
     return [_public(session, row, current=i == 0) for i, row in enumerate(rows)]
 
 
-def champion_run_ids(session: Session) -> set[str]:
-    """The current champion of every template (for marking them in lists)."""
-    out: set[str] = set()
-    for name in session.exec(select(RunTemplate.name)):
-        champion = current_champion(session, name)
-        if champion is not None:
-            out.add(champion.run_id)
-    return out
+def _is_current() -> ColumnElement[bool]:
+    """True for a promotion row that no newer row of its template supersedes."""
+    newer = aliased(Champion)
+    return ~exists().where(
+        col(newer.template_name) == col(Champion.template_name),
+        or_(
+            col(newer.promoted_at) > col(Champion.promoted_at),
+            and_(
+                col(newer.promoted_at) == col(Champion.promoted_at),
+                col(newer.id) > col(Champion.id),
+            ),
+        ),
+    )
+
+
+def current_champion(session: Session, name: str) -> Champion | None:
+    """Template `name`'s current champion row (deleted or not: the gate of a run that finishes
+    after its template was hidden still compares with it)."""
+    stmt = select(Champion).where(Champion.template_name == name, _is_current())
+    return session.exec(stmt).first()
+
+
+def champions_among(session: Session, run_ids: list[str]) -> dict[str, str]:
+    """{run id: template name} for those of `run_ids` that are their template's current
+    champion, in one query whatever the number of runs or templates. A deleted (hidden)
+    template has no champion to show."""
+    if not run_ids:
+        return {}
+    rows = session.exec(
+        select(Champion.run_id, Champion.template_name)
+        .join(RunTemplate, col(RunTemplate.name) == col(Champion.template_name))
+        .where(col(Champion.run_id).in_(run_ids), col(RunTemplate.deleted_at).is_(None))
+        .where(_is_current())
+    )
+    return {run_id: template for run_id, template in rows}
 
 
 def _public(session: Session, row: Champion, *, current: bool) -> ChampionPublic:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -216,90 +216,112 @@ def _champion_checks(
         else f" ({len(shared)} of this run's {len(ours)} samples were also in the champion's "
         f"{len(theirs)})"
     )
+    paired = Paired(ours, theirs, shared, champion_id, coverage)
     checks: list[Check] = []
     if gates.no_worse_than_champion:
-        test = mcnemar([(bool(theirs[s]["correct"]), bool(ours[s]["correct"])) for s in shared])
-        worse = test.p_worse < gates.significance
-        verdict = (
-            f"p = {test.p_worse:.4g} < {gates.significance:g}: "
-            "significantly worse than the champion"
-            if worse
-            else f"p = {test.p_worse:.4g} >= {gates.significance:g}: not significantly worse"
-        )
-        checks.append(
-            Check(
-                "no_worse_than_champion",
-                "failed" if worse else "passed",
-                f"on {test.pairs} shared samples{coverage} this run got {test.losses} wrong that "
-                f"champion {champion_id} got right and {test.wins} right that it got wrong; "
-                f"exact McNemar {verdict}",
-                {
-                    "champion_run_id": champion_id,
-                    "shared_samples": test.pairs,
-                    "losses": test.losses,
-                    "wins": test.wins,
-                    "p_worse": test.p_worse,
-                    "p_better": test.p_better,
-                    "significance": gates.significance,
-                },
-            )
-        )
+        checks.append(_no_worse_check(gates, paired))
     if gates.max_class_f1_drop is not None:
-        limit = gates.max_class_f1_drop
-        new_f1 = class_f1(
-            [(str(ours[s]["true_label"]), ours[s].get("predicted_label")) for s in shared]
-        )
-        old_f1 = class_f1(
-            [(str(theirs[s]["true_label"]), theirs[s].get("predicted_label")) for s in shared]
-        )
-        drops = []
-        skipped = 0
-        for label, (old, support) in old_f1.items():
-            if support < gates.min_class_support:
-                skipped += 1
-                continue
-            new = new_f1.get(label, (0.0, 0))[0]
-            drops.append((old - new, label, old, new))
-        drops.sort(key=lambda d: (-d[0], d[1]))
-        over = [d for d in drops if d[0] > limit + _EPS]
-        skip_note = (
-            f"; {skipped} classes with fewer than {gates.min_class_support} shared samples "
-            "were not checked"
-            if skipped
-            else ""
-        )
-        if over:
-            worst = ", ".join(f"{lbl!r} {old:.3f} -> {new:.3f}" for _, lbl, old, new in over[:5])
-            more = f" and {len(over) - 5} more" if len(over) > 5 else ""
-            reason = (
-                f"{len(over)} classes lost more than {limit:.3f} F1 against champion "
-                f"{champion_id}{coverage}: {worst}{more}{skip_note}"
-            )
-        elif drops:
-            reason = (
-                f"no class lost more than {limit:.3f} F1 against champion {champion_id}"
-                f"{coverage} (largest drop {max(drops[0][0], 0.0):.3f}, {drops[0][1]!r})"
-                f"{skip_note}"
-            )
-        else:
-            reason = f"no class had enough shared samples to check{skip_note}"
-        checks.append(
-            Check(
-                "max_class_f1_drop",
-                "failed" if over else "passed",
-                reason,
-                {
-                    "champion_run_id": champion_id,
-                    "shared_samples": len(shared),
-                    "limit": limit,
-                    "drops": [
-                        {"label": lbl, "champion_f1": old, "f1": new, "drop": d}
-                        for d, lbl, old, new in drops[:20]
-                    ],
-                },
-            )
-        )
+        checks.append(_class_drop_check(gates, paired))
     return checks
+
+
+Samples = dict[str, Mapping[str, Any]]  # a run's predictions by sample id
+
+
+class Paired(NamedTuple):
+    """This run's and the champion's predictions, and the samples both were evaluated on."""
+
+    ours: Samples
+    theirs: Samples
+    shared: list[str]
+    champion_id: str | None
+    coverage: str  # "" when both covered the same samples, else how many were shared
+
+
+def _no_worse_check(gates: Gates, p: Paired) -> Check:
+    """The paired test: is this run significantly worse than the champion on shared samples?"""
+    ours, theirs, shared, champion_id, coverage = p
+    test = mcnemar([(bool(theirs[s]["correct"]), bool(ours[s]["correct"])) for s in shared])
+    worse = test.p_worse < gates.significance
+    verdict = (
+        f"p = {test.p_worse:.4g} < {gates.significance:g}: significantly worse than the champion"
+        if worse
+        else f"p = {test.p_worse:.4g} >= {gates.significance:g}: not significantly worse"
+    )
+    return Check(
+        "no_worse_than_champion",
+        "failed" if worse else "passed",
+        f"on {test.pairs} shared samples{coverage} this run got {test.losses} wrong that "
+        f"champion {champion_id} got right and {test.wins} right that it got wrong; "
+        f"exact McNemar {verdict}",
+        {
+            "champion_run_id": champion_id,
+            "shared_samples": test.pairs,
+            "losses": test.losses,
+            "wins": test.wins,
+            "p_worse": test.p_worse,
+            "p_better": test.p_better,
+            "significance": gates.significance,
+        },
+    )
+
+
+def _class_drop_check(gates: Gates, p: Paired) -> Check:
+    """No class with enough shared samples may lose more than `max_class_f1_drop` F1."""
+    ours, theirs, shared, champion_id, coverage = p
+    limit = gates.max_class_f1_drop
+    assert limit is not None
+    new_f1 = class_f1(
+        [(str(ours[s]["true_label"]), ours[s].get("predicted_label")) for s in shared]
+    )
+    old_f1 = class_f1(
+        [(str(theirs[s]["true_label"]), theirs[s].get("predicted_label")) for s in shared]
+    )
+    drops = []
+    skipped = 0
+    for label, (old, support) in old_f1.items():
+        if support < gates.min_class_support:
+            skipped += 1
+            continue
+        new = new_f1.get(label, (0.0, 0))[0]
+        drops.append((old - new, label, old, new))
+    drops.sort(key=lambda d: (-d[0], d[1]))
+    over = [d for d in drops if d[0] > limit + _EPS]
+    skip_note = (
+        f"; {skipped} classes with fewer than {gates.min_class_support} shared samples "
+        "were not checked"
+        if skipped
+        else ""
+    )
+    if over:
+        worst = ", ".join(f"{lbl!r} {old:.3f} -> {new:.3f}" for _, lbl, old, new in over[:5])
+        more = f" and {len(over) - 5} more" if len(over) > 5 else ""
+        reason = (
+            f"{len(over)} classes lost more than {limit:.3f} F1 against champion "
+            f"{champion_id}{coverage}: {worst}{more}{skip_note}"
+        )
+    elif drops:
+        reason = (
+            f"no class lost more than {limit:.3f} F1 against champion {champion_id}"
+            f"{coverage} (largest drop {max(drops[0][0], 0.0):.3f}, {drops[0][1]!r})"
+            f"{skip_note}"
+        )
+    else:
+        reason = f"no class had enough shared samples to check{skip_note}"
+    return Check(
+        "max_class_f1_drop",
+        "failed" if over else "passed",
+        reason,
+        {
+            "champion_run_id": champion_id,
+            "shared_samples": len(shared),
+            "limit": limit,
+            "drops": [
+                {"label": lbl, "champion_f1": old, "f1": new, "drop": d}
+                for d, lbl, old, new in drops[:20]
+            ],
+        },
+    )
 
 
 def evaluate(

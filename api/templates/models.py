@@ -108,7 +108,9 @@ class TemplateCreate(TemplateBody):
     name: str = PField(pattern=TEMPLATE_NAME, description=_NAME_RULE)
 
 
-class TemplatePublic(BaseModel):
+class TemplateContent(BaseModel):
+    """What one version of a template says, as the api shows it (secrets left out)."""
+
     name: str
     version: int
     description: str
@@ -117,20 +119,15 @@ class TemplatePublic(BaseModel):
     webhooks: list[WebhookOut]
     auto_promote: bool
     created_at: datetime
+
+
+class TemplatePublic(TemplateContent):
     updated_at: datetime
     version_created_by: str
     champion_run_id: str | None
 
 
-class TemplateVersionPublic(BaseModel):
-    name: str
-    version: int
-    description: str
-    spec: dict[str, Any]
-    gates: Gates
-    webhooks: list[WebhookOut]
-    auto_promote: bool
-    created_at: datetime
+class TemplateVersionPublic(TemplateContent):
     created_by: str
 
 

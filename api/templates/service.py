@@ -10,19 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
-from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from api.db import utcnow
+from api.db import lock_row, utcnow
 from api.errors import Problem
 from api.runs import idempotency
 from api.runs import service as runs_service
-from api.runs.models import _TAG, Run
+from api.runs.models import Run
+from api.templates.champions import current_champion
 from api.templates.gates import Gates
 from api.templates.models import (
-    Champion,
     RunTemplate,
     TemplateBody,
     TemplateCreate,
@@ -33,7 +31,7 @@ from api.templates.models import (
     TemplateVersionPublic,
     WebhookOut,
 )
-from trainer.contract.spec import GpuType, RunSpec, describe_errors
+from trainer.contract.spec import GpuType
 
 TRIGGER_SCOPE = "templates.trigger"
 
@@ -42,14 +40,9 @@ TRIGGER_SCOPE = "templates.trigger"
 
 
 def _find(session: Session, name: str, *, lock: bool = False) -> RunTemplate:
-    if lock and session.get_bind().dialect.name == "sqlite":
-        # SQLite ignores FOR UPDATE: a no-op UPDATE takes the write lock first (as runs.lock_run).
-        session.execute(
-            update(RunTemplate)
-            .where(col(RunTemplate.name) == name)
-            .values(updated_at=col(RunTemplate.updated_at))
-        )
-    template = session.get(RunTemplate, name, populate_existing=lock, with_for_update=lock)
+    """The template `name` (404 when there is none or it was deleted); with `lock`, read fresh
+    and locked until the caller commits (api/db.py `lock_row`)."""
+    template = lock_row(session, RunTemplate, name) if lock else session.get(RunTemplate, name)
     if template is None or template.deleted_at is not None:
         raise Problem(404, "Template not found", f"there is no template named {name!r}")
     return template
@@ -62,35 +55,51 @@ def _version(session: Session, name: str, version: int) -> TemplateVersion:
     return row
 
 
-def current_champion(session: Session, name: str) -> Champion | None:
-    stmt = (
-        select(Champion)
-        .where(Champion.template_name == name)
-        .order_by(col(Champion.promoted_at).desc(), col(Champion.id).desc())
-        .limit(1)
-    )
-    return session.exec(stmt).first()
-
-
 def _webhooks_out(hooks: list[dict[str, Any]]) -> list[WebhookOut]:
     return [WebhookOut(url=h["url"], has_own_secret=bool(h.get("secret"))) for h in hooks]
+
+
+def _shown(version: TemplateVersion) -> dict[str, Any]:
+    """The fields of TemplateContent a version gives, but `created_at` (whose time it is
+    depends on the view: the template's or the version's)."""
+    return {
+        "name": version.name,
+        "version": version.version,
+        "description": version.description,
+        "spec": version.spec,
+        "gates": Gates.model_validate(version.gates),
+        "webhooks": _webhooks_out(version.webhooks),
+        "auto_promote": version.auto_promote,
+    }
 
 
 def _public(session: Session, template: RunTemplate, version: TemplateVersion) -> TemplatePublic:
     champion = current_champion(session, template.name)
     return TemplatePublic(
-        name=template.name,
-        version=version.version,
-        description=version.description,
-        spec=version.spec,
-        gates=Gates.model_validate(version.gates),
-        webhooks=_webhooks_out(version.webhooks),
-        auto_promote=version.auto_promote,
+        **_shown(version),
         created_at=template.created_at,
         updated_at=template.updated_at,
         version_created_by=version.created_by,
         champion_run_id=champion.run_id if champion else None,
     )
+
+
+def webhook_secrets(session: Session, name: str, version: int) -> dict[str, str | None]:
+    """A version's webhook secrets by URL, for a form that keeps the secrets it does not show
+    (the public views never return them)."""
+    row = session.get(TemplateVersion, (name, version))
+    return {h["url"]: h.get("secret") for h in (row.webhooks if row else [])}
+
+
+def recent_runs(session: Session, name: str, limit: int) -> list[Run]:
+    """The newest `limit` runs made from template `name`, newest first."""
+    stmt = (
+        select(Run)
+        .where(Run.template_name == name)
+        .order_by(col(Run.created_at).desc())
+        .limit(limit)
+    )
+    return list(session.exec(stmt).all())
 
 
 def get_template(session: Session, name: str) -> TemplatePublic:
@@ -115,17 +124,7 @@ def list_versions(session: Session, name: str) -> list[TemplateVersionPublic]:
         .order_by(col(TemplateVersion.version).desc())
     )
     return [
-        TemplateVersionPublic(
-            name=v.name,
-            version=v.version,
-            description=v.description,
-            spec=v.spec,
-            gates=Gates.model_validate(v.gates),
-            webhooks=_webhooks_out(v.webhooks),
-            auto_promote=v.auto_promote,
-            created_at=v.created_at,
-            created_by=v.created_by,
-        )
+        TemplateVersionPublic(**_shown(v), created_at=v.created_at, created_by=v.created_by)
         for v in rows
     ]
 
@@ -138,10 +137,8 @@ def _content(
 ) -> dict[str, Any]:
     """The stored form of a template's content. The spec is stored with every default filled
     in, so a later change of a default does not change what the template's runs do."""
-    spec = body.spec
-    if default_gpu_type is not None and "gpu_type" not in spec.model_fields_set:
-        spec = RunSpec.model_validate({**spec.model_dump(), "gpu_type": default_gpu_type})
-    runs_service._estimate_or_refuse(spec, "body.spec")
+    spec = runs_service.with_default_gpu(body.spec, default_gpu_type)
+    runs_service.estimate_or_refuse(spec, "body.spec")
     for i, hook in enumerate(body.webhooks):
         if hook.secret is None and not webhook_secret_set:
             message = "needs a `secret` (the server has no TUNEPLANE_WEBHOOK_SECRET to sign with)"
@@ -158,7 +155,7 @@ def _content(
         "webhooks": [h.model_dump(mode="json") for h in body.webhooks],
         "auto_promote": body.auto_promote,
     }
-    runs_service._check_storable(content, "body")
+    runs_service.check_storable(content, "body")
     return content
 
 
@@ -254,57 +251,26 @@ def trigger_run(
     (response, whether this request made the run: False when an Idempotency-Key replays)."""
     template = _find(session, name)
     version = _version(session, name, template.version)
-    bad_tags = [t for t in request.tags or [] if not _TAG.match(t)]
-    if bad_tags:
-        message = f"{bad_tags[0]!r} is not a tag (letters, digits and _.:/=+-, at most 64)"
-        raise Problem(
-            422,
-            "Invalid request",
-            f"body.tags: {message}",
-            errors=[{"field": "body.tags", "message": message}],
-        )
-    try:
-        spec = RunSpec.model_validate({**version.spec, **request.overrides})
-    except ValidationError as exc:
-        errors = describe_errors(exc)
-        for err in errors:
-            top = err["field"].split(".", 1)[0]
-            where = "body.overrides" if top in request.overrides else "template spec"
-            err["field"] = f"{where}.{err['field']}"
-        raise Problem(
-            422,
-            "Invalid overrides",
-            "the template's spec with these overrides is not valid: "
-            + "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5]),
-            errors=errors,
-        ) from None
-    runs_service._check_storable(request.model_dump(mode="json"), "body")
-    estimate = runs_service._estimate_or_refuse(spec, "body.overrides")
     ci = request.ci.model_dump(exclude_none=True) if request.ci else None
     run_name = request.name
     if run_name is None:
         sha = f" @ {ci['git_sha'][:10]}" if ci and ci.get("git_sha") else ""
         run_name = f"{name} v{version.version}{sha}"
-    tags = [f"template:{name}", *(request.tags or [])]
-
-    def insert() -> str:
-        run_id = runs_service._insert_run(
-            session, spec, run_name, request.notes or "", tags, None, estimate
-        )
-        run = session.get(Run, run_id)
-        assert run is not None
-        run.template_name, run.template_version, run.ci = name, version.version, ci
-        session.add(run)
-        return run_id
-
-    outcome = idempotency.create_once(
-        session,
+    meta = runs_service.NewRun(
+        request=request,
         scope=TRIGGER_SCOPE,
-        key=idempotency_key,
         fingerprint=idempotency.request_hash(request, template=name),
-        create=insert,
+        idempotency_key=idempotency_key,
+        name=run_name,
+        notes=request.notes or "",
+        tags=[f"template:{name}", *(request.tags or [])],
+        base="template spec",
+        template_name=name,
+        template_version=version.version,
+        ci=ci,
     )
-    run = runs_service.get_run(session, outcome.resource_id)
+    created = runs_service.new_run(session, version.spec, request.overrides, meta)
+    run = created.run
     base = public_url.rstrip("/")
     return (
         TemplateRunCreated(
@@ -315,5 +281,5 @@ def trigger_run(
             dashboard_url=f"{base}/runs/{run.id}",
             run=run,
         ),
-        outcome.created,
+        created.created,
     )

@@ -4,6 +4,7 @@ Charts are drawn here rather than by a browser library so that a page needs no J
 makes no request beyond the server, and so that long series are cut down before they are sent.
 Every piece of text that reaches the SVG (labels, run names, tooltips) goes through `escape`;
 the result is `Markup`, so templates insert it as is without `|safe` on anything user-supplied.
+The drawing primitives (frame, ticks, downsampling) are api/web/chart_svg.py.
 """
 
 from __future__ import annotations
@@ -11,174 +12,25 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from markupsafe import Markup, escape
 
+from api.web.chart_svg import (
+    AXIS,
+    LINE,
+    Frame,
+    empty_chart,
+    fmt_num,
+    fmt_time,
+    lttb,
+    nice_ticks,
+    open_svg,
+    path_svg,
+    x_labels,
+    y_grid,
+)
 from api.wording import count
-
-# Colours come from CSS custom properties where possible (light and dark themes); the fallbacks
-# keep a chart readable when it is opened on its own.
-_AXIS = "var(--chart-axis, #6b7280)"
-_GRID = "var(--chart-grid, #e5e7eb)"
-_LINE = "var(--chart-line, #2563eb)"
-_BASE = "var(--chart-baseline, #9ca3af)"
-
-
-# ---- downsampling ---------------------------------------------------------------------------
-
-
-def lttb(points: Sequence[tuple[float, float]], threshold: int) -> list[tuple[float, float]]:
-    """Largest-Triangle-Three-Buckets: keep `threshold` points that preserve the curve's shape
-    (peaks and dips survive, unlike plain striding). Points must be sorted by x."""
-    n = len(points)
-    if threshold >= n or threshold < 3:
-        return list(points)
-    out = [points[0]]
-    every = (n - 2) / (threshold - 2)
-    a = 0
-    for i in range(threshold - 2):
-        # The next bucket's average is the third corner of the triangle.
-        nxt_start = math.floor((i + 1) * every) + 1
-        nxt_end = min(math.floor((i + 2) * every) + 1, n)
-        span = points[nxt_start:nxt_end] or [points[-1]]
-        avg_x = sum(p[0] for p in span) / len(span)
-        avg_y = sum(p[1] for p in span) / len(span)
-        start = math.floor(i * every) + 1
-        end = math.floor((i + 1) * every) + 1
-        ax, ay = points[a]
-        best, best_area = start, -1.0
-        for j in range(start, end):
-            bx, by = points[j]
-            area = abs((ax - avg_x) * (by - ay) - (ax - bx) * (avg_y - ay))
-            if area > best_area:
-                best, best_area = j, area
-        out.append(points[best])
-        a = best
-    out.append(points[-1])
-    return out
-
-
-# ---- axes -----------------------------------------------------------------------------------
-
-
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values (1, 2, 2.5, 5 x 10^k) covering [lo, hi]."""
-    if not math.isfinite(lo) or not math.isfinite(hi):
-        return [0.0]
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
-    raw = (hi - lo) / max(count - 1, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    first = math.floor(lo / step) * step
-    ticks, t = [], first
-    while t <= hi + step * 1e-9:
-        ticks.append(round(t, 12))
-        t += step
-    if ticks[-1] < hi:
-        ticks.append(round(t, 12))
-    return ticks
-
-
-def _fmt_num(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1000:
-        return f"{v / 1000:g}k"
-    if abs(v) < 0.01:
-        return f"{v:.0e}"
-    return f"{v:g}"
-
-
-def _fmt_time(t: float, span_seconds: float) -> str:
-    d = datetime.fromtimestamp(t, UTC)
-    if span_seconds < 2 * 86400:
-        return d.strftime("%b %d %H:%M")
-    if span_seconds < 300 * 86400:
-        return d.strftime("%b %d")
-    return d.strftime("%Y-%m")
-
-
-@dataclass(frozen=True)
-class _Frame:
-    """A chart as wide as its container and `height` pixels tall. Horizontal positions are
-    percentages of the width, so text keeps its size on a phone instead of shrinking with a
-    scaled viewBox; y-axis labels sit on their grid lines inside the plot, which needs no fixed
-    gutter. Series paths go in a nested SVG stretched to the width (`_path_svg`)."""
-
-    height: int
-    top: int = 16
-    bottom: int = 26
-    x_lo_pct: float = 1.5
-    x_hi_pct: float = 98.5
-
-    @property
-    def base(self) -> int:
-        return self.height - self.bottom
-
-    def px(self, frac: float) -> float:
-        """Percent of the width for `frac` in [0, 1] of the x range."""
-        return self.x_lo_pct + frac * (self.x_hi_pct - self.x_lo_pct)
-
-    def py(self, frac: float) -> float:
-        """Pixels from the top for `frac` in [0, 1] of the y range (1 = top)."""
-        return self.top + (1 - frac) * (self.base - self.top)
-
-
-def _open(frame: _Frame, label: str, css_class: str) -> list[str]:
-    return [
-        f'<svg class="chart {css_class}" width="100%" height="{frame.height}" role="img" '
-        f'aria-label="{escape(label)}" xmlns="http://www.w3.org/2000/svg">',
-        f"<title>{escape(label)}</title>",
-    ]
-
-
-def _y_grid(parts: list[str], f: _Frame, ticks: list[tuple[float, str]]) -> None:
-    """Grid lines at `(fraction of the y range, label)`, each label just above its line."""
-    for frac, text in ticks:
-        y = f.py(frac)
-        parts.append(
-            f'<line x1="0" x2="100%" y1="{y:.1f}" y2="{y:.1f}" stroke="{_GRID}" stroke-width="1"/>'
-            f'<text x="0" y="{y - 4:.1f}" font-size="11" fill="{_AXIS}">{escape(text)}</text>'
-        )
-
-
-def _x_labels(parts: list[str], f: _Frame, ticks: list[tuple[float, str]]) -> None:
-    """The x axis with labels at `(percent of the width, label)`."""
-    parts.append(
-        f'<line x1="0" x2="100%" y1="{f.base}" y2="{f.base}" stroke="{_AXIS}" stroke-width="1"/>'
-    )
-    for pct, text in ticks:
-        anchor = "start" if pct < 8 else "end" if pct > 92 else "middle"
-        parts.append(
-            f'<text x="{pct:.2f}%" y="{f.base + 17}" text-anchor="{anchor}" font-size="11" '
-            f'fill="{_AXIS}">{escape(text)}</text>'
-        )
-
-
-def _path_svg(f: _Frame, points: Sequence[tuple[float, float]], attrs: str) -> str:
-    """A polyline through `(x fraction, y pixels)` points, in an SVG stretched to the chart's
-    width; the stroke does not stretch with it."""
-    d = " ".join(
-        f"{'M' if i == 0 else 'L'}{f.px(x) * 10:.1f},{y:.1f}" for i, (x, y) in enumerate(points)
-    )
-    return (
-        f'<svg x="0" y="0" width="100%" height="{f.height}" viewBox="0 0 1000 {f.height}" '
-        f'preserveAspectRatio="none" overflow="visible"><path d="{d}" fill="none" {attrs} '
-        f'vector-effect="non-scaling-stroke" stroke-linejoin="round" stroke-linecap="round"/>'
-        f"</svg>"
-    )
-
-
-def empty_chart(message: str, height: int = 90) -> Markup:
-    return Markup(
-        f'<svg class="chart chart-empty" width="100%" height="{height}" role="img" '
-        f'aria-label="{escape(message)}" xmlns="http://www.w3.org/2000/svg">'
-        f'<text x="50%" y="{height / 2 + 5}" text-anchor="middle" font-size="14" '
-        f'fill="{_AXIS}">{escape(message)}</text></svg>'
-    )
-
 
 # ---- loss curve -----------------------------------------------------------------------------
 
@@ -197,7 +49,7 @@ def loss_chart(
         return empty_chart(empty)
     pts.sort()
     shown = lttb(pts, max_points)
-    f = _Frame(height, x_lo_pct=4.5)
+    f = Frame(height, x_lo_pct=4.5)
     x_lo = min(0.0, pts[0][0])
     x_hi = float(max(total_steps or 0, pts[-1][0], pts[0][0] + 1))
     y_ticks = nice_ticks(min(p[1] for p in pts), max(p[1] for p in pts), 5)
@@ -213,24 +65,24 @@ def loss_chart(
 
     last_step, last_loss = pts[-1]
     label = f"Training loss over {len(pts)} steps (last {last_loss:.4g} at step {int(last_step)})"
-    parts = _open(f, label, "chart-loss")
-    _y_grid(parts, f, [(fy(t), _fmt_num(t)) for t in y_ticks])
+    parts = open_svg(f, label, "chart-loss")
+    y_grid(parts, f, [(fy(t), fmt_num(t)) for t in y_ticks])
     x_ticks = [t for t in nice_ticks(x_lo, x_hi, 6) if x_lo < t <= x_hi]
-    _x_labels(parts, f, [(f.px(fx(t)), _fmt_num(t)) for t in x_ticks])
+    x_labels(parts, f, [(f.px(fx(t)), fmt_num(t)) for t in x_ticks])
     parts.append(
-        _path_svg(
+        path_svg(
             f,
             [(fx(x), f.py(fy(y))) for x, y in shown],
-            f'stroke="{_LINE}" stroke-width="2"',
+            f'stroke="{LINE}" stroke-width="2"',
         )
     )
     parts.append(
         f'<circle cx="{f.px(fx(last_step)):.2f}%" cy="{f.py(fy(last_loss)):.1f}" r="3.5" '
-        f'fill="{_LINE}"/>'
+        f'fill="{LINE}"/>'
     )
     note = "step" if len(shown) == len(pts) else f"step · {len(shown)} of {len(pts)} points drawn"
     parts.append(
-        f'<text x="100%" y="11" text-anchor="end" font-size="10" fill="{_AXIS}">'
+        f'<text x="100%" y="11" text-anchor="end" font-size="10" fill="{AXIS}">'
         f"{escape(note)}</text></svg>"
     )
     return Markup("".join(parts))
@@ -258,10 +110,11 @@ def history_chart(
     """One metric of finished runs over time: each run's final value (filled dot, joined by a
     line) with its baseline beside it (hollow dot, joined to the final by a thin bar), so the
     gain of every run reads at a glance. Each run's marks are one link to its page."""
+    # Drawn top to bottom like the heatmap (a few lines over ~60): axes, then both series.
     if not points:
         return empty_chart(f"No finished runs with {metric}")
     pts = sorted(points, key=lambda p: p.at)
-    f = _Frame(height, x_lo_pct=6, x_hi_pct=96)
+    f = Frame(height, x_lo_pct=6, x_hi_pct=96)
     ts = [p.at.timestamp() for p in pts]
     t_lo, t_hi = ts[0], ts[-1]
     if t_hi - t_lo < 60:
@@ -281,16 +134,16 @@ def history_chart(
         return (v - y_lo) / (y_hi - y_lo)
 
     label = f"{metric} of {count(len(pts), 'finished run')} over time, baseline beside final"
-    parts = _open(f, label, "chart-history")
-    _y_grid(parts, f, [(fy(t), f"{t * 100:.0f}%") for t in y_ticks])
+    parts = open_svg(f, label, "chart-history")
+    y_grid(parts, f, [(fy(t), f"{t * 100:.0f}%") for t in y_ticks])
     span = t_hi - t_lo
-    _x_labels(parts, f, [(f.px(fx(t)), _fmt_time(t, span)) for t in _time_ticks(t_lo, t_hi)])
+    x_labels(parts, f, [(f.px(fx(t)), fmt_time(t, span)) for t in _time_ticks(t_lo, t_hi)])
     if len(pts) > 1:
         parts.append(
-            _path_svg(
+            path_svg(
                 f,
                 [(fx(t), f.py(fy(p.final))) for t, p in zip(ts, pts, strict=True)],
-                f'stroke="{_LINE}" stroke-width="1.5" opacity="0.45"',
+                f'stroke="{LINE}" stroke-width="1.5" opacity="0.45"',
             )
         )
     for t, p in zip(ts, pts, strict=True):
@@ -333,6 +186,8 @@ def confusion_heatmap(
     Each cell's shade is its share of the row (so rare classes read as clearly as common ones):
     the diagonal in the "correct" hue, everything else in the "error" hue. With many classes only
     the `max_classes` most confused are drawn; the caption says so."""
+    # One SVG drawn top to bottom (~80 lines): its parts share the cell geometry computed first,
+    # and split into functions they would pass a dozen values around.
     n = len(labels)
     if n == 0 or not matrix:
         return empty_chart("No confusion matrix")
@@ -373,14 +228,14 @@ def confusion_heatmap(
         cx = margin + ci * cell + cell / 2
         parts.append(
             f'<text transform="translate({cx + 4:.1f},{top - 6}) rotate(-60)" font-size="11" '
-            f'fill="{_AXIS}"><title>{escape(name)}</title>{escape(short(name))}</text>'
+            f'fill="{AXIS}"><title>{escape(name)}</title>{escape(short(name))}</text>'
         )
     for ri, i in enumerate(keep):
         total = sum(rows[i]) or 1
         y0 = top + ri * cell
         parts.append(
             f'<text x="{margin - 6}" y="{y0 + cell / 2 + 4:.1f}" text-anchor="end" font-size="11" '
-            f'fill="{_AXIS}"><title>{escape(labels[i])}</title>{escape(short(labels[i]))}</text>'
+            f'fill="{AXIS}"><title>{escape(labels[i])}</title>{escape(short(labels[i]))}</text>'
         )
         for ci, j in enumerate(cols):
             count = rows[i][j]
@@ -401,7 +256,7 @@ def confusion_heatmap(
                     f'fill="{ink}" pointer-events="none">{count}</text>'
                 )
     parts.append(
-        f'<text x="{margin}" y="{height - 6}" font-size="11" fill="{_AXIS}">'
+        f'<text x="{margin}" y="{height - 6}" font-size="11" fill="{AXIS}">'
         f"rows: true class · columns: predicted · shade: share of the row</text></svg>"
     )
     return Markup("".join(parts))

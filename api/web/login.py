@@ -15,14 +15,11 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from api.auth import csrf
-from api.auth.access import (
-    LoginRequired,
-    clear_session_cookie,
-    resolve_token,
-    set_session_cookie,
-)
+from api.auth.access import LoginRequired, resolve_token
+from api.auth.sessions import clear_session_cookie, set_session_cookie
 from api.deps import EngineDep, SettingsDep
 from api.errors import Problem
+from api.web.pages import render  # the dashboard's renderer: same layout and headers
 
 router = APIRouter(include_in_schema=False)
 
@@ -47,8 +44,6 @@ def _safe_next(value: str | None) -> str:
 def _page(
     request: Request, status_code: int, next_path: str, notice: str | None, error: str | None
 ) -> HTMLResponse:
-    from api.web.pages import render  # the dashboard's renderer: same layout and headers
-
     return render(
         request,
         "login.html",

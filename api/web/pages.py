@@ -4,14 +4,19 @@ This module holds what every page shares: the Jinja environment, the layout's co
 token, form key, notices), the security headers, error pages and the checks of a POSTed form.
 The pages themselves live beside it, one module per concern:
 
-- `dashboard_runs`: the runs list, the history and the comparison of runs;
-- `dashboard_new_run`: the new-run form, its validation and re-rendering;
-- `dashboard_run_page` (with `dashboard_run_view`): one run's page, its live fragments, its log;
-- `dashboard_run_actions`: cancel and retrain;
-- `dashboard_format`: how values read (Jinja filters).
+- `runs_list`: the runs list, the history and the comparison of runs;
+- `new_run`: the new-run form, its validation and re-rendering (fields from `forms`);
+- `run_page` (view models in `run_view`): one run's page, its live fragments, its log;
+- `run_actions`: cancel, retrain and promote;
+- `template_pages`, `template_forms`: templates, their editing and their trigger form;
+- `login`: the login page; `format`: how values read (Jinja filters); `charts` (drawn with
+  `chart_svg`): the SVG charts.
 
-Every page works with JavaScript off; `static/dashboard.js` only adds live updates of an active
-run (polling `/runs/{id}/live`) and client-side table sorting. Reads come from
+Route modules stay thin: they read through a domain's query module or service and hand the
+result to a view model here; none queries the database itself (tests/api/test_layout.py).
+
+Every page works with JavaScript off; `api/web/static/dashboard.js` only adds live updates of an
+active run (polling `/runs/{id}/live`) and client-side table sorting. Reads come from
 `api.runs.query`; writes (new run, cancel, retrain) go through `api.runs.service`, the
 functions behind `/api/v1/runs`, so both doors apply the same rules. Forms carry a CSRF token
 (`api/auth/csrf.py`); templates are autoescaped and charts escape their own text

@@ -15,6 +15,7 @@ from api.auth.access import principal_of
 from api.config import Settings
 from api.deps import SessionDep, SettingsDep
 from api.errors import Problem
+from api.runs import detail as detail_q
 from api.runs import query as q
 from api.runs import service as runs_service
 from api.runs.models import RetrainRequest
@@ -95,7 +96,7 @@ async def _run_form(request: Request, session: Session, run_id: str) -> FormData
     form = await checked_form(request)
     if isinstance(form, HTMLResponse):
         return form
-    if q.get_run(session, run_id) is None:
+    if q.run_row(session, run_id) is None:
         return not_found(request, run_id)
     return form
 
@@ -109,7 +110,7 @@ def _run_with_error(
     message: str | None = None,
 ) -> HTMLResponse:
     session.rollback()
-    detail = q.run_detail(session, run_id)
+    detail = detail_q.run_detail(session, run_id)
     if detail is None:
         return not_found(request, run_id)
     if message is None:

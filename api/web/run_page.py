@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from api.auth import csrf
 from api.deps import SessionDep, SettingsDep
+from api.runs import detail as detail_q
 from api.runs import query as q
 from api.web.pages import ENV, error_page, layout_context, not_found, render
 from api.web.run_view import local_log_path, page_context, run_context
@@ -29,7 +30,7 @@ LIVE_PARTS = {
 def run_page(
     request: Request, run_id: str, session: SessionDep, settings: SettingsDep
 ) -> HTMLResponse:
-    detail = q.run_detail(session, run_id)
+    detail = detail_q.run_detail(session, run_id)
     if detail is None:
         return not_found(request, run_id)
     context = page_context(request, session, detail, settings)
@@ -43,7 +44,7 @@ def run_page(
 def run_live(request: Request, run_id: str, session: SessionDep, settings: SettingsDep) -> Response:
     """What changes on an active run's page, as server-rendered (escaped) fragments: the page's
     script swaps them in place. `active: false` tells it to stop polling."""
-    detail = q.run_detail(session, run_id)
+    detail = detail_q.run_detail(session, run_id)
     if detail is None:
         return JSONResponse({"error": "run not found"}, status_code=404)
     ctx = run_context(request, detail, settings)
@@ -64,7 +65,7 @@ def run_live(request: Request, run_id: str, session: SessionDep, settings: Setti
 
 @router.get("/runs/{run_id}/log")
 def run_log(request: Request, run_id: str, session: SessionDep, settings: SettingsDep) -> Response:
-    run = q.get_run(session, run_id)
+    run = q.run_row(session, run_id)
     if run is None:
         return not_found(request, run_id)
     path = local_log_path(run, settings)

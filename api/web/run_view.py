@@ -1,8 +1,8 @@
 """What one run's page shows, built from its `RunDetail`: the timeline in words, the phase
 strip, the per-class table, sample predictions, where its log is, its quality gate's checks,
 whether it can be promoted, and its artifacts with download links. No routes here: the page,
-its live fragments (`dashboard_run_page`) and a failed action's re-render
-(`dashboard_run_actions`) all draw from `run_context` (the full page from `page_context`)."""
+its live fragments (`run_page`) and a failed action's re-render
+(`run_actions`) all draw from `run_context` (the full page from `page_context`)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from sqlmodel import Session
 
 from api.config import Settings
 from api.db import utcnow
-from api.runs import query as q
-from api.runs.artifact_routes import FILE_KINDS, get_artifacts
+from api.runs import detail as detail_q
+from api.runs.artifacts import FILE_KINDS, run_artifacts
 from api.runs.models import Run
 from api.runs.states import ACTIVE, TERMINAL, RunStatus
 from api.web import charts
@@ -42,7 +42,7 @@ GATE_CHECKS = {
 OUTCOME_ICONS = {"passed": "✓", "failed": "✕", "not_applicable": "—"}
 
 
-def _phase_spans(detail: q.RunDetail) -> list[charts.Span]:
+def _phase_spans(detail: detail_q.RunDetail) -> list[charts.Span]:
     spans: list[charts.Span] = []
     marks = [e for e in detail.events if e.type in PHASE_EVENTS | END_EVENTS | {"started"}]
     for i, e in enumerate(marks):
@@ -99,7 +99,7 @@ def _outcome_note(outcome: str) -> str | None:
     return outcome
 
 
-def _class_rows(detail: q.RunDetail, sort: str, desc: bool) -> list[dict[str, Any]]:
+def _class_rows(detail: detail_q.RunDetail, sort: str, desc: bool) -> list[dict[str, Any]]:
     final = detail.class_metrics.get("final") or []
     baseline = {m.label: m for m in detail.class_metrics.get("baseline") or []}
     source = final or list(baseline.values())
@@ -129,7 +129,7 @@ def _class_rows(detail: q.RunDetail, sort: str, desc: bool) -> list[dict[str, An
 
 
 def _predictions(
-    detail: q.RunDetail, limit_wrong: int = 12, limit_right: int = 6
+    detail: detail_q.RunDetail, limit_wrong: int = 12, limit_right: int = 6
 ) -> tuple[str, list[dict[str, Any]]]:
     ev = detail.evaluations.get("final") or detail.evaluations.get("baseline")
     if ev is None:
@@ -219,7 +219,7 @@ def artifact_links(session: Session, run: Run, settings: Settings) -> list[dict[
     so the page and the API never disagree): each with its signed download URL where the api's
     credentials can sign one, else just its URI (directories, local paths, no signing key)."""
     links = []
-    for a in get_artifacts(run.id, session, settings).artifacts:
+    for a in run_artifacts(session, settings, run.id).artifacts:
         url = a.download_url
         # Made by the storage client from its endpoint, so http(s) already; checked anyway
         # because it becomes an href.
@@ -230,7 +230,7 @@ def artifact_links(session: Session, run: Run, settings: Settings) -> list[dict[
 
 
 def page_context(
-    request: Request, session: Session, detail: q.RunDetail, settings: Settings
+    request: Request, session: Session, detail: detail_q.RunDetail, settings: Settings
 ) -> dict[str, Any]:
     """Everything the whole run page shows: `run_context` plus what only the full page (not its
     live fragments) holds, the artifact links, whose signing may cost a call to Google."""
@@ -247,7 +247,7 @@ def page_context(
     }
 
 
-def run_context(request: Request, detail: q.RunDetail, settings: Settings) -> dict[str, Any]:
+def run_context(request: Request, detail: detail_q.RunDetail, settings: Settings) -> dict[str, Any]:
     run = detail.run
     p = request.query_params
     sort = p.get("sort") or "f1"
@@ -256,7 +256,6 @@ def run_context(request: Request, detail: q.RunDetail, settings: Settings) -> di
     desc = p.get("dir") == "desc"  # ascending F1 by default: the worst classes first
     final = detail.evaluations.get("final")
     baseline = detail.evaluations.get("baseline")
-    shown_eval = final or baseline
     stage, predictions = _predictions(detail)
     log_href, log_note = _log_link(run, settings)
     progress = None
@@ -267,28 +266,9 @@ def run_context(request: Request, detail: q.RunDetail, settings: Settings) -> di
         "run": run,
         "spec_items": [(k, run.spec.get(k)) for k in RunSpec.model_fields if k in run.spec]
         + [(k, v) for k, v in run.spec.items() if k not in RunSpec.model_fields],
-        "loss_chart": charts.loss_chart(
-            detail.loss,
-            total_steps=run.total_steps,
-            empty="No training steps were reported"
-            if run.status in TERMINAL
-            else "No loss reported yet",
-        ),
-        "phase_chart": charts.phase_strip(_phase_spans(detail)),
-        "timeline": [
-            {
-                "event": e,
-                "summary": _event_summary(e.type, e.data),
-                "note": _outcome_note(e.outcome),
-            }
-            for e in detail.events
-        ],
+        **_charts(detail),
         "final": final,
         "baseline": baseline,
-        "confusion": charts.confusion_heatmap(shown_eval.labels, shown_eval.confusion_matrix)
-        if shown_eval
-        else None,
-        "confusion_stage": shown_eval.stage if shown_eval else None,
         "class_rows": _class_rows(detail, sort, desc),
         "class_stage": "final" if detail.class_metrics.get("final") else "baseline",
         "sort": sort,
@@ -306,9 +286,38 @@ def run_context(request: Request, detail: q.RunDetail, settings: Settings) -> di
         "gate_checks": _gate_checks(run)
         if run.gate_status in ("passed", "failed") or run.template_name
         else [],
-        # What api/services/champions.promote accepts: a succeeded run of a template. A run
+        # What api/templates/champions.promote accepts: a succeeded run of a template. A run
         # whose gate failed is offered "promote anyway" with a note (force), not the plain button.
         "can_promote": run.status == RunStatus.succeeded
         and run.template_name is not None
         and detail.champion_of is None,
+    }
+
+
+def _charts(detail: detail_q.RunDetail) -> dict[str, Any]:
+    """The run page's charts and timeline: loss, phases, the events, the confusion matrix of the
+    final evaluation (else the baseline's)."""
+    run = detail.run
+    shown_eval = detail.evaluations.get("final") or detail.evaluations.get("baseline")
+    return {
+        "loss_chart": charts.loss_chart(
+            detail.loss,
+            total_steps=run.total_steps,
+            empty="No training steps were reported"
+            if run.status in TERMINAL
+            else "No loss reported yet",
+        ),
+        "phase_chart": charts.phase_strip(_phase_spans(detail)),
+        "timeline": [
+            {
+                "event": e,
+                "summary": _event_summary(e.type, e.data),
+                "note": _outcome_note(e.outcome),
+            }
+            for e in detail.events
+        ],
+        "confusion": charts.confusion_heatmap(shown_eval.labels, shown_eval.confusion_matrix)
+        if shown_eval
+        else None,
+        "confusion_stage": shown_eval.stage if shown_eval else None,
     }

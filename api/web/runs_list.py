@@ -7,7 +7,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from api.deps import SessionDep
+from api.errors import Problem
+from api.runs import detail as detail_q
+from api.runs import history as history_q
 from api.runs import query as q
+from api.runs.validation import invalid
 from api.web import charts
 from api.web.pages import error_page, render, split_list
 
@@ -27,11 +31,11 @@ def runs_page(request: Request, session: SessionDep) -> HTMLResponse:
             p.get("status"), p.get("model"), p.get("tag"), p.get("q"), p.get("dataset")
         )
         limit = _int_param(p.get("limit"), q.PAGE_SIZE, 1, q.MAX_PAGE_SIZE, "limit")
-        page = q.list_runs(
+        page = q.runs_table(
             session, filters, after=p.get("after"), before=p.get("before"), limit=limit
         )
-    except q.BadQuery as exc:
-        return error_page(request, 400, "Cannot list runs", str(exc))
+    except Problem as exc:  # a filter, limit or page link that cannot be used
+        return error_page(request, 400, "Cannot list runs", exc.detail or exc.title)
     args = filters.query_args()
     if limit != q.PAGE_SIZE:
         args["limit"] = str(limit)
@@ -44,9 +48,9 @@ def _int_param(raw: str | None, default: int, lo: int, hi: int, name: str) -> in
     try:
         value = int(raw)
     except ValueError:
-        raise q.BadQuery(f"{name} must be a whole number, got {raw!r}") from None
+        raise invalid(f"query.{name}", f"{name} must be a whole number, got {raw!r}") from None
     if not lo <= value <= hi:
-        raise q.BadQuery(f"{name} must be between {lo} and {hi}, got {value}")
+        raise invalid(f"query.{name}", f"{name} must be between {lo} and {hi}, got {value}")
     return value
 
 
@@ -57,7 +61,7 @@ def _int_param(raw: str | None, default: int, lo: int, hi: int, name: str) -> in
 def history_page(request: Request, session: SessionDep) -> HTMLResponse:
     model = request.query_params.get("model") or None
     dataset = request.query_params.get("dataset") or None
-    hist = q.history(session, model=model, dataset=dataset)
+    hist = history_q.history(session, model=model, dataset=dataset)
     groups = []
     for g in hist.groups:
         acc = [
@@ -98,7 +102,7 @@ def compare_page(request: Request, session: SessionDep) -> HTMLResponse:
         return render(
             request, "compare.html", status, cmp=None, ids=ids, page_error=message if ids else None
         )
-    cmp, missing = q.compare(session, ids)
+    cmp, missing = detail_q.compare(session, ids)
     if cmp is None:
         return render(
             request,

@@ -2,7 +2,7 @@
 something is a new version, as `PUT /api/v1/templates/{name}`).
 
 Every write goes through `api.templates.service`, the functions behind /api/v1/templates, so
-both doors apply the same rules. The spec fields are the new-run form's (`dashboard_new_run`);
+both doors apply the same rules. The spec fields are the new-run form's (`forms`);
 the gate fields are built the same way from `Gates`. A form with errors is shown again with what
 was typed and each error beside its field. With auth on, `dashboard_access` lets only a session
 with `runs:write` (what the REST routes need) submit these forms.
@@ -28,8 +28,8 @@ from api.deps import SessionDep, SettingsDep
 from api.errors import Problem
 from api.templates import service
 from api.templates.gates import Gates
-from api.templates.models import TemplateBody, TemplateCreate, TemplatePublic, TemplateVersion
-from api.web.new_run import (
+from api.templates.models import TemplateBody, TemplateCreate, TemplatePublic
+from api.web.forms import (
     FormField,
     field_errors,
     form_field,
@@ -180,8 +180,7 @@ def _problem_errors(exc: Problem) -> dict[str, str]:
 def _kept_secrets(session: Session, t: TemplatePublic) -> dict[str, str | None]:
     """The current version's webhook secrets by URL (read from the row: they are never
     returned by the service's public views)."""
-    row = session.get(TemplateVersion, (t.name, t.version))
-    return {h["url"]: h.get("secret") for h in (row.webhooks if row else [])}
+    return service.webhook_secrets(session, t.name, t.version)
 
 
 def _write_options(request: Request, settings: Settings) -> dict[str, Any]:

@@ -11,14 +11,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from api.deps import SessionDep, SettingsDep
 from api.errors import Problem
-from api.runs.models import Run
+from api.runs import query as q
 from api.templates import champions, service
 from api.templates.models import TEMPLATE_NAME, TemplateRunRequest
-from api.web.new_run import field_errors
+from api.web.forms import field_errors
 from api.web.pages import checked_form, error_page, form_key, render, split_list
 from trainer.contract.spec import describe_errors
 
@@ -52,7 +52,9 @@ def missing(request: Request, exc: Problem) -> HTMLResponse:
 def templates_page(request: Request, session: SessionDep) -> HTMLResponse:
     rows = []
     for template in service.list_templates(session):
-        champion = session.get(Run, template.champion_run_id) if template.champion_run_id else None
+        champion = (
+            q.run_row(session, template.champion_run_id) if template.champion_run_id else None
+        )
         rows.append({"t": template, "champion": champion})
     return render_page(request, "run_templates.html", rows=rows)
 
@@ -61,12 +63,7 @@ def page_context(session: Session, name: str) -> dict[str, Any]:
     """What run_template.html shows of a template (a 404 Problem if there is none), with its
     start-a-run form empty and without errors."""
     template = service.get_template(session, name)
-    runs = session.exec(
-        select(Run)
-        .where(Run.template_name == name)
-        .order_by(col(Run.created_at).desc())
-        .limit(RECENT_RUNS)
-    ).all()
+    runs = service.recent_runs(session, name, RECENT_RUNS)
     return {
         "t": template,
         "gates": template.gates.model_dump(exclude_defaults=True),

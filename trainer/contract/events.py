@@ -1,4 +1,4 @@
-"""The callback events: the other half of the api <-> trainer contract (DESIGN.md).
+"""The callback events: the other half of the api <-> trainer contract (docs/architecture.md).
 
 The trainer posts these to `POST /api/v1/runs/{id}/events`; the api validates them with the same
 models. Every event has a unique `id` (a retried post is stored once) and a per-run `seq` (so the

@@ -1,9 +1,9 @@
 """The run spec: the one description of a fine-tuning run that the api stores and the trainer runs.
 
-Half of the api <-> trainer contract (DESIGN.md). It imports nothing heavier than pydantic because
-the api image ships this module without torch. Field names are the trainer's flag names with
-underscores, so `RunSpec.to_flags()` gives a command line that `python -m trainer` accepts, and
-the flags of the original `finetune_and_evaluate.py` script keep working.
+Half of the api <-> trainer contract (docs/architecture.md). It imports nothing heavier than
+pydantic because the api image ships this module without torch. Field names are the trainer's flag
+names with underscores, so `RunSpec.to_flags()` gives a command line that `python -m trainer`
+accepts, and the flags of the original `finetune_and_evaluate.py` script keep working.
 """
 
 from __future__ import annotations
@@ -253,7 +253,8 @@ def describe_errors(exc: ValidationError, model: type[BaseModel] = RunSpec) -> l
         if err["type"] in _RANGE_ERRORS and lo is not None and hi is not None:
             message = f"must be between {_num(lo)} and {_num(hi)} (got {err['input']!r})"
         elif err["type"] == "extra_forbidden":
-            message = f"unknown field; the spec's fields are: {', '.join(RunSpec.model_fields)}"
+            whose = "the spec's fields" if model is RunSpec else "the fields"
+            message = f"unknown field; {whose} are: {', '.join(model.model_fields)}"
         elif err["type"] == "missing":
             message = "is required"
         out.append({"field": field, "message": message})

@@ -29,6 +29,8 @@ def _str(length: int) -> AutoString:
 
 
 def upgrade() -> None:
+    # Long on purpose: one block per table in the order of their foreign keys, read as the
+    # schema this revision makes (and never edited once released).
     op.create_table(
         "api_tokens",
         sa.Column("id", _str(40), nullable=False),

@@ -24,8 +24,9 @@ from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
-from api.auth.access import ExposureRefused, check_exposure, make_session, read_session
 from api.auth.models import ApiToken, TokenCreate
+from api.auth.network_guard import ExposureRefused, check_exposure
+from api.auth.sessions import make_session, read_session
 from api.auth.tokens import create_token, revoke_token
 from api.cli import main as cli_main
 from api.config import Settings

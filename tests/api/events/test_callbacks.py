@@ -96,6 +96,7 @@ def test_token_checks(client: TestClient, engine: Engine, settings: Settings) ->
     assert r.json() == {
         "id": event.id,
         "duplicate": False,
+        "state": "applied",
         "outcome": "applied: the run is running",
         "run_status": "running",
     }
@@ -358,6 +359,7 @@ def test_a_finished_run_records_late_events_and_never_reopens(
         r = post(client, run_id, event, token).json()
         assert r["run_status"] == "failed"
         assert r["outcome"] == "recorded, not applied: the run is already failed"
+        assert r["state"] == "rejected"
     # Data that arrives late is still true and still kept.
     progress = ev.ProgressEvent(
         run_id=run_id, seq=3, data=ev.Progress(step=3, total_steps=9, epoch=0.3)
@@ -415,6 +417,7 @@ def test_a_status_event_before_the_dispatch_is_recorded_is_deferred(
     (run_id,) = insert_runs(engine, status=RunStatus.queued)
     r = post(client, run_id, started(run_id), token_for(settings, run_id)).json()
     assert r["outcome"].startswith("deferred") and r["run_status"] == "queued"
+    assert r["state"] == "deferred"
 
 
 def test_evaluation_replaces_per_class_rows_of_its_stage(

@@ -18,7 +18,6 @@ from api.errors import Problem
 from api.runs import idempotency
 from api.runs.idempotency import IdempotencyKey
 from api.runs.models import Run, RunCreate, RunTag
-from api.runs.service import insert_run
 from tests.conftest import LiveServer
 from trainer.contract.spec import RunSpec
 
@@ -111,7 +110,17 @@ def test_racing_requests_with_one_key_create_one_resource(engine: Engine) -> Non
 
             def create() -> str:
                 barrier.wait()  # every racer has looked the key up and found nothing
-                return insert_run(s, spec, "race", "", ["ci"], None, {})
+                run = Run(
+                    name="race",
+                    spec=spec.model_dump(mode="json"),
+                    model_id=spec.model_id,
+                    dataset=spec.dataset,
+                    gpu_type=spec.gpu_type,
+                )
+                s.add(run)
+                s.flush()
+                s.add(RunTag(run_id=run.id, tag="ci"))
+                return run.id
 
             return idempotency.create_once(
                 s,

@@ -11,8 +11,9 @@ from sqlalchemy import Engine
 
 from api.db import session_scope, utcnow
 from api.events.models import RunEvent
+from api.runs.finish import finish_run
 from api.runs.models import Run
-from api.runs.states import RunStatus
+from api.runs.states import TERMINAL, RunStatus
 from api.runs.status import set_status
 
 SPEC = {"model_id": "google/gemma-3-4b-it", "dataset": "digits"}
@@ -32,7 +33,8 @@ def move(engine: Engine, run_id: str, *path: RunStatus) -> None:
         run = s.get(Run, run_id)
         assert run is not None
         for status in path:
-            set_status(s, run, status)
+            move_to = finish_run if status in TERMINAL else set_status
+            move_to(s, run, status)
         s.commit()
 
 

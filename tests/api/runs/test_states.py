@@ -1,4 +1,5 @@
-"""Every (from, to) pair of run states against the table DESIGN.md's "Run states" implies."""
+"""Every (from, to) pair of run states against the table docs/architecture.md's "Run states"
+implies."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 from sqlalchemy import Engine
 
 from api.db import session_scope
+from api.runs.finish import finish_run
 from api.runs.models import Run
 from api.runs.states import ALLOWED, TERMINAL, IllegalTransition, RunStatus, check_transition
 from api.runs.status import set_status
@@ -65,9 +67,26 @@ def test_set_status_keeps_timestamps_and_refuses_illegal_moves(engine: Engine) -
         set_status(s, run, S.dispatched)
         set_status(s, run, S.running)
         assert run.started_at == started  # the first start is kept across segments
-        set_status(s, run, S.succeeded, reason="done")
+        finish_run(s, run, S.succeeded, reason="done")
         assert run.finished_at is not None and run.status_reason == "done"
         s.commit()
         with pytest.raises(IllegalTransition):
             set_status(s, run, S.running)
         assert run.status == S.succeeded
+
+
+def test_an_end_goes_through_finish_run_and_only_an_end(engine: Engine) -> None:
+    # set_status cannot end a run (its gate and webhooks would be skipped); finish_run ends only.
+    with session_scope(engine) as s:
+        run = Run(spec={}, model_id="m", dataset="digits", gpu_type="nvidia-l4")
+        s.add(run)
+        s.commit()
+        with pytest.raises(ValueError, match="finish_run"):
+            set_status(s, run, S.cancelled)
+        with pytest.raises(ValueError, match="not an end"):
+            finish_run(s, run, S.dispatched)
+        assert run.status == S.queued and run.finished_at is None
+        finish_run(s, run, S.cancelled, "no longer wanted")
+        assert run.status == S.cancelled and run.finished_at is not None
+        # Not from a template: the end still records that there is no gate to apply.
+        assert run.gate_status == "not_applicable"

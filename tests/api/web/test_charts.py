@@ -14,7 +14,7 @@ from starlette.requests import Request
 
 from api.auth import csrf
 from api.config import Settings
-from api.web import charts
+from api.web import chart_svg, charts
 
 PAYLOAD = "<script>alert(1)</script>\"'><img src=x onerror=alert(2)>"
 SVG = "{http://www.w3.org/2000/svg}"
@@ -28,20 +28,20 @@ def parse(svg: str) -> ET.Element:
 def test_lttb_keeps_the_ends_the_count_and_the_peaks() -> None:
     points = [(float(i), math.sin(i / 50)) for i in range(5_000)]
     points[2_345] = (2_345.0, 9.0)  # a spike that striding would likely drop
-    out = charts.lttb(points, 300)
+    out = chart_svg.lttb(points, 300)
     assert len(out) == 300
     assert out[0] == points[0] and out[-1] == points[-1]
     assert (2_345.0, 9.0) in out
     assert [x for x, _ in out] == sorted(x for x, _ in out)
-    assert charts.lttb(points[:10], 300) == points[:10]
-    assert charts.lttb(points[:10], 2) == points[:10]  # too few buckets to choose: unchanged
+    assert chart_svg.lttb(points[:10], 300) == points[:10]
+    assert chart_svg.lttb(points[:10], 2) == points[:10]  # too few buckets to choose: unchanged
 
 
 @pytest.mark.parametrize(
     ("lo", "hi"), [(0.0, 1.0), (0.31, 2.74), (1e-5, 3e-5), (5.0, 5.0), (0, 20_000)]
 )
 def test_nice_ticks_cover_the_range_in_round_steps(lo: float, hi: float) -> None:
-    ticks = charts.nice_ticks(lo, hi)
+    ticks = chart_svg.nice_ticks(lo, hi)
     assert ticks[0] <= lo and ticks[-1] >= hi
     steps = {round(b - a, 12) for a, b in itertools.pairwise(ticks)}
     assert len(steps) == 1

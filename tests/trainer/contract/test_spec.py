@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from trainer.contract.spec import DATASET_KINDS, RunSpec, describe_errors, field_bounds
 
@@ -160,3 +160,23 @@ def test_only_model_and_dataset_are_required() -> None:
         {"field": "dataset", "message": "is required"},
     ]
     assert RunSpec(model_id="m", dataset="digits").data.kind in DATASET_KINDS
+
+
+def test_an_unknown_field_lists_the_fields_of_the_model_it_was_checked_against() -> None:
+    # The gate form checks Gates: its unknown field must list Gates' fields, not the spec's.
+    class Limits(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        min_accuracy: float | None = None
+        significance: float = 0.05
+
+    with pytest.raises(ValidationError) as caught:
+        Limits.model_validate({"colour": 1})
+    (err,) = describe_errors(caught.value, Limits)
+    assert err == {
+        "field": "colour",
+        "message": "unknown field; the fields are: min_accuracy, significance",
+    }
+    with pytest.raises(ValidationError) as caught:
+        RunSpec.model_validate({"colour": 1})
+    unknown = [e for e in describe_errors(caught.value) if e["field"] == "colour"]
+    assert unknown[0]["message"].startswith("unknown field; the spec's fields are: model_id")
