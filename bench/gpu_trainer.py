@@ -1,4 +1,5 @@
-"""QLoRA speed and memory of the trainer on a Gemma-3-4B-architecture model, two settings.
+"""Speed and memory of the trainer on a Gemma-3-4B-architecture model: the original settings, the
+step plan (NF4 and `quantization: auto`), and where a step's time goes.
 
     pip install -e '.[trainer]'                # where the trainer's packages are missing
     python bench/gpu_trainer.py                # NVIDIA GPU (H200: about 5 minutes), writes $OUT
@@ -7,21 +8,22 @@
 Builds a `Gemma3ForConditionalGeneration` with the 4B architecture (random weights; the Hub is
 out of reach), saves it locally in bf16 with a small word-level tokenizer and a Gemma3Processor
 at 896 pixels, and writes an image-folder data set of 37 classes (named like the pet breeds, so
-the prompt has the real length) of 500x375 JPEGs. Then it runs the trainer itself
-(`trainer.cli.main`: 4-bit NF4 load through `from_pretrained` -> baseline eval -> training ->
-final eval -> save) twice in this process:
+the prompt has the real length) of 500x375 JPEGs. Then, in this one process:
 
-- "original": the original script's settings: batch 1, gradient accumulation 16, gradient
-  checkpointing, one sample per generation;
-- "tuneplane": batch 8, accumulation 2 (the same 16 samples per optimizer step), gradient
-  checkpointing, generation batches of 16;
+- the step breakdown (bench/step_profile.py) of the original settings and of the auto plan:
+  per-sample milliseconds of data, vision forward, language forward, backward and optimizer,
+  samples/s, tokens/s, MFU from counted FLOPs, peak memory;
+- the trainer itself (`trainer.cli.main`: load -> baseline eval -> training -> final eval ->
+  save) in three settings: "original" (the original script's: batch 1 x accumulation 16, full
+  gradient checkpointing, free generation one sample at a time), "auto" (the same 16 samples
+  per optimizer step split by the step plan, NF4, label scoring in batches of 32) and
+  "auto-bf16" (the same with `--quantization auto`).
 
-after one short throwaway warm-up run, and prints samples/s for training and for the final
-evaluation, peak GPU memory (allocated and reserved by PyTorch's caching allocator), and what
-the api's admission check (api/runs/estimates.py) predicts for the real google/gemma-3-4b-it.
-Everything goes to `$OUT` when set (else WORK_DIR/out): `gpu_trainer.json`, `gpu_trainer.md`,
-and each run's results.json. Random weights mean accuracy is meaningless here; speed and
-memory are not.
+It prints samples/s for training and both evaluations, peak GPU memory (allocated and
+reserved), the step plan and what the api's admission check (api/runs/estimates.py) predicts
+for the real google/gemma-3-4b-it with that plan. Everything goes to `$OUT` when set (else
+WORK_DIR/out): `gpu_trainer.json`, `gpu_trainer.md`, `profiles.json` and each run's
+results.json. Random weights mean accuracy is meaningless here; speed and memory are not.
 """
 
 from __future__ import annotations
@@ -175,17 +177,24 @@ def build_images(root: Path, per_class_train: int, per_class_test: int) -> Path:
     return root
 
 
-SETTINGS = {
+SETTINGS: dict[str, dict[str, Any]] = {
     # The original script: batch 1, accumulation 16, checkpointing, one sample per generate().
-    "original": {"batch": 1, "accum": 16, "eval_batch": 1},
-    "tuneplane": {"batch": 8, "accum": 2, "eval_batch": 16},
-}
+    "original": {
+        "batch": 1, "accum": 16, "eval_batch": 1, "steps": 1, "eval_size": 8,
+        "flags": ["--micro-batch-size", "1", "--checkpointing", "full", "--eval-mode", "generate"],
+    },
+    # The same 16 samples per optimizer step, split by the step plan; label scoring.
+    "auto": {"batch": 8, "accum": 2, "eval_batch": 32, "flags": []},
+    "auto-bf16": {"batch": 8, "accum": 2, "eval_batch": 32, "flags": ["--quantization", "auto"]},
+}  # fmt: skip
 
 
-def estimated_gib(s: dict[str, int], args: argparse.Namespace) -> float | None:
+def estimated_gib(
+    s: dict[str, Any], plan: dict[str, Any] | None, args: argparse.Namespace
+) -> float | None:
     """What the api's admission check (api/runs/estimates.py) predicts for google/gemma-3-4b-it
-    with these settings: the figure this bench exists to check."""
-    if args.config != "4b":
+    with the plan that ran: the figure this bench exists to check."""
+    if args.config != "4b" or not plan:
         return None
     from api.runs.estimates import estimate
     from trainer.contract.spec import RunSpec
@@ -193,11 +202,12 @@ def estimated_gib(s: dict[str, int], args: argparse.Namespace) -> float | None:
     spec = RunSpec(
         model_id="google/gemma-3-4b-it",
         dataset="oxford-iiit-pet",
-        batch_size=s["batch"],
-        gradient_accumulation_steps=s["accum"],
+        batch_size=plan["micro_batch"],
+        gradient_accumulation_steps=plan["accumulation"],
         eval_batch_size=s["eval_batch"],
         max_length=1024,
-        gradient_checkpointing=True,
+        gradient_checkpointing=plan["checkpointing"] != "none",
+        quantization=plan["quantization"],
     )
     memory = estimate(spec).memory
     return None if memory is None else memory.total_gib
@@ -227,15 +237,15 @@ def run_setting(
     argv = [
         "--model-id", str(model_dir),
         "--dataset", f"imagefolder:{data_dir}",
-        "--train-size", str(16 * (1 if warmup else args.steps)),
-        "--eval-size", str(16 if warmup else args.eval_size),
+        "--train-size", str(16 * (1 if warmup else s.get("steps", args.steps))),
+        "--eval-size", str(16 if warmup else s.get("eval_size", args.eval_size)),
         "--num-epochs", "1",
         "--learning-rate", "2e-4",
         "--batch-size", str(s["batch"]),
         "--gradient-accumulation-steps", str(s["accum"]),
         "--eval-batch-size", str(s["eval_batch"]),
         "--max-new-tokens", str(args.max_new_tokens),
-        "--gradient-checkpointing",
+        *s["flags"],
         "--save-steps", "1000000",
         "--max-length", "1024",
         "--output-dir", str(output_dir),
@@ -254,7 +264,7 @@ def run_setting(
     return {
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 2) if cuda else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 2) if cuda else None,
-        "estimated_gib": estimated_gib(s, args),
+        "estimated_gib": estimated_gib(s, results.get("step_plan"), args),
         "baseline_eval_samples_per_second": results["baseline"]["samples_per_second"],
         "final_eval_samples_per_second": results["final"]["samples_per_second"],
         "setting": name,
@@ -262,6 +272,9 @@ def run_setting(
         "gradient_accumulation_steps": s["accum"],
         "eval_batch_size": s["eval_batch"],
         "train_samples_per_second": tp["train_samples_per_second"],
+        "step_plan": results.get("step_plan"),
+        "eval_mode": results.get("eval_mode"),
+        "weights": results["model"].get("weights"),
         "eval_samples_per_second": tp["eval_samples_per_second"],
         "peak_gpu_memory_gb": results["peak_gpu_memory_gb"],
         "timings": results["timings"],
@@ -271,42 +284,90 @@ def run_setting(
     }
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], profiles: list[dict[str, Any]]) -> str:
     def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
     lines = [
-        "| setting | batch x accum | eval batch | train samples/s | baseline eval samples/s "
-        "| final eval samples/s | peak allocated GiB | peak reserved GiB | api estimate GiB |",
+        "| setting | plan (micro x accum, checkpointing, weights) | eval | train samples/s "
+        "| baseline eval samples/s | final eval samples/s | peak allocated GiB "
+        "| peak reserved GiB | api estimate GiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        p = r["step_plan"] or {}
+        plan = f"{p.get('micro_batch')} x {p.get('accumulation')}, {p.get('checkpointing')}, "
         lines.append(
-            f"| {r['setting']} | {r['batch_size']} x {r['gradient_accumulation_steps']} | "
-            f"{r['eval_batch_size']} | {num(r['train_samples_per_second'], '.2f')} | "
+            f"| {r['setting']} | {plan}{r['weights']} | {r['eval_mode']} x{r['eval_batch_size']}"
+            f" | {num(r['train_samples_per_second'], '.2f')} | "
             f"{num(r['baseline_eval_samples_per_second'], '.2f')} | "
             f"{num(r['final_eval_samples_per_second'], '.2f')} | "
             f"{num(r['peak_allocated_gib'], '.1f')} | {num(r['peak_reserved_gib'], '.1f')} | "
             f"{num(r['estimated_gib'], '.1f')} |"
         )
-    a, b = rows[0], rows[-1]
+    a = rows[0]
     lines.append("")
-    lines.append(
-        f"{b['setting']} / {a['setting']}, measured in the same process: training "
-        f"{b['train_samples_per_second'] / a['train_samples_per_second']:.2f}x, baseline "
-        "evaluation "
-        f"{b['baseline_eval_samples_per_second'] / a['baseline_eval_samples_per_second']:.2f}x, "
-        "final evaluation "
-        f"{b['final_eval_samples_per_second'] / a['final_eval_samples_per_second']:.2f}x"
-    )
+    for b in rows[1:]:
+        lines.append(
+            f"{b['setting']} / {a['setting']}, same process: training "
+            f"{b['train_samples_per_second'] / a['train_samples_per_second']:.2f}x, final "
+            "evaluation "
+            f"{b['final_eval_samples_per_second'] / a['final_eval_samples_per_second']:.2f}x"
+        )
+    lines += [
+        "",
+        "Step breakdown (ms per sample; CUDA events; data is CPU time, overlapped in the trainer)",
+        "",
+        "| setting | plan | samples/s | tokens/s | MFU | data | vision fwd | language fwd "
+        "| backward | optimizer | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for pr in profiles:
+        p, ms = pr["plan"], pr["ms_per_sample"]
+        lines.append(
+            f"| {pr['setting']} | {p['micro_batch']} x {p['accumulation']}, {p['checkpointing']}"
+            f", {p['quantization']} | {pr['samples_per_second']} | {pr['tokens_per_second']} | "
+            f"{pr['mfu']:.1%} | {ms['data_cpu']} | {ms['vision_forward']} | "
+            f"{ms['language_forward']} | {ms['backward']} | {ms['optimizer']} | "
+            f"{pr['peak_allocated_gib']} |"
+        )
     return "\n".join(lines)
+
+
+def profile_setting(
+    name: str, model_dir: Path, data_dir: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The step breakdown of one setting's plan (bench/step_profile.py), its own model load."""
+    import torch
+
+    from bench.step_profile import profile
+    from trainer import data, model
+    from trainer.contract.spec import RunSpec
+    from trainer.plan import plan_run
+
+    s = SETTINGS[name]
+    gc.collect()
+    torch.cuda.empty_cache()
+    flags = ["--model-id", str(model_dir), "--dataset", f"imagefolder:{data_dir}",
+             "--batch-size", str(s["batch"]), "--gradient-accumulation-steps", str(s["accum"]),
+             "--max-length", "1024", *s["flags"]]  # fmt: skip
+    spec = RunSpec.from_flags(flags)
+    splits = data.load_splits(spec.data, 16 * args.steps, 1, 0)
+    device = torch.device("cuda")
+    loaded = model.load(spec, device, plan_run(spec, device, splits.labels, splits.train[0]))
+    steps = 1 if name == "original" else 3
+    result = profile(loaded, spec, splits.labels, splits.train, steps)
+    del loaded
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"setting": name, **result}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=["4b", "tiny"], default="4b")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps of 16 samples")
-    parser.add_argument("--eval-size", type=int, default=48)
+    parser.add_argument("--eval-size", type=int, default=96)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/tuneplane-bench"))
     args = parser.parse_args()
@@ -326,11 +387,17 @@ def main() -> int:
     per_class_test = -(-args.eval_size // len(PET_BREEDS))
     data_dir = build_images(args.work_dir / "images", per_class_train, per_class_test)
 
-    # One short throwaway run first: the first run in a process pays for CUDA context set-up
-    # and kernel warm-up (measured: its baseline evaluation ran 5x slower than its final one),
-    # which would otherwise all be charged to whichever setting runs first.
-    run_setting("tuneplane", model_dir, data_dir, out, args, warmup=True)
-    rows = [run_setting(name, model_dir, data_dir, out, args) for name in SETTINGS]
+    # The step profiles first: they also warm CUDA up (the first run in a process pays for
+    # context set-up and kernel warm-up, which would otherwise go to whichever setting is first).
+    profiles = []
+    for name in ("original", "auto") if torch.cuda.is_available() else ():
+        profiles.append(profile_setting(name, model_dir, data_dir, args))
+        print(json.dumps(profiles[-1]), flush=True)
+        (out / "profiles.json").write_text(json.dumps(profiles, indent=1))
+    rows = []
+    for name in SETTINGS:
+        rows.append(run_setting(name, model_dir, data_dir, out, args))
+        print(json.dumps(rows[-1]), flush=True)
     report = {
         "config": args.config,
         "model": info,
@@ -339,9 +406,10 @@ def main() -> int:
         "max_new_tokens": args.max_new_tokens,
         "torch": torch.__version__,
         "rows": rows,
+        "profiles": profiles,
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
-    rendered = table(rows)
+    rendered = table(rows, profiles)
     (out / "gpu_trainer.json").write_text(json.dumps(report, indent=1))
     (out / "gpu_trainer.md").write_text(rendered + "\n")
     print(rendered)

@@ -44,6 +44,9 @@ class TrainState:
     train_seconds: float = 0.0  # time spent in training, over all segments
     train_samples: int = 0  # samples trained on, over all segments
     spec_digest: str = ""  # which run the checkpoint belongs to (see `spec_digest`)
+    # The step plan's micro-batch (trainer.plan): `micro_batches` counts in its units, so a
+    # later segment keeps it whatever its own GPU would pick. 0: written before plans existed.
+    micro_batch: int = 0
 
 
 @dataclass

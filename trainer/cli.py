@@ -37,6 +37,7 @@ from trainer.contract.spec import RunSpec, describe_errors
 from trainer.deadline import SegmentEnd, Stopper
 from trainer.evaluate import Evaluator
 from trainer.merge import write_merged
+from trainer.plan import plan_run
 from trainer.report import EventLog, make_reporter
 from trainer.results import Results, environment
 from trainer.storage import open_location, upload_tree
@@ -200,7 +201,10 @@ class Execution:
     def load_model(self, device: Any, stopper: Stopper, splits: Any) -> model.Loaded:
         spec = self.spec
         assert self.store is not None
-        loaded = model.load(spec, device)
+        step_plan = plan_run(spec, device, splits.labels, splits.train[0])
+        log(f"step plan: {step_plan.summary()}")
+        self.results.step_plan = step_plan.as_dict()
+        loaded = model.load(spec, device, step_plan)
         self.trainer = train.Trainer(
             loaded,
             spec,
@@ -214,15 +218,12 @@ class Execution:
         if self.restored:
             self.trainer.restore(self.restored)
         log(
-            f"model: {spec.model_id} on {device}, {'4-bit' if loaded.quantized else 'fp32'}"
+            f"model: {spec.model_id} on {device}, {loaded.weights}"
             f", {loaded.trainable_params:,} of {loaded.total_params:,} parameters trained"
         )
-        self.results.model = {
-            "model_id": spec.model_id,
-            "quantized_4bit": loaded.quantized,
-            "trainable_params": loaded.trainable_params,
-            "total_params": loaded.total_params,
-        }
+        keys = ("weights", "trainable_params", "total_params")
+        self.results.model = {"model_id": spec.model_id, "quantized_4bit": loaded.quantized}
+        self.results.model.update({k: getattr(loaded, k) for k in keys})
         return loaded
 
     def baseline_eval(self, evaluator: Evaluator, stopper: Stopper) -> None:
@@ -240,7 +241,8 @@ class Execution:
 
     def train(self) -> None:
         assert self.trainer is not None
-        with self.phase("training"):
+        plan = self.trainer.loaded.plan
+        with self.phase("training", plan.summary() if plan else ""):
             self.trainer.train()
             self.record_training()
 
@@ -315,8 +317,8 @@ class Execution:
     # ---- helpers ----------------------------------------------------------------------------
 
     @contextmanager
-    def phase(self, name: ev.Phase) -> Iterator[None]:
-        self.events.emit("phase", ev.PhaseChange(phase=name))
+    def phase(self, name: ev.Phase, detail: str = "") -> Iterator[None]:
+        self.events.emit("phase", ev.PhaseChange(phase=name, detail=detail[: ev.MAX_TEXT]))
         t0 = time.monotonic()
         try:
             yield

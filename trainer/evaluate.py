@@ -243,6 +243,21 @@ class Evaluator:
         self.stop_ids, self.check, self.on_metrics = stop_ids, check, on_metrics
 
     def __call__(self, stage: str) -> Metrics:
+        if getattr(self.spec, "eval_mode", "generate") == "score":
+            from trainer.scoring import evaluate_by_scoring
+
+            metrics = evaluate_by_scoring(
+                self.loaded.model,
+                self.loaded.processor,
+                self.splits.labels,
+                self.splits.eval,
+                max_length=self.spec.max_length,
+                device=self.loaded.device,
+                batch_size=self.spec.eval_batch_size,
+                on_batch=lambda done, total: self.check(),
+            )
+            self.on_metrics(stage, metrics)
+            return metrics
         metrics = evaluate(
             self.loaded.model,
             self.loaded.processor,

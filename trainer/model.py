@@ -22,6 +22,7 @@ import torch
 
 from trainer import quiet
 from trainer.contract.spec import RunSpec
+from trainer.plan import StepPlan, apply_checkpointing
 
 quiet.install()  # before transformers, peft and bitsandbytes load (trainer/quiet.py says why)
 
@@ -53,6 +54,13 @@ class Loaded:
     quantized: bool
     trainable_params: int
     total_params: int
+    plan: StepPlan | None = None
+
+    @property
+    def weights(self) -> str:
+        if self.quantized:
+            return "4-bit NF4"
+        return "bf16" if self.device.type == "cuda" else "fp32"
 
 
 class NoCudaError(RuntimeError):
@@ -109,6 +117,13 @@ def load_processor(model_id: str) -> Any:
     return AutoProcessor.from_pretrained(model_id)
 
 
+# Kept in bf16 under NF4 besides the modules the caller names (transformers matches these
+# from the module name's start, as regexes): the output head (bitsandbytes' own default) and the
+# vision tower: ~0.4 B parameters for every Gemma 3 size, whose 4-bit dequantization per matmul
+# made the frozen tower's forward (a third of a step's FLOPs) the slowest part of a step.
+NF4_SKIP = ["lm_head", r".*(?:vision_tower|vision_model|visual)"]
+
+
 def meta_model(model_id: str) -> Any:
     """The model built from its config.json on the meta device: every module, no weight."""
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -118,12 +133,19 @@ def meta_model(model_id: str) -> Any:
         return AutoModelForImageTextToText.from_config(config)
 
 
-def load_base(model_id: str, device: torch.device, keep: Sequence[str] = ()) -> Any:
-    """The base model: 4-bit on CUDA except the modules in `keep` (the projector, which is
-    trained in full and so must stay in bf16: a 4-bit weight cannot take gradients), fp32 on
-    the CPU."""
+def load_base(
+    model_id: str, device: torch.device, keep: Sequence[str] = (), quantize: bool = True
+) -> Any:
+    """The base model: on CUDA 4-bit except the modules in `keep` (the projector, which is
+    trained in full and so must stay in bf16: a 4-bit weight cannot take gradients) and
+    NF4_SKIP, or all bf16 without `quantize`; fp32 on the CPU."""
     from transformers import AutoModelForImageTextToText
 
+    if device.type == "cuda" and not quantize:
+        # bf16 LoRA (quantization: none, or auto where it fits): no dequantization per matmul.
+        return AutoModelForImageTextToText.from_pretrained(
+            model_id, dtype=torch.bfloat16, device_map={"": device.index or 0}
+        )
     if device.type == "cuda":
         from transformers import BitsAndBytesConfig
 
@@ -133,7 +155,7 @@ def load_base(model_id: str, device: torch.device, keep: Sequence[str] = ()) -> 
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
             # Naming modules replaces the default list, which holds the output head.
-            llm_int8_skip_modules=[*keep, "lm_head"],
+            llm_int8_skip_modules=[*keep, *NF4_SKIP],
         )
         return AutoModelForImageTextToText.from_pretrained(
             model_id,
@@ -238,33 +260,38 @@ def lora_config(spec: RunSpec, targets: Targets) -> Any:
     )
 
 
-def load(spec: RunSpec, device: torch.device) -> Loaded:
+def load(spec: RunSpec, device: torch.device, plan: StepPlan | None = None) -> Loaded:
+    """`plan` (trainer.plan) picks the weights' quantization and the checkpointing; without one,
+    CUDA means NF4 with full checkpointing (when the spec allows it), the CPU neither."""
     from peft import get_peft_model
 
     processor = load_processor(spec.model_id)
-    quantized = device.type == "cuda"
+    cuda = device.type == "cuda"
+    quantized = cuda and (plan.quantization == "nf4" if plan else True)
     keep = resolve_targets(meta_model(spec.model_id), spec).projector if quantized else []
-    base = load_base(spec.model_id, device, keep)
-    checkpointing = spec.gradient_checkpointing and device.type == "cuda"
+    base = load_base(spec.model_id, device, keep, quantize=quantized)
+    mode = plan.checkpointing if plan else "full" if spec.gradient_checkpointing else "none"
     if quantized:
         from peft import prepare_model_for_kbit_training
 
-        base = prepare_model_for_kbit_training(
-            base,
-            use_gradient_checkpointing=checkpointing,
-            # Non-reentrant checkpointing works with frozen inputs and peft's wrappers.
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Checkpointing is applied below, the same way for both weight kinds.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    if cuda or plan:
+        apply_checkpointing(base, mode)
 
     config = lora_config(spec, resolve_targets(base, spec))
     model = get_peft_model(base, config)
     if device.type == "cpu":
         model.to(device)
+    elif not quantized:
+        # bf16 weights give bf16 adapters; AdamW keeps them in fp32 (as for QLoRA), autocast
+        # does the matmuls in bf16.
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return Loaded(model, processor, device, quantized, trainable, total)
+    return Loaded(model, processor, device, quantized, trainable, total, plan)
 
 
 def _is_linear(module: Any) -> bool:

@@ -85,6 +85,9 @@ class Results:
     peak_gpu_memory_gb: float | None = None
     artifacts: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    # The step plan that ran (trainer.plan.StepPlan.as_dict): micro-batch, accumulation,
+    # checkpointing, quantization and the reason for each.
+    step_plan: dict[str, Any] = field(default_factory=dict)
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = round(self.timings.get(phase, 0.0) + seconds, 3)
@@ -114,6 +117,9 @@ class Results:
             "baseline": self.baseline.model_dump(mode="json") if self.baseline else None,
             "final": self.final.model_dump(mode="json") if self.final else None,
             "training": self.training,
+            # How accuracy was measured: "score" (the likeliest label) or "generate".
+            "eval_mode": self.spec.eval_mode,
+            "step_plan": self.step_plan,
             "throughput": self.throughput(),
             "peak_gpu_memory_gb": self.peak_gpu_memory_gb,
             "artifacts": self.artifacts,

@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from trainer.contract.spec import RunSpec
 from trainer.data import Sample
 from trainer.deadline import SegmentEnd, Stopper
 from trainer.evaluate import autocast, to_device
+from trainer.features import FeatureCache
+from trainer.loss import supports_answer_logits, training_loss
 from trainer.model import Loaded
 
 WARMUP_FRACTION = 0.1
@@ -40,13 +43,18 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 ADAPTER_FILE = "adapter_model.safetensors"
+SAMPLE_IDS = "sample_ids"  # beside a collated batch: which samples it holds (feature cache)
 
 
-def plan(num_samples: int, spec: RunSpec) -> tuple[int, int]:
-    """(micro-batches per epoch, total optimizer steps) for a training set of `num_samples`."""
-    per_epoch = math.ceil(num_samples / spec.batch_size)
+def plan(
+    num_samples: int, spec: RunSpec, micro: int | None = None, accum: int | None = None
+) -> tuple[int, int]:
+    """(micro-batches per epoch, total optimizer steps) for a training set of `num_samples`,
+    in micro-batches of `micro` (the step plan's; the spec's batch size by default)."""
+    micro, accum = micro or spec.batch_size, accum or spec.gradient_accumulation_steps
+    per_epoch = math.ceil(num_samples / micro)
     total_micro = max(1, math.ceil(per_epoch * spec.num_epochs))
-    return per_epoch, math.ceil(total_micro / spec.gradient_accumulation_steps)
+    return per_epoch, math.ceil(total_micro / accum)
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
@@ -78,7 +86,14 @@ class Trainer:
         self.stopper = stopper
         self.on_progress = on_progress
         self.on_checkpoint = on_checkpoint
-        self.per_epoch, self.total_steps = plan(len(self.samples), spec)
+        # The step plan's split of the effective batch (trainer.plan), else the spec's.
+        step_plan = getattr(loaded, "plan", None)
+        self.micro = step_plan.micro_batch if step_plan else spec.batch_size
+        self.accum = step_plan.accumulation if step_plan else spec.gradient_accumulation_steps
+        self.answer_only = supports_answer_logits(self.model)
+        # A frozen tower's image features, kept from the first epoch for the next ones.
+        self.features = FeatureCache.for_model(self.model) if spec.num_epochs > 1 else None
+        self.per_epoch, self.total_steps = plan(len(self.samples), spec, self.micro, self.accum)
         self.total_micro = max(1, math.ceil(self.per_epoch * spec.num_epochs))
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)
@@ -86,7 +101,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _linear_warmup_decay(warmup, self.total_steps)
         )
-        self.state = TrainState(total_steps=self.total_steps, spec_digest=spec_digest(spec))
+        self.state = TrainState(
+            total_steps=self.total_steps, spec_digest=spec_digest(spec), micro_batch=self.micro
+        )
         self.history: list[dict[str, float]] = []  # (step, loss, lr) for results.json
         self.last_checkpoint: tuple[int, str] | None = None
 
@@ -106,6 +123,15 @@ class Trainer:
         self.scheduler.load_state_dict(torch.load(d / SCHEDULER_FILE, weights_only=False))
         _set_rng_state(torch.load(d / RNG_FILE, weights_only=False))
         self.state = restored.state
+        if self.state.micro_batch and self.state.micro_batch != self.micro:
+            # Positions count micro-batches of the checkpoint's size: keep its split.
+            self.micro = self.state.micro_batch
+            self.accum = self.spec.effective_batch_size // self.micro
+            self.per_epoch, self.total_steps = plan(
+                len(self.samples), self.spec, self.micro, self.accum
+            )
+            self.total_micro = max(1, math.ceil(self.per_epoch * self.spec.num_epochs))
+        self.state.micro_batch = self.micro
         if self.state.total_steps != self.total_steps:
             raise RuntimeError(
                 f"checkpoint {restored.uri} was made for {self.state.total_steps} steps, this "
@@ -141,7 +167,7 @@ class Trainer:
             epoch, pos = divmod(m, self.per_epoch)
             if epoch != order_epoch:
                 order, order_epoch = epoch_order(len(self.samples), self.spec.seed, epoch), epoch
-            idx = order[pos * self.spec.batch_size : (pos + 1) * self.spec.batch_size]
+            idx = order[pos * self.micro : (pos + 1) * self.micro]
             yield [self.samples[i] for i in idx]
 
     def _batches(self, start: int) -> Generator[dict[str, Any], None, None]:
@@ -150,17 +176,20 @@ class Trainer:
         source = self._micro_batches(start)
         if self.device.type != "cuda":
             for chunk in source:
-                yield self.collator(chunk)
+                yield self._collate(chunk)
             return
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending: Future[Any] | None = None
             for chunk in source:
-                nxt = pool.submit(self.collator, chunk)
+                nxt = pool.submit(self._collate, chunk)
                 if pending is not None:
                     yield pending.result()
                 pending = nxt
             if pending is not None:
                 yield pending.result()
+
+    def _collate(self, chunk: list[Sample]) -> dict[str, Any]:
+        return {**self.collator(chunk), SAMPLE_IDS: [s.sample_id for s in chunk]}
 
     def train(self) -> TrainState:
         """Train until the planned steps are done; raises SegmentEnd when the segment must stop
@@ -191,16 +220,20 @@ class Trainer:
         self.save_checkpoint()
         return state
 
+    def _features(self, ids: list[str]) -> Any:
+        return self.features.keys(ids) if self.features else nullcontext()
+
     def _micro_step(self, batch: dict[str, Any], window: _Window) -> bool:
         """Forward and backward one micro-batch; True when it completes an optimizer step."""
-        spec, state, device = self.spec, self.state, self.device
+        state, device = self.state, self.device
         # The last step of a run may hold fewer micro-batches than the others.
-        step_end = min((state.step + 1) * spec.gradient_accumulation_steps, self.total_micro)
-        in_step = step_end - state.step * spec.gradient_accumulation_steps
+        step_end = min((state.step + 1) * self.accum, self.total_micro)
+        in_step = step_end - state.step * self.accum
         float_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        ids = batch.pop(SAMPLE_IDS)
         inputs = to_device(batch, device, float_dtype)
-        with autocast(device):
-            loss = self.model(**inputs).loss
+        with autocast(device), self._features(ids):
+            loss = training_loss(self.model, inputs, self.answer_only)
         (loss / in_step).backward()
         window.loss += float(loss.detach())
         window.micro += 1

@@ -176,12 +176,7 @@ def sequence_length(spec: RunSpec, arch: Arch) -> int:
 def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:
     b, t, h = spec.batch_size, sequence_length(spec, arch), arch.hidden
     bf16 = 2
-    # NF4 is 4 bits per weight; double quantization adds ~0.127 bits of block constants. Every
-    # linear layer is quantized, the vision tower's too; what is not (embeddings, an untied
-    # head, the projector kept out of 4-bit to be trained) peft's prepare_model_for_kbit_training
-    # casts to fp32: 4 bytes each.
-    weights = (arch.layers * arch.layer_params + arch.vision_params) * (4.127 / 8)
-    weights += (arch.embed_params + arch.projector_params) * 4
+    weights = _weights_bytes(spec, arch)
     trainable = _lora_params(spec, arch) + arch.projector_params
     adapters = trainable * 16  # fp32 weight + gradient + two AdamW moments
     if spec.gradient_checkpointing:
@@ -209,6 +204,18 @@ def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:
         gpu_gib=gpu.memory_gib,
     )
     return memory, trainable
+
+
+def _weights_bytes(spec: RunSpec, arch: Arch) -> float:
+    """NF4 (the default, and `auto`'s floor: the trainer takes bf16 only where bf16 fits with
+    margin, trainer/plan.py) is 4 bits per language-model layer weight, plus ~0.127 bits of
+    double-quantized block constants; the vision tower and projector stay out of 4-bit
+    (trainer.model.NF4_SKIP) and, with the embeddings, peft's prepare_model_for_kbit_training
+    casts them to fp32: 4 bytes each. `none` keeps every weight in bf16."""
+    rest = arch.embed_params + arch.projector_params + arch.vision_params
+    if spec.quantization == "none":
+        return float((arch.layers * arch.layer_params + rest) * 2)
+    return arch.layers * arch.layer_params * (4.127 / 8) + rest * 4
 
 
 def _lora_params(spec: RunSpec, arch: Arch) -> int:

@@ -69,7 +69,8 @@ def _event_summary(etype: str, data: Mapping[str, Any]) -> str:
             bits.append(f"resumed from step {g('resumed_from_step')}")
         return ", ".join(bits)
     if etype == "phase":
-        return str(g("phase")).replace("_", " ")
+        name = str(g("phase")).replace("_", " ")
+        return f"{name}: {g('detail')}" if g("detail") else name
     if etype == "evaluation":
         return (
             f"{g('stage')}: accuracy {pct(g('accuracy'))}, macro F1 {pct(g('macro_f1'))}, "

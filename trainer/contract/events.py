@@ -86,6 +86,8 @@ class Started(_Strict):
 
 class PhaseChange(_Strict):
     phase: Phase
+    # What the phase runs with, in words (training: the step plan); shown on the run page.
+    detail: Text = ""
 
 
 class Progress(_Strict):

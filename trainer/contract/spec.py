@@ -99,7 +99,24 @@ class RunSpec(BaseModel):
     lora_vision: bool = Field(False, description="also put LoRA on the vision tower's projections")
     max_length: int = _bounded(512, ge=16, le=32_768, description="tokens per training example")
     max_new_tokens: int = _bounded(16, ge=1, le=256, description="tokens generated per answer")
-    gradient_checkpointing: bool = True
+    # The step plan (trainer.plan): `auto` picks the micro-batch and checkpointing from the
+    # model's estimated activation memory and the GPU's free memory, keeping the effective batch
+    # (batch_size x gradient_accumulation_steps); an explicit value wins.
+    gradient_checkpointing: bool = Field(
+        True, description="allow checkpointing (the plan decides how much); off: never"
+    )
+    checkpointing: Literal["auto", "none", "selective", "full"] = Field(
+        "auto", description="auto | none | selective (every other layer) | full"
+    )
+    micro_batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=512)] = Field(
+        "auto", description="samples per forward pass; auto: the largest that fits"
+    )
+    quantization: Literal["nf4", "none", "auto"] = Field(
+        "nf4", description="nf4 (QLoRA) | none (bf16 LoRA) | auto (bf16 when it fits with margin)"
+    )
+    eval_mode: Literal["score", "generate"] = Field(
+        "score", description="score: the likeliest label; generate: free generation, then match"
+    )
     merge: bool = Field(
         False,
         description="also save the base model with the adapter merged in, in bf16, for "

@@ -502,3 +502,19 @@ def test_non_finite_numbers_become_null_or_refuse_the_event(
     assert r.json()["errors"][0]["field"] == "data.per_class[1].precision"
     assert count(engine, RunEvent, run_id) == 1
     assert client.get(f"/api/v1/runs/{run_id}/events").status_code == 200
+
+
+def test_the_run_page_shows_the_step_plan_of_the_training_phase(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    (run_id,) = insert_runs(engine)
+    token = token_for(settings, run_id)
+    plan = "micro-batch 8 x accumulation 2, checkpointing none, weights nf4: fastest fitting"
+    for event in (
+        started(run_id),
+        ev.PhaseEvent(run_id=run_id, seq=1, data=ev.PhaseChange(phase="training", detail=plan)),
+    ):
+        assert post(client, run_id, event, token).status_code == 201
+    page = client.get(f"/runs/{run_id}")
+    assert page.status_code == 200
+    assert f"training: {plan}" in page.text

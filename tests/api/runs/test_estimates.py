@@ -77,6 +77,20 @@ def test_memory_grows_with_what_should_grow() -> None:
     assert total(num_epochs=3) == base  # time, not memory
 
 
+def test_bf16_weights_take_more_than_the_nf4_weights() -> None:
+    def weights(**kw: Any) -> float:
+        est = estimate(spec(**kw))
+        assert est.memory is not None
+        return est.memory.weights_gib
+
+    nf4 = weights()
+    assert weights(quantization="auto") == nf4  # the floor: bf16 only where it fits
+    # The layers go from 4 to 16 bits; under NF4 the embeddings, vision tower and projector
+    # are fp32 (peft casts them), under none bf16: every one of the ~4.3 B weights in 2 bytes.
+    assert weights(quantization="none") > nf4
+    assert weights(quantization="none") == pytest.approx(4.3e9 * 2 / 2**30, rel=0.05)
+
+
 def test_which_gemma_fits_which_gpu() -> None:
     fits = {
         (name, gpu): estimate(spec(model_id=f"google/{name}-it", gpu_type=gpu)).fits

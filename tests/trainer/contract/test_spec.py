@@ -50,6 +50,8 @@ def _field_strategy(name: str) -> st.SearchStrategy[Any]:
         return DATASETS
     if name == "lora_target_modules":
         return MODULES
+    if name == "micro_batch_size":  # "auto" or a number of samples
+        return st.one_of(st.just("auto"), st.integers(1, 512))
     if annotation is bool:
         return st.booleans()
     if typing.get_origin(annotation) is typing.Literal:
