@@ -14,8 +14,8 @@ import httpx
 from sqlmodel import select
 
 from api.auth import csrf as csrf_module
-from api.auth.sessions import SESSION_COOKIE, make_session
 from api.auth.models import ApiToken
+from api.auth.sessions import SESSION_COOKIE, make_session
 from api.db import session_scope
 from tests.api.auth.test_auth import (
     WRONG,
