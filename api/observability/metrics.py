@@ -27,12 +27,12 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, func
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, select
+from sqlmodel import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.runs.models import Run
+from api.runs import query
 from api.runs.states import RunStatus
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -103,7 +103,7 @@ class RunsByState(Collector):
         up = GaugeMetricFamily("tuneplane_database_up", "1 if the database answered this scrape")
         try:
             with Session(self.engine) as session:
-                rows = session.exec(select(Run.status, func.count()).group_by(Run.status)).all()
+                counts = query.status_counts(session)  # the one read path for runs
         except (SQLAlchemyError, OSError):
             # An outage is a metric, not a failed scrape: alerting needs this answer most.
             up.add_metric([], 0)
@@ -111,10 +111,9 @@ class RunsByState(Collector):
             return
         up.add_metric([], 1)
         yield up
-        counts = dict(rows)
         family = GaugeMetricFamily("tuneplane_runs", "runs in each state", labels=["state"])
         for state in RunStatus:
-            family.add_metric([str(state)], counts.get(state, 0))
+            family.add_metric([str(state)], counts.get(str(state), 0))
         yield family
 
 
