@@ -2,6 +2,9 @@
 
     python bench/gpu_families.py gemma4    # Gemma 4 31B widths, 6 of its 60 layers
     python bench/gpu_families.py qwen2.5-vl-7b   # Qwen2.5-VL-7B, every layer
+    # the spec's own settings instead of the step plan's and label scoring (the "explicit" runs
+    # of bench/results/gpu_families/after-plan):
+    python bench/gpu_families.py ARCH --micro-batch-size 4 --checkpointing full --eval-mode generate
 
 Random weights (the Hub is out of reach), in the families' real classes and processors with a
 word-level tokenizer holding their special tokens and chat templates
@@ -15,8 +18,9 @@ LoRA (rank 16 on the seven projections).
 
 Each run is `trainer.cli.main` (preflight, 4-bit NF4 load through `from_pretrained`, baseline
 evaluation, training, final evaluation, save) on 37 classes of 500x375 JPEGs, then the api's
-estimate (api/runs/estimates.py, from the saved config.json, at the measured sequence length) beside
-the measured peak. Writes `$OUT/gpu_families-<arch>.json` and `.md`.
+estimate (api/runs/estimates.py, from the saved config.json, for the configuration that ran: the
+trainer's spec with its step plan's choices, at the measured sequence length) beside the
+measured peak. Writes `$OUT/gpu_families-<arch>.json` and `.md`.
 """
 
 from __future__ import annotations
@@ -236,14 +240,22 @@ def sequence_length(model_dir: Path, data_dir: Path) -> int:
     return int(collate(splits.train[:4])["attention_mask"].sum(dim=1).max())
 
 
-def api_estimate(model_dir: Path, flags: dict[str, Any]) -> dict[str, Any]:
+def api_estimate(model_dir: Path, results: dict[str, Any], seq: int) -> dict[str, Any]:
+    """The api's estimate for the configuration that ran: the trainer's spec with its step
+    plan's choices made explicit and the measured sequence length as max_length (as
+    tests/api/runs/test_memory_measured.py does)."""
     from api.runs.estimates import estimate
     from trainer.contract.spec import RunSpec
 
     config = json.loads((model_dir / "config.json").read_text())
-    spec = RunSpec.model_validate(
-        {"model_id": str(model_dir), "dataset": f"imagefolder:{model_dir}", **flags}
-    )
+    plan = results["step_plan"]
+    spec = RunSpec.model_validate({
+        **results["spec"],
+        "micro_batch_size": plan["micro_batch"],
+        "checkpointing": plan["checkpointing"],
+        "quantization": plan["quantization"],
+        "max_length": seq,
+    })  # fmt: skip
     est = estimate(spec, config)
     assert est.memory is not None
     return {"architecture": est.architecture, "parameters": est.parameters,
@@ -266,18 +278,17 @@ def run(arch: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     seq = sequence_length(model_dir, data_dir)
     output_dir = work / f"run-{arch}"
     shutil.rmtree(output_dir, ignore_errors=True)
-    flags = {
-        "batch_size": args.batch,
-        "gradient_accumulation_steps": 2,
-        "eval_batch_size": args.batch,
-        "gradient_checkpointing": True,
-    }
+    # The step plan's and evaluation's choices, when given: the spec's own settings instead of
+    # the trainer's defaults (auto plan, label scoring).
+    chosen = [(f"--{name}", value) for name, value in (
+        ("micro-batch-size", args.micro_batch_size), ("checkpointing", args.checkpointing),
+        ("eval-mode", args.eval_mode)) if value is not None]  # fmt: skip
     argv = ["--model-id", str(model_dir), "--dataset", f"imagefolder:{data_dir}",
             "--train-size", str(2 * args.batch * args.steps), "--eval-size", str(args.eval_size),
             "--batch-size", str(args.batch), "--gradient-accumulation-steps", "2",
             "--eval-batch-size", str(args.batch), "--max-new-tokens", "4",
             "--max-length", "1024", "--save-steps", "1000000", "--output-dir", str(output_dir),
-            "--device", "cuda", *extra]  # fmt: skip
+            "--device", "cuda", *extra, *[x for pair in chosen for x in pair]]  # fmt: skip
     torch.cuda.reset_peak_memory_stats()
     code = trainer_main(argv)
     results = json.loads((output_dir / "results.json").read_text())
@@ -286,7 +297,8 @@ def run(arch: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         raise SystemExit(f"{arch}: the trainer failed: {results.get('error')}")
     gib = 2**30
     lora = {"lora_target_modules": ["all-linear"], "lora_r": 64} if extra else {}
-    estimated = api_estimate(model_dir, {**flags, **lora, "max_length": seq})
+    estimated = api_estimate(model_dir, results, seq)
+    plan = results["step_plan"]
     reserved = torch.cuda.max_memory_reserved() / gib
     return {
         "arch": arch,
@@ -294,6 +306,8 @@ def run(arch: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "sequence_length": seq,
         "batch_size": args.batch,
         "gradient_accumulation_steps": 2,
+        "plan": f"{plan['micro_batch']} x {plan['accumulation']}, {plan['checkpointing']}",
+        "eval_mode": results["eval_mode"],
         "lora": lora or "default",
         "train_samples_per_second": results["throughput"]["train_samples_per_second"],
         "final_eval_samples_per_second": results["final"]["samples_per_second"],
@@ -318,11 +332,13 @@ def run(arch: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def table(r: dict[str, Any]) -> str:
     est = r["estimate"]
     return "\n".join([
-        "| arch | params | seq | batch x accum | train samples/s | eval samples/s | peak "
-        "allocated GiB | peak reserved GiB | api estimate GiB | estimate vs allocated |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arch | params | seq | plan (micro x accum, checkpointing) | eval | train samples/s | "
+        "eval samples/s | peak allocated GiB | peak reserved GiB | api estimate GiB | estimate "
+        "vs allocated |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {r['arch']} | {r['model']['parameters'] / 1e9:.2f} B | {r['sequence_length']} | "
-        f"{r['batch_size']} x 2 | {r['train_samples_per_second']:.2f} | "
+        f"{r.get('plan', str(r['batch_size']) + ' x 2')} | {r.get('eval_mode', '')} | "
+        f"{r['train_samples_per_second']:.2f} | "
         f"{r['final_eval_samples_per_second']:.2f} | {r['peak_allocated_gib']:.1f} | "
         f"{r['peak_reserved_gib']:.1f} | {est['total_gib']:.1f} | {r['estimate_error']:+.1%} |",
     ])  # fmt: skip
@@ -347,6 +363,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--eval-size", type=int, default=16)
+    # The trainer's own flags, passed through when given (else its defaults: auto, score).
+    parser.add_argument("--micro-batch-size", help="e.g. 4 (default: the step plan's choice)")
+    parser.add_argument("--checkpointing", choices=["none", "selective", "full"])
+    parser.add_argument("--eval-mode", choices=["score", "generate"])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/tuneplane-families"))
     args = parser.parse_args()
     out = Path(os.environ.get("OUT") or args.work_dir / "out")

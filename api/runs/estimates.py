@@ -10,10 +10,11 @@ supports are known (`KNOWN`, from their public configs); any other id that names
 count; an id that names no size and has no readable config gets no estimate and is never
 refused.
 
-The memory model is the QLoRA set-up the trainer uses on CUDA: 4-bit NF4 weights with double
-quantization, embeddings and the vision tower in bf16, LoRA adapters with AdamW in fp32,
-activations (with or without gradient checkpointing) and the logits, which for Gemma's
-262k-token vocabulary are often the largest single item. Time is calibrated on the published
+The memory model (api/runs/memory.py) is the trainer's, at the spec's own settings: NF4 decoder
+layers with everything else upcast to fp32, LoRA adapters with AdamW in fp32, activations under
+the checkpointing mode, the output head's bf16 copy and the answer tokens' logits, and the
+evaluation's peak; it is checked against the H200 measurements in bench/results
+(tests/api/runs/test_memory_measured.py). Time is calibrated on the published
 Gemma 3 27B figures on one RTX PRO 6000 (1,000 / 2,500 / 3,600 samples in 1.1 / 2.3 / 3.3 h,
 500 evaluation samples each side); the L4 figures are scaled by its peak bf16 throughput and
 memory bandwidth. Prices are Cloud Run list prices (us-central1, no zonal redundancy) at the
@@ -28,16 +29,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from api.runs import memory as mem
+from api.runs.memory import GIB
 from api.runs.model_archs import KNOWN, Arch, model_size
 from trainer.contract.spec import RunSpec
 
 __all__ = ["KNOWN", "Estimate", "estimate", "model_size", "refusal_detail"]
 
-GIB = 1024**3
-# The instruction with its label list around the image, the turn markers and the answer, by
-# data set: ten digit names; 37 pet breeds (about 230 tokens with Gemma's tokenizer); an image
-# folder's labels are unknown here, counted like the pets.
-PROMPT_TOKENS = {"digits": 80, "oxford-iiit-pet": 240, "imagefolder": 240}
 # The least room a prompt needs beside the image (a max_length below image + this is refused).
 MIN_PROMPT_TOKENS = 64
 
@@ -66,12 +64,18 @@ GPUS: dict[str, Gpu] = {
 
 
 class MemoryEstimate(BaseModel):
-    weights_gib: float = Field(description="4-bit language model, bf16 embeddings and vision tower")
+    weights_gib: float = Field(
+        description="NF4: 4-bit decoder layers, the rest (embeddings, head, vision tower, "
+        "projector) in fp32; none: all bf16"
+    )
     adapters_gib: float = Field(description="LoRA weights, gradients and AdamW state (fp32)")
-    activations_gib: float
-    logits_gib: float = Field(description="bf16 logits and their fp32 copy for the loss")
+    activations_gib: float = Field(description="kept for the backward pass of one micro-batch")
+    logits_gib: float = Field(
+        description="the output head's bf16 copy (NF4) and the answer tokens' logits"
+    )
+    eval_gib: float | None = Field(None, description="the evaluation's peak, before overhead")
     overhead_gib: float = Field(description="CUDA context, allocator fragmentation")
-    total_gib: float
+    total_gib: float = Field(description="the larger of training's and evaluation's peak")
     gpu_gib: float = Field(description="what the GPU can allocate")
     instance_gib: float | None = Field(
         None, description="the instance's (host) memory the task needs, in-memory disk included"
@@ -164,76 +168,22 @@ def estimate(spec: RunSpec, config: dict[str, Any] | None = None) -> Estimate:
     )
 
 
-def sequence_length(spec: RunSpec, arch: Arch) -> int:
-    """Tokens per training example: batches are padded to their longest example, not to
-    max_length, and an example is the image's tokens, the instruction with its label list and
-    the answer. Without the image's count, max_length (an upper bound)."""
-    if not arch.image_tokens:
-        return spec.max_length
-    return min(spec.max_length, arch.image_tokens + PROMPT_TOKENS[spec.data.kind])
-
-
 def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:
-    b, t, h = spec.batch_size, sequence_length(spec, arch), arch.hidden
-    bf16 = 2
-    weights = _weights_bytes(spec, arch)
-    trainable = _lora_params(spec, arch) + arch.projector_params
-    adapters = trainable * 16  # fp32 weight + gradient + two AdamW moments
-    if spec.gradient_checkpointing:
-        # Each layer keeps its input; one layer at a time is recomputed in full.
-        activations = arch.layers * b * t * h * bf16 + b * t * (4 * h + 3 * arch.intermediate) * 4
-    else:
-        activations = arch.layers * b * t * (12 * h + 4 * arch.intermediate) * bf16
-    # Per logit: bf16 logits (2), their fp32 copy for the loss (4), the saved log-softmax (4),
-    # its fp32 gradient (4) and the bf16 one (2); a final soft-cap (Gemma 2 and 4) keeps two
-    # more bf16 intermediates (4).
-    logits = b * t * arch.vocab * (16 + (4 if arch.softcap else 0))
-    subtotal = weights + adapters + activations + logits
-    # CUDA context and allocator fragmentation. Compared with the peak PyTorch allocates (what
-    # a card must hold; on an 141 GB H200 the caching allocator reserves far more than that,
-    # because nothing makes it give memory back): bench/results/gpu_trainer and gpu_families.
-    overhead = 1.0 * GIB + 0.08 * subtotal
-    total = subtotal + overhead
+    """api/runs/memory.py's model at the spec's own settings; `quantization: auto` is the smaller
+    of NF4 and bf16 (the trainer takes bf16 only where it fits, and for a mixture of experts
+    NF4, which leaves the experts in fp32, is the larger)."""
+    m = min((mem.memory(spec, arch, p) for p in mem.plans(spec)), key=lambda x: x.total)
     memory = MemoryEstimate(
-        weights_gib=_gib(weights),
-        adapters_gib=_gib(adapters),
-        activations_gib=_gib(activations),
-        logits_gib=_gib(logits),
-        overhead_gib=_gib(overhead),
-        total_gib=_gib(total),
+        weights_gib=_gib(m.weights),
+        adapters_gib=_gib(m.adapters),
+        activations_gib=_gib(m.activations),
+        logits_gib=_gib(m.head),
+        eval_gib=_gib(m.evaluation),
+        overhead_gib=_gib(m.overhead),
+        total_gib=_gib(m.total),
         gpu_gib=gpu.memory_gib,
     )
-    return memory, trainable
-
-
-def _weights_bytes(spec: RunSpec, arch: Arch) -> float:
-    """NF4 (the default, and `auto`'s floor: the trainer takes bf16 only where bf16 fits with
-    margin, trainer/plan.py) is 4 bits per language-model layer weight, plus ~0.127 bits of
-    double-quantized block constants; the vision tower and projector stay out of 4-bit
-    (trainer.model.NF4_SKIP) and, with the embeddings, peft's prepare_model_for_kbit_training
-    casts them to fp32: 4 bytes each. `none` keeps every weight in bf16."""
-    rest = arch.embed_params + arch.projector_params + arch.vision_params
-    if spec.quantization == "none":
-        return float((arch.layers * arch.layer_params + rest) * 2)
-    return arch.layers * arch.layer_params * (4.127 / 8) + rest * 4
-
-
-def _lora_params(spec: RunSpec, arch: Arch) -> int:
-    h, i = arch.hidden, arch.intermediate
-    shapes = {
-        "q_proj": (h, arch.q_dim),
-        "k_proj": (h, arch.kv_dim),
-        "v_proj": (h, arch.kv_dim),
-        "o_proj": (arch.q_dim, h),
-        "gate_proj": (h, i),
-        "up_proj": (h, i),
-        "down_proj": (i, h),
-    }
-    # A module name this table does not know is counted as a square h x h projection;
-    # `all-linear` is the seven projections of a decoder layer.
-    names = list(shapes) if spec.lora_target_modules == ["all-linear"] else spec.lora_target_modules
-    per_layer = sum(sum(shapes.get(m, (h, h))) for m in names) * spec.lora_r
-    return per_layer * arch.layers
+    return memory, mem.lora_params(spec, arch) + arch.projector_params
 
 
 def _time(spec: RunSpec, arch: Arch, gpu: Gpu, params: int) -> TimeEstimate:
@@ -333,6 +283,13 @@ def refusal_detail(spec: RunSpec, est: Estimate) -> str:
                 "(same effective batch)"
             )
             break
+    if (
+        spec.quantization == "nf4"
+        and estimate(spec.model_copy(update={"quantization": "none"})).fits
+    ):
+        # A mixture of experts: bitsandbytes leaves its 3-D expert weights alone, then peft's
+        # k-bit preparation makes them fp32 (api/runs/memory.py), twice their bf16 size.
+        parts.append("quantization 'none' would fit: NF4 keeps this model's experts in fp32")
     for other in GPUS:
         if other != spec.gpu_type and estimate(spec.model_copy(update={"gpu_type": other})).fits:
             parts.append(f"gpu_type {other!r} would fit as it is")

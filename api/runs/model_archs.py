@@ -20,15 +20,25 @@ class Arch:
     q_dim: int  # attention heads x head dim
     kv_dim: int
     vocab: int
-    vision_params: int  # vision tower, projector and any audio tower: kept in bf16
+    # Vision tower with its projector, and any audio tower: never 4-bit (trainer.model.NF4_SKIP
+    # and the projector's `keep`).
+    vision_params: int
     image_tokens: int = 0  # tokens one image takes in the prompt (typical, for dynamic ones)
     untied_head: bool = False  # an output projection of its own (not the embeddings')
     extra_embed_params: int = 0  # Gemma 4 E-series per-layer embeddings
     softcap: bool = False  # a final logit soft-cap (Gemma 2 and 4 text models)
-    projector_params: int = 0  # trained in full, kept out of 4-bit
+    # The projector, trained in full: peft's modules_to_save trains a copy beside the frozen
+    # original (which vision_params counts).
+    projector_params: int = 0
+    # Mixture-of-experts layers (Gemma 4 26B-A4B): the experts' weights per layer, held as 3-D
+    # parameters that bitsandbytes does not quantize (it replaces nn.Linear only), and the
+    # intermediate width a token passes through in them (top-k experts).
+    expert_params: int = 0
+    expert_intermediate: int = 0
 
     @property
     def layer_params(self) -> int:
+        """A decoder layer's linear weights: what NF4 quantizes and LoRA can target."""
         h = self.hidden
         return h * self.q_dim * 2 + h * self.kv_dim * 2 + 3 * h * self.intermediate
 
@@ -39,11 +49,18 @@ class Arch:
 
     @property
     def params(self) -> int:
-        return self.layers * self.layer_params + self.embed_params + self.vision_params
+        decoder = self.layers * (self.layer_params + self.expert_params)
+        return decoder + self.embed_params + self.vision_params
 
 
-_SIGLIP = 417_000_000  # Gemma 3's SigLIP-400M vision tower plus the multi-modal projector
+_SIGLIP = 416_866_032  # Gemma 3's SigLIP-400M vision tower (counted on the meta device)
 _GEMMA_VOCAB = 262_208
+# Gemma 4 26B-A4B and 31B: the 27-layer, 1152-wide tower (gated MLPs, a 2 x 10240 position table).
+_GEMMA4_TOWER = 569_548_080
+
+
+def _gemma3_projector(hidden: int) -> int:
+    return 1152 * hidden + 1152  # mm_input_projection_weight and the soft-embedding norm
 
 
 def _a(name: str, h: int, i: int, layers: int, q: int, kv: int, vocab: int, vision: float,
@@ -58,37 +75,43 @@ def _a(name: str, h: int, i: int, layers: int, q: int, kv: int, vocab: int, visi
 # Gemma 4 31B mixes sliding layers (32 x 256 query, 16 x 256 KV) with one global layer in six
 # (32 x 512 query, 4 x 512 keys shared with values): the dims below are the per-layer averages.
 KNOWN: dict[str, Arch] = {
-    "gemma-3-4b": _a("gemma-3-4b", 2560, 10240, 34, 8 * 256, 4 * 256, _GEMMA_VOCAB, _SIGLIP, 256),
-    "gemma-3-12b": _a("gemma-3-12b", 3840, 15360, 48, 4096, 2048, _GEMMA_VOCAB, _SIGLIP, 256),
-    "gemma-3-27b": _a("gemma-3-27b", 5376, 21504, 62, 4096, 2048, _GEMMA_VOCAB, _SIGLIP, 256),
+    **{
+        f"gemma-3-{size}": _a(
+            f"gemma-3-{size}",
+            h,
+            i,
+            layers,
+            q,
+            kv,
+            _GEMMA_VOCAB,
+            _SIGLIP + _gemma3_projector(h),
+            256,
+            projector_params=_gemma3_projector(h),
+        )
+        for size, h, i, layers, q, kv in [
+            ("4b", 2560, 10240, 34, 8 * 256, 4 * 256),
+            ("12b", 3840, 15360, 48, 4096, 2048),
+            ("27b", 5376, 21504, 62, 4096, 2048),
+        ]
+    },
     # E-series: 768-wide 16-layer vision tower and a ~300M audio tower; per-layer embeddings
     # of 256 per layer over the whole vocabulary.
-    "gemma-4-e2b": _a(
-        "gemma-4-e2b",
-        1536,
-        6144,
-        35,
-        2048,
-        256,
-        262_144,
-        460e6,
-        280,
-        extra_embed_params=262_144 * 35 * 256,
-        softcap=True,
-    ),
-    "gemma-4-e4b": _a(
-        "gemma-4-e4b",
-        2560,
-        10240,
-        42,
-        2048,
-        512,
-        262_144,
-        460e6,
-        280,
-        extra_embed_params=262_144 * 42 * 256,
-        softcap=True,
-    ),
+    **{
+        f"gemma-4-{size}": _a(
+            f"gemma-4-{size}",
+            h,
+            4 * h,
+            layers,
+            2048,
+            kv,
+            262_144,
+            460e6,
+            280,
+            extra_embed_params=262_144 * layers * 256,
+            softcap=True,
+        )
+        for size, h, layers, kv in [("e2b", 1536, 35, 256), ("e4b", 2560, 42, 512)]
+    },
     "gemma-4-31b": _a(
         "gemma-4-31b",
         5376,
@@ -97,10 +120,29 @@ KNOWN: dict[str, Arch] = {
         9557,
         3584,
         262_144,
-        550e6,
+        _GEMMA4_TOWER + 5376 * 1152,
         280,
         softcap=True,
-        projector_params=6_200_000,
+        projector_params=5376 * 1152,  # embed_vision
+    ),
+    # The mixture of experts (transformers' convert_gemma4_weights.py, variant gemma-4-26b-a4b):
+    # 30 layers 2816 wide, 25 sliding (16 x 256 query, 8 x 256 KV) and 5 global (16 x 512
+    # query, 2 x 512 keys shared with values); a dense (shared) MLP 2112 wide beside 128
+    # experts of 704, 8 per token.
+    "gemma-4-26b-a4b": _a(
+        "gemma-4-26b-a4b",
+        2816,
+        2112,
+        30,
+        4779,
+        1792,
+        262_144,
+        _GEMMA4_TOWER + 2816 * 1152,
+        280,
+        softcap=True,
+        projector_params=2816 * 1152,
+        expert_params=128 * 3 * 2816 * 704,
+        expert_intermediate=8 * 704,
     ),
     "qwen2.5-vl-3b": _a(
         "qwen2.5-vl-3b",
@@ -244,13 +286,14 @@ def arch_from_config(config: dict[str, Any]) -> Arch | None:
         vocab = int(text.get("vocab_size") or config["vocab_size"])
     except (KeyError, TypeError, ValueError):
         return None
-    head_dim = int(text.get("head_dim") or h // heads)
-    kv = int(text.get("num_key_value_heads") or heads)
+    q, kv = _attention_dims(text, h, heads, layers)
     inter = int(text.get("intermediate_size") or 4 * h)
+    experts = int(text.get("num_experts") or 0) if text.get("enable_moe_block", True) else 0
+    moe = int(text.get("moe_intermediate_size") or 0)
+    top_k = int(text.get("top_k_experts") or text.get("num_experts_per_tok") or 0)
     vision = config.get("vision_config") or {}
     vh = int(vision.get("hidden_size") or vision.get("embed_dim") or 0)
-    vl = int(vision.get("num_hidden_layers") or vision.get("depth") or 0)
-    vi = int(vision.get("intermediate_size") or 4 * vh)
+    projector = vh * h  # at least a linear map from the tower's width to the model's
     image = (
         config.get("mm_tokens_per_image")
         or config.get("image_seq_length")
@@ -267,14 +310,53 @@ def arch_from_config(config: dict[str, Any]) -> Arch | None:
         h,
         inter,
         layers,
-        heads * head_dim,
-        kv * head_dim,
+        q,
+        kv,
         vocab,
-        vl * (4 * vh * vh + 2 * vh * vi),
+        _vision_params(vision) + projector,
         int(image),
         untied_head=not text.get("tie_word_embeddings", config.get("tie_word_embeddings", True)),
         softcap=text.get("final_logit_softcapping") is not None,
+        projector_params=projector,
+        expert_params=experts * 3 * h * moe,
+        expert_intermediate=top_k * moe,
     )
+
+
+# Vision towers whose blocks have a gated MLP (gate, up and down projections).
+_GATED_VISION = {"gemma4_vision", "qwen2_5_vl_vision", "qwen2_5_vl"}
+
+
+def _vision_params(vision: dict[str, Any]) -> int:
+    vh = int(vision.get("hidden_size") or vision.get("embed_dim") or 0)
+    vl = int(vision.get("num_hidden_layers") or vision.get("depth") or 0)
+    vi = int(vision.get("intermediate_size") or 4 * vh)
+    mlp = (3 if vision.get("model_type") in _GATED_VISION else 2) * vh * vi
+    positions = 2 * int(vision.get("position_embedding_size") or 0) * vh  # Gemma 4's table
+    return vl * (4 * vh * vh + mlp) + positions
+
+
+def _attention_dims(text: dict[str, Any], h: int, heads: int, layers: int) -> tuple[int, int]:
+    """(query, key-or-value) widths averaged over the layers: Gemma 4's global layers have
+    wider heads, fewer KV heads and (attention_k_eq_v) no value projection, given by
+    `per_layer_config` (transformers 5) or `global_head_dim` / `num_global_key_value_heads`."""
+    head_dim = int(text.get("head_dim") or h // heads)
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    types = text.get("layer_types") or []
+    overrides = text.get("per_layer_config") or {}
+    q_sum = kv_sum = 0
+    for n in range(layers):
+        full = n < len(types) and types[n] == "full_attention"
+        d, k = head_dim, kv_heads
+        if full and text.get("global_head_dim"):
+            d = int(text["global_head_dim"])
+            k = int(text.get("num_global_key_value_heads") or kv_heads)
+        layer = overrides.get(str(n)) or {}
+        d, k = int(layer.get("head_dim") or d), int(layer.get("num_key_value_heads") or k)
+        q_sum += heads * d
+        # Keys and values, counted as two projections of the average width.
+        kv_sum += k * d * (1 if full and text.get("attention_k_eq_v") else 2)
+    return round(q_sum / layers), round(kv_sum / layers / 2)
 
 
 # "gemma-3-27b", "Qwen2.5-VL-7B", "SmolVLM-256M": a number and B or M, not glued to other

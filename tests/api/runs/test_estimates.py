@@ -23,7 +23,9 @@ def spec(**kw: Any) -> RunSpec:
         # Known families: their configs' count, vision tower and untied head included.
         ("Qwen/Qwen2.5-VL-7B-Instruct", 8.29e9),
         ("HuggingFaceTB/SmolVLM-256M-Instruct", 228e6),
-        ("google/gemma-4-31b-it", 31.25e9),
+        # Gemma 4: transformers' convert_gemma4_weights.py configs, counted on the meta device.
+        ("google/gemma-4-31b-it", 31.27e9),
+        ("google/gemma-4-26B-A4B-it", 25.81e9),
         ("meta-llama/Llama-3.2-11B-Vision-Instruct", 11e9),
         ("org/model-1.5b", 1.5e9),
     ],
@@ -100,9 +102,10 @@ def test_which_gemma_fits_which_gpu() -> None:
     }
     assert fits == {
         ("gemma-3-4b", "nvidia-l4"): True,
-        # 12B at batch 8 needs about 24 GiB: the fp32 embeddings (peft's k-bit preparation)
-        # and 16 bytes per logit measured on the H200 (bench/results/gpu_families).
-        ("gemma-3-12b", "nvidia-l4"): False,
+        # 12B at batch 8 needs about 16.5 GiB: since the loss reads logits at the answer tokens
+        # only (trainer/loss.py), the ~15 GiB of full-vocabulary logits that kept it off an L4
+        # are gone; its fp32 embeddings (peft's k-bit preparation) and the head's bf16 copy stay.
+        ("gemma-3-12b", "nvidia-l4"): True,
         ("gemma-3-27b", "nvidia-l4"): False,
         ("gemma-3-4b", "nvidia-rtx-pro-6000"): True,
         ("gemma-3-12b", "nvidia-rtx-pro-6000"): True,
@@ -124,7 +127,8 @@ def test_segments_and_cost_follow_the_time_budget() -> None:
 
 
 def test_refusal_suggests_what_would_fit() -> None:
-    s = spec(model_id="google/gemma-3-12b-it", gpu_type="nvidia-l4", batch_size=8)
+    # 12B at batch 32 needs about 26 GiB (batch 8 fits an L4 now, test_which_gemma_fits_which_gpu).
+    s = spec(model_id="google/gemma-3-12b-it", gpu_type="nvidia-l4", batch_size=32)
     detail = refusal_detail(s, estimate(s))
     assert "needs about" in detail and "22 GiB" in detail
     assert "gradient_accumulation_steps" in detail
@@ -140,6 +144,7 @@ def test_refusal_suggests_what_would_fit() -> None:
         "google/gemma-4-e2b-it",
         "google/gemma-4-e4b-it",
         "google/gemma-4-31b-it",
+        "google/gemma-4-26b-a4b-it",
         "Qwen/Qwen2.5-VL-7B-Instruct",
         "Qwen/Qwen3-VL-8B-Instruct",
         "HuggingFaceTB/SmolVLM-256M-Instruct",
@@ -177,8 +182,10 @@ def test_an_unknown_model_is_estimated_from_its_config() -> None:
     count, arch = model_size("/models/my-finetune", config)
     assert arch is not None and arch.name == "newvlm" and arch.image_tokens == 144
     layer = 2048 * 2048 * 2 + 2048 * 512 * 2 + 3 * 2048 * 8192
-    vision = 24 * (4 * 1024 * 1024 + 2 * 1024 * 4096)
+    projector = 1024 * 2048  # counted as one linear map from the tower's width to the model's
+    vision = 24 * (4 * 1024 * 1024 + 2 * 1024 * 4096) + projector
     assert count == 24 * layer + 2 * 100_000 * 2048 + vision
+    assert arch.projector_params == projector  # trained in full: a copy beside the original
     assert estimate(spec(model_id="/models/my-finetune"), config).fits is True
     assert model_size("/models/my-finetune", {"model_type": "x"}) == (None, None)
 
@@ -197,7 +204,6 @@ def test_instance_memory_counts_weights_on_the_in_memory_disk() -> None:
     assert hub.memory.instance_gib is not None and hub.memory.instance_gib < 16
     # The same weights on Cloud Run's in-memory disk (~24 GB) cannot fit an L4 instance's 16 GiB,
     # although the GPU could hold the quantized model.
-    # (At batch 4 x 4: batch 8 of 12B does not fit an L4's GPU either.)
     tmp = spec(
         model_id="/tmp/models/gemma-3-12b-it",
         gpu_type="nvidia-l4",
@@ -209,3 +215,66 @@ def test_instance_memory_counts_weights_on_the_in_memory_disk() -> None:
     assert est.memory.instance_gib is not None and est.memory.instance_gib > 16
     assert est.fits is False
     assert "in-memory disk" in refusal_detail(tmp, est)
+
+
+def test_a_mixture_of_experts_trains_in_bf16_not_nf4() -> None:
+    # Gemma 4 26B-A4B's experts are 3-D parameters bitsandbytes does not quantize; peft's k-bit
+    # preparation makes them fp32, so NF4 needs about twice the memory of bf16 weights.
+    moe = spec(model_id="google/gemma-4-26b-a4b-it", gpu_type="nvidia-rtx-pro-6000")
+    nf4, bf16 = estimate(moe), estimate(moe.model_copy(update={"quantization": "none"}))
+    assert nf4.memory is not None and bf16.memory is not None
+    assert nf4.memory.weights_gib > 80 and nf4.fits is False
+    assert bf16.memory.weights_gib < 50 and bf16.fits is True
+    assert estimate(moe.model_copy(update={"quantization": "auto"})).memory == bf16.memory
+    assert "quantization 'none'" in refusal_detail(moe, nf4)
+
+
+def test_a_mixture_of_experts_config_counts_its_experts() -> None:
+    config = {
+        "model_type": "moevlm",
+        "text_config": {
+            "hidden_size": 1024,
+            "intermediate_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "vocab_size": 50_000,
+            "num_experts": 16,
+            "moe_intermediate_size": 256,
+            "top_k_experts": 2,
+        },
+    }
+    _, arch = model_size("/models/moe", config)
+    assert arch is not None
+    assert arch.expert_params == 16 * 3 * 1024 * 256 and arch.expert_intermediate == 2 * 256
+    dense = {**config, "text_config": {**config["text_config"], "enable_moe_block": False}}
+    _, plain = model_size("/models/moe", dense)
+    assert plain is not None and plain.expert_params == 0
+
+
+def test_gemma4_global_layers_from_the_config() -> None:
+    # transformers 5 writes Gemma 4's global layers as per_layer_config; older files as
+    # global_head_dim and num_global_key_value_heads. Both give the same widths: 5 sliding
+    # layers of 32 x 256 queries and 16 x 256 keys and values, 1 global of 32 x 512 queries and
+    # 4 x 512 keys that are also the values.
+    text = {
+        "hidden_size": 5376,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 16,
+        "head_dim": 256,
+        "vocab_size": 262_144,
+        "attention_k_eq_v": True,
+        "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+    }
+    new = {
+        "text_config": {
+            **text,
+            "per_layer_config": {"5": {"head_dim": 512, "num_key_value_heads": 4}},
+        }
+    }
+    old = {"text_config": {**text, "global_head_dim": 512, "num_global_key_value_heads": 4}}
+    for config in (new, old):
+        _, arch = model_size("/models/g4", config)
+        assert arch is not None
+        assert arch.q_dim == round((5 * 32 * 256 + 32 * 512) / 6)
+        assert arch.kv_dim == round((5 * 2 * 16 * 256 + 4 * 512) / 6 / 2)

@@ -50,7 +50,8 @@ def test_estimate_is_stored_on_the_run(client: TestClient) -> None:
 def test_a_spec_that_cannot_fit_its_gpu_is_refused_with_the_breakdown(
     client: TestClient, engine: Engine
 ) -> None:
-    spec = {**SPEC, "model_id": "google/gemma-3-12b-it", "gpu_type": "nvidia-l4"}
+    # 12B at batch 32 needs about 26 GiB (at the default batch 8 it fits an L4's 22 GiB).
+    spec = {**SPEC, "model_id": "google/gemma-3-12b-it", "gpu_type": "nvidia-l4", "batch_size": 32}
     r = post(client, {"spec": spec})
     assert r.status_code == 422
     assert r.headers["content-type"] == "application/problem+json"
