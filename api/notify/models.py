@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
 
@@ -38,8 +39,22 @@ class WebhookDelivery(SQLModel, table=True):
     delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
+def display_url(url: str) -> str:
+    """`url` as logs and delivery lists show it: scheme and host only. Many receivers (Slack,
+    Teams, Discord) put their credential in the path or query, so whoever reads a delivery list
+    or a log must not learn it; the template itself still holds the whole URL."""
+    parts = urlsplit(url)
+    hidden = (parts.path not in ("", "/")) or parts.query or parts.fragment
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}" + ("/…" if hidden else "/")
+
+
 class WebhookDeliveryPublic(BaseModel):
-    """A delivery as the api shows it (the payload is what was posted; no secrets in it)."""
+    """A delivery as the api shows it (the payload is what was posted; no secrets in it, and
+    the URL shown by `display_url`)."""
 
     id: str
     run_id: str
@@ -52,3 +67,8 @@ class WebhookDeliveryPublic(BaseModel):
     last_error: str | None
     created_at: datetime
     delivered_at: datetime | None
+
+    @field_validator("url")
+    @classmethod
+    def _shown(cls, url: str) -> str:
+        return display_url(url)

@@ -32,7 +32,7 @@ from sqlmodel import Session, col, select
 from api.config import Settings
 from api.db import session_scope, utcnow
 from api.notify.address_guard import guarded_transport, is_refusal
-from api.notify.models import WebhookDelivery, WebhookDeliveryPublic
+from api.notify.models import WebhookDelivery, WebhookDeliveryPublic, display_url
 from api.observability.metrics import WEBHOOK_DELIVERIES
 from api.runs.models import Run
 from api.runs.query import find_run
@@ -266,7 +266,7 @@ def deliver_due(engine: Engine, settings: Settings, client: httpx.Client | None 
                     log.warning(
                         "webhook %s to %s failed after %d attempts: %s",
                         delivery.id,
-                        delivery.url,
+                        display_url(delivery.url),
                         delivery.attempts,
                         error,
                     )
