@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine
 from sqlmodel import select
 
@@ -24,6 +25,7 @@ from api.dispatch.worker import Worker
 from api.runs.models import Run
 from api.runs.states import RunStatus
 from tests.api.factories import insert_runs
+from tests.faults.serve import Serve, wait_until
 
 HANG_GUARD_S = 180.0  # a slow machine starts a Python in seconds; this only ends a hang
 LIMIT = 2
@@ -128,3 +130,49 @@ def test_replicas_judge_only_their_own_trainers_and_share_one_limit(
             assert run.status == RunStatus.failed, run.status_reason
             assert f"execution {run.execution_name} ended without" in (run.status_reason or "")
         assert {da.owns(r.execution_name or "") for r in runs} == {True, False}  # both worked
+
+
+def test_two_served_replicas_start_each_of_1000_queued_runs_exactly_once(
+    db_kind: str, db_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    """Two `tuneplane serve` processes, worker on, one PostgreSQL; a trainer command that only
+    records its start (run id, and the data directory of the replica that started it)."""
+    if db_kind != "postgresql":
+        pytest.skip("replicas share a PostgreSQL database; a SQLite file is one server's")
+    starts = tmp_path / "starts"
+    recorder = tmp_path / "record-start"
+    recorder.write_text(f'#!/bin/sh\necho "$TUNEPLANE_RUN_ID $PWD" >> {starts}\n')
+    recorder.chmod(0o755)
+    replicas = [
+        Serve(
+            tmp_path / name,
+            db_url,
+            trainer_python=str(recorder),  # run as `record-start -m trainer <flags>`
+            max_concurrency="100",
+            reconcile_seconds="0.2",
+        )
+        for name in ("a", "b")
+    ]
+    try:
+        for replica in replicas:
+            replica.start()
+        started = time.monotonic()
+        run_ids = insert_runs(engine, 1000, status=RunStatus.queued)
+        wait_until(
+            lambda: _statuses(engine)["failed"] == len(run_ids),
+            "the runs never all ended",
+            timeout=600,
+        )
+        took = time.monotonic() - started
+    finally:
+        for replica in replicas:
+            replica.close()
+    lines = [line.split() for line in starts.read_text().splitlines()]
+    assert Counter(run_id for run_id, _ in lines) == Counter(run_ids)  # each exactly once
+    by_replica = Counter(Path(where).parent.parent.name for _, where in lines)
+    assert set(by_replica) == {"a", "b"}, by_replica  # both took part
+    with session_scope(engine) as s:
+        reasons = {r.status_reason or "" for r in s.exec(select(Run)).all()}
+    # Each run was ended by the replica that started it, from its trainer's recorded exit.
+    assert all("ended without the trainer reporting a result" in r for r in reasons)
+    print(f"\n[figure] 1000 runs, 2 replicas: {dict(by_replica)}, all ended in {took:.0f} s")
