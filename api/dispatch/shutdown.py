@@ -6,7 +6,9 @@ default the stopping worker instead sends each of its live trainers SIGTERM, whi
 handles as Cloud Run's: it saves a checkpoint and reports `segment_done`, so its run is queued
 for the next segment and the next start resumes it from that checkpoint. `tuneplane serve` does
 this before its server stops listening (api/cli/serve.py), so those events arrive over HTTP; an
-event that did not is read from the trainer's spool here, once it has exited.
+event that did not is read from the trainer's spool here, once it has exited. A trainer that
+ended without its `segment_done` (SIGTERM came before it could handle it, while it started up)
+leaves its run queued for the same segment, never failed: the stop was ours, not its fault.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import time
 from collections.abc import Callable
 
 from sqlalchemy import Engine
+from sqlmodel import Session
 
 from api.config import Settings
 from api.db import session_scope
 from api.dispatch import service
-from api.dispatch.base import Dispatcher, ExecutionStatus, Interruptible, owned
+from api.dispatch.base import Dispatcher, Interruptible, owned
+from api.runs.service import lock_run
 from api.runs.states import RunStatus
+from api.runs.status import set_status
 
 log = logging.getLogger("tuneplane.worker")
 ENDED = frozenset({"succeeded", "failed", "cancelled"})
@@ -31,17 +36,17 @@ POLL_SECONDS = 0.2  # how often the process table is looked at while the trainer
 def checkpoint_and_stop(
     engine: Engine,
     dispatcher: Dispatcher,
-    conclude: Callable[[str, str, ExecutionStatus], None],
+    take_leftovers: Callable[[str, str], None],
     settings: Settings,
 ) -> list[str]:
     """SIGTERM every live execution of ours and wait up to `local_stop_grace_seconds` for them
-    to end; `conclude` is the worker's (it reads a trainer's spool, then moves its run on).
+    to end; `take_leftovers` is the worker's (it ingests what a trainer left in its spool).
     Returns the executions still running then (the next start judges them). Never raises: the
     service is stopping either way."""
     if not isinstance(dispatcher, Interruptible):
         return []  # Cloud Run executions do not depend on this process
     try:
-        return _stop_all(engine, dispatcher, conclude, settings.local_stop_grace_seconds)
+        return _stop_all(engine, dispatcher, take_leftovers, settings.local_stop_grace_seconds)
     except Exception:
         log.exception("stopping the local trainers failed; the next start judges them")
         return []
@@ -50,7 +55,7 @@ def checkpoint_and_stop(
 def _stop_all(
     engine: Engine,
     dispatcher: Interruptible,
-    conclude: Callable[[str, str, ExecutionStatus], None],
+    take_leftovers: Callable[[str, str], None],
     grace_seconds: float,
 ) -> list[str]:
     with session_scope(engine) as session:
@@ -67,9 +72,10 @@ def _stop_all(
     while live:
         waiting = []
         for run_id, name in live:
-            status = dispatcher.status(name)
-            if status.state in ENDED:
-                conclude(run_id, name, status)
+            if dispatcher.status(name).state in ENDED:
+                take_leftovers(run_id, name)
+                with session_scope(engine) as session:
+                    requeue_interrupted(session, run_id, name)
             else:
                 waiting.append((run_id, name))
         live = waiting
@@ -79,3 +85,26 @@ def _stop_all(
     for run_id, name in live:
         log.warning("stopping: %s (%s) did not end within %ss", run_id, name, grace_seconds)
     return [name for _, name in live]
+
+
+def requeue_interrupted(session: Session, run_id: str, execution_name: str) -> bool:
+    """The execution we interrupted has ended. Its run moved on by its own events (queued by
+    `segment_done`, or ended); if it is still active, queue it for the same segment. True when
+    it was queued here."""
+    run = lock_run(session, run_id)
+    ours = run.execution_name == execution_name
+    if ours:
+        run.execution_ended = True
+    queued = ours and run.status in (RunStatus.dispatched, RunStatus.running)
+    if queued:
+        set_status(
+            session,
+            run,
+            RunStatus.queued,
+            f"the service stopped before segment {run.segment}'s trainer saved a checkpoint; "
+            "the segment starts again at the next start",
+        )
+        run.launched_at = run.claimed_by = run.claim_expires_at = None
+    session.add(run)
+    session.commit()
+    return queued

@@ -125,7 +125,9 @@ class Worker:
             if self._thread.is_alive():
                 log.warning("the worker did not stop within %ss", timeout)
         if self.settings.local_trainers_on_stop == "checkpoint":
-            checkpoint_and_stop(self.engine, self.dispatcher, self._conclude, self.settings)
+            checkpoint_and_stop(
+                self.engine, self.dispatcher, self._take_leftover_events, self.settings
+            )
         try:
             with session_scope(self.engine) as session:
                 service.release_claims(session, self.worker_id)
