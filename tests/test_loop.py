@@ -8,12 +8,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import Engine
 from sqlmodel import col, select
@@ -23,6 +21,7 @@ from api.db import make_engine, session_scope
 from api.events.models import RunEvent
 from api.main import create_app
 from tests.conftest import LiveServer, free_port
+from tests.runs_client import TERMINAL, RunsClient
 
 pytestmark = pytest.mark.slow
 
@@ -41,10 +40,9 @@ SPEC: dict[str, Any] = {
     "gradient_checkpointing": False,
     "save_steps": 1,
 }
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-class Loop:
+class Loop(RunsClient):
     """An api with its worker on a fixed port (the trainer's callback URL names it), which a
     test can stop and start again like a restarted server."""
 
@@ -52,7 +50,7 @@ class Loop:
         self.settings, self.port = settings, port
         self.url = f"http://127.0.0.1:{port}"
         self.server: LiveServer | None = None
-        self.client = httpx.Client(base_url=self.url, timeout=30)
+        super().__init__(self.url, SPEC, "loop")
 
     def start(self) -> Loop:
         self.server = LiveServer(create_app(self.settings), port=self.port).start()
@@ -62,31 +60,6 @@ class Loop:
         if self.server is not None:
             self.server.stop()
             self.server = None
-
-    def submit(self, tiny_model: Path, **changes: Any) -> str:
-        spec = {"model_id": str(tiny_model), **SPEC, **changes}
-        r = self.client.post("/api/v1/runs", json={"spec": spec, "name": "loop"})
-        assert r.status_code == 201, r.text
-        run_id: str = r.json()["id"]
-        return run_id
-
-    def run(self, run_id: str) -> dict[str, Any]:
-        r = self.client.get(f"/api/v1/runs/{run_id}")
-        assert r.status_code == 200, r.text
-        body: dict[str, Any] = r.json()
-        return body
-
-    def wait(
-        self, run_id: str, until: Callable[[dict[str, Any]], bool], timeout: float = 240
-    ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            run = self.run(run_id)
-            if until(run):
-                return run
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out; the run is {run['status']}: {run}")
-            time.sleep(0.25)
 
 
 @pytest.fixture(autouse=True)

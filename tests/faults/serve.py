@@ -9,8 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +18,8 @@ from sqlmodel import col, select
 from api.db import make_engine, session_scope
 from api.events.models import RunEvent
 from tests.conftest import free_port
+from tests.runs_client import HANG_GUARD_S, RunsClient, wait_until
 
-HANG_GUARD_S = 240.0  # the tiny model on a loaded 2-core machine; only ends a hang
-TERMINAL = ("succeeded", "failed", "cancelled")
 # A run whose training lasts long enough to be hit mid-way (80 optimizer steps of 2 samples),
 # with a small evaluation on either side; the tiny model learns nothing here, on purpose.
 TRAINING: dict[str, Any] = {
@@ -40,7 +37,7 @@ TRAINING: dict[str, Any] = {
 }
 
 
-class Serve:
+class Serve(RunsClient):
     """One `tuneplane serve` process at a time, on a fixed port and data directory."""
 
     def __init__(self, data_dir: Path, db_url: str, **settings: str) -> None:
@@ -60,20 +57,29 @@ class Serve:
         self.env.update({f"TUNEPLANE_{k.upper()}": v for k, v in settings.items()})
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
-        self.client = httpx.Client(base_url=self.url, timeout=30)
+        super().__init__(self.url, TRAINING, "fault")
 
     def start(self) -> Serve:
         self.starts += 1
-        log = (self.data_dir.parent / f"serve-{self.port}-{self.starts}.log").open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "api", "serve", "--port", str(self.port)],
-            env=self.env,
-            cwd=self.data_dir.parent,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with (self.data_dir.parent / f"serve-{self.port}-{self.starts}.log").open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "api", "serve", "--port", str(self.port)],
+                env=self.env,
+                cwd=self.data_dir.parent,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         wait_until(lambda: self._ready(), "the server never became ready")
         return self
+
+    def start_training(self, model: Path) -> str:
+        """Start, submit a run, and return its id once it trains: the api stored a progress
+        event (79 steps to go)."""
+        self.start()
+        run_id = self.submit(model)
+        run = self.wait(run_id, lambda r: r["last_step"] >= 1, "training began")
+        assert run["status"] == "running", run
+        return run_id
 
     def _ready(self) -> bool:
         assert self.proc is not None and self.proc.poll() is None, self.output()
@@ -103,37 +109,6 @@ class Serve:
             if not pid_file.with_suffix(".exit").exists():
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-
-    def submit(self, model: Path, **changes: Any) -> str:
-        spec = {"model_id": str(model), **TRAINING, **changes}
-        r = self.client.post("/api/v1/runs", json={"spec": spec, "name": "fault"})
-        assert r.status_code == 201, r.text
-        run_id: str = r.json()["id"]
-        return run_id
-
-    def run(self, run_id: str) -> dict[str, Any]:
-        r = self.client.get(f"/api/v1/runs/{run_id}")
-        assert r.status_code == 200, r.text
-        body: dict[str, Any] = r.json()
-        return body
-
-    def wait(self, run_id: str, until: Callable[[dict[str, Any]], bool], what: str) -> Any:
-        """The run once `until` holds for it (or it ended: the caller's asserts say why)."""
-
-        def check() -> dict[str, Any] | None:
-            run = self.run(run_id)
-            return run if until(run) or run["status"] in TERMINAL else None
-
-        return wait_until(check, what)
-
-
-def wait_until(done: Callable[[], Any], what: str, timeout: float = HANG_GUARD_S) -> Any:
-    """Poll `done` until it returns something true; a hang guard, never a measurement."""
-    deadline = time.monotonic() + timeout
-    while not (result := done()):
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-    return result
 
 
 def stored_events(db_url: str, run_id: str) -> list[RunEvent]:

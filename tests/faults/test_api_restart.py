@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.serve import Serve, stored_events, trainer_processes, wait_until
+from tests.faults.serve import Serve, stored_events, trainer_processes
+from tests.runs_client import wait_until
 from trainer.contract.spool import spool_file
 
 pytestmark = pytest.mark.slow
@@ -31,11 +32,7 @@ def test_an_api_gone_mid_training_comes_back_and_its_run_finishes_once(
 ) -> None:
     serve = Serve(tmp_path / "data", db_url, local_trainers_on_stop=on_stop)
     try:
-        serve.start()
-        run_id = serve.submit(tiny_model)
-        # Training has begun: the api stored a progress event (79 more steps to go).
-        run = serve.wait(run_id, lambda r: r["last_step"] >= 1, "training never began")
-        assert run["status"] == "running", run
+        run_id = serve.start_training(tiny_model)
         logs = serve.data_dir / "logs"
         code = serve.kill(sig)
         assert code in (-sig, 0), (code, serve.output())
@@ -50,7 +47,7 @@ def test_an_api_gone_mid_training_comes_back_and_its_run_finishes_once(
         wait_until(spool.exists, "the trainer never spooled an event")
         serve.start()
         restarted_at = time.monotonic()
-        run = serve.wait(run_id, lambda r: False, "the run never finished")
+        run = serve.wait(run_id, lambda r: False, "the run ended")
         finished_at = time.monotonic()
         wait_until(lambda: not spool.exists(), "the spool was never emptied")
     finally:

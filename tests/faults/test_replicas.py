@@ -25,7 +25,8 @@ from api.dispatch.worker import Worker
 from api.runs.models import Run
 from api.runs.states import RunStatus
 from tests.api.factories import insert_runs
-from tests.faults.serve import Serve, wait_until
+from tests.faults.serve import Serve
+from tests.runs_client import wait_until
 
 HANG_GUARD_S = 180.0  # a slow machine starts a Python in seconds; this only ends a hang
 LIMIT = 2

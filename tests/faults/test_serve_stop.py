@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 from api.db import session_scope
 from api.runs.models import Run
 from tests.faults.serve import Serve, stored_events, trainer_processes
+from trainer.contract.spool import spool_file
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +26,15 @@ def test_stopping_serve_checkpoints_its_trainer_and_the_next_start_resumes_it(
 ) -> None:
     serve = Serve(tmp_path / "data", db_url)
     try:
-        serve.start()
-        run_id = serve.submit(tiny_model)
-        run = serve.wait(run_id, lambda r: r["last_step"] >= 1, "training never began")
-        assert run["status"] == "running", run
+        run_id = serve.start_training(tiny_model)
         logs = serve.data_dir / "logs"
         asked = time.monotonic()
         assert serve.kill(signal.SIGTERM) in (0, -signal.SIGTERM), serve.output()
         stopped = time.monotonic() - asked
-        # serve waited for its trainer: it stopped by itself (exit 0), with nothing left.
+        # serve waited for its trainer: it stopped by itself (exit 0), with nothing left, and
+        # every event of it arrived while the server still listened (nothing was spooled).
         assert (logs / f"{run_id}-0.exit").read_text() == "0"
+        assert not spool_file(serve.data_dir / "spool", run_id).exists()
         with session_scope(engine) as s:
             queued = s.get(Run, run_id)
             assert queued is not None
@@ -45,7 +45,7 @@ def test_stopping_serve_checkpoints_its_trainer_and_the_next_start_resumes_it(
         assert Path(done["checkpoint_uri"], "manifest.json").is_file()
 
         serve.start()
-        run = serve.wait(run_id, lambda r: False, "the run never finished")
+        run = serve.wait(run_id, lambda r: False, "the run ended")
     finally:
         serve.close()
     assert run["status"] == "succeeded", (run["status_reason"], serve.output())

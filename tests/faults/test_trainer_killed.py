@@ -17,13 +17,13 @@ import pytest
 from sqlalchemy import Engine
 
 from api.config import Settings
-from api.db import session_scope
 from api.dispatch.local import LocalDispatcher
 from api.dispatch.worker import Worker
 from api.main import create_app
-from api.runs.models import Run
+from tests.api.factories import load_run
 from tests.conftest import LiveServer, free_port
-from tests.faults.serve import TRAINING, wait_until
+from tests.faults.serve import TRAINING
+from tests.runs_client import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -39,13 +39,6 @@ def api(make_settings: Callable[..., Settings], engine: Engine) -> Iterator[Live
     server.stop()
 
 
-def _run(engine: Engine, run_id: str) -> Run:
-    with session_scope(engine) as s:
-        run = s.get(Run, run_id)
-        assert run is not None
-        return run
-
-
 def test_a_killed_trainer_fails_its_run_at_the_next_reconcile_with_the_signal(
     api: LiveServer, engine: Engine, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -59,9 +52,9 @@ def test_a_killed_trainer_fails_its_run_at_the_next_reconcile_with_the_signal(
     run_id = r.json()["id"]
     try:
         assert worker.dispatch_ready() == 1
-        name = _run(engine, run_id).execution_name
+        name = load_run(engine, run_id).execution_name
         assert name is not None
-        wait_until(lambda: _run(engine, run_id).last_step >= 1, "training never began")
+        wait_until(lambda: load_run(engine, run_id).last_step >= 1, "training never began")
         pid = dispatcher.trainer_pid(name)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
@@ -69,12 +62,12 @@ def test_a_killed_trainer_fails_its_run_at_the_next_reconcile_with_the_signal(
         # The supervisor records the exit; until then the execution is running.
         wait_until(lambda: dispatcher.status(name).state != "running", "the exit was never seen")
         recorded = time.monotonic() - killed
-        assert _run(engine, run_id).status == "running"  # nobody has looked yet
+        assert load_run(engine, run_id).status == "running"  # nobody has looked yet
         worker.tick()  # one pass: dispatch, then the reconciler (reconcile_seconds ~0)
     finally:
         worker.stop()
         dispatcher.close()
-    run = _run(engine, run_id)
+    run = load_run(engine, run_id)
     assert run.status == "failed"
     reason = run.status_reason or ""
     assert f"execution {name} failed: the trainer was killed by SIGKILL (exit code -9)" in reason

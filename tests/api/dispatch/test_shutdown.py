@@ -12,12 +12,10 @@ import pytest
 from sqlalchemy import Engine
 
 from api.config import Settings
-from api.db import session_scope
 from api.dispatch.local import LocalDispatcher
 from api.dispatch.worker import Worker
-from api.runs.models import Run
 from api.runs.states import RunStatus
-from tests.api.factories import insert_runs
+from tests.api.factories import insert_runs, load_run
 
 HANG_GUARD_S = 120.0
 
@@ -51,13 +49,6 @@ def _started(dispatcher: LocalDispatcher, run_id: str) -> None:
         time.sleep(0.05)
 
 
-def _run(engine: Engine, run_id: str) -> Run:
-    with session_scope(engine) as s:
-        run = s.get(Run, run_id)
-        assert run is not None
-        return run
-
-
 def test_a_trainer_killed_by_the_stop_leaves_its_run_queued_for_the_same_segment(
     make_settings: Callable[..., Settings], engine: Engine, tmp_path: Path
 ) -> None:
@@ -65,12 +56,12 @@ def test_a_trainer_killed_by_the_stop_leaves_its_run_queued_for_the_same_segment
     (run_id,) = insert_runs(engine, status=RunStatus.queued, segment=2)
     assert worker.dispatch_ready() == 1
     _started(dispatcher, run_id)
-    name = _run(engine, run_id).execution_name
+    name = load_run(engine, run_id).execution_name
     assert name is not None
     worker.stop()
     status = dispatcher.status(name)
     assert "killed by SIGTERM" in (status.message or "")  # it could not save...
-    run = _run(engine, run_id)
+    run = load_run(engine, run_id)
     # ...and its run is not failed for it: the stop was the service's.
     assert (run.status, run.segment, run.launched_at) == (RunStatus.queued, 2, None)
     assert run.execution_ended
@@ -87,16 +78,16 @@ def test_the_setting_decides_whether_the_stop_reaches_the_trainers(
     (run_id,) = insert_runs(engine, status=RunStatus.queued)
     assert worker.dispatch_ready() == 1
     _started(dispatcher, run_id)
-    name = _run(engine, run_id).execution_name
+    name = load_run(engine, run_id).execution_name
     assert name is not None
     try:
         worker.stop()
         if on_stop == "keep":
             assert dispatcher.status(name).state == "running"  # left for the next start
-            assert _run(engine, run_id).status == RunStatus.dispatched
+            assert load_run(engine, run_id).status == RunStatus.dispatched
         else:
             assert dispatcher.status(name).state == "succeeded"  # it saved and exited 0
             # No `segment_done` came (this stand-in reports nothing): queued all the same.
-            assert _run(engine, run_id).status == RunStatus.queued
+            assert load_run(engine, run_id).status == RunStatus.queued
     finally:
         dispatcher.interrupt(name)
