@@ -22,9 +22,10 @@ from api.config import Settings
 from api.db import make_engine, session_scope
 from api.dispatch.local import LocalDispatcher
 from api.dispatch.worker import Worker
+from api.runs import service as runs
 from api.runs.models import Run
 from api.runs.states import RunStatus
-from tests.api.factories import insert_runs
+from tests.api.factories import insert_runs, load_run
 from tests.faults.serve import Serve
 from tests.runs_client import wait_until
 
@@ -177,3 +178,43 @@ def test_two_served_replicas_start_each_of_1000_queued_runs_exactly_once(
     # Each run was ended by the replica that started it, from its trainer's recorded exit.
     assert all("ended without the trainer reporting a result" in r for r in reasons)
     print(f"\n[figure] 1000 runs, 2 replicas: {dict(by_replica)}, all ended in {took:.0f} s")
+
+
+def test_a_cancel_is_carried_out_by_the_replica_whose_trainer_it_is(
+    make_settings: Callable[..., Settings], engine: Engine, tmp_path: Path
+) -> None:
+    """The other replica cannot see the trainer: it must neither end the run as cancelled while
+    the trainer still runs, nor signal anything."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    script = tmp_path / "holding_trainer.py"
+    script.write_text(HOLDING_TRAINER)
+    workers, dispatchers = [], []
+    for name in ("a", "b"):
+        settings = make_settings(data_dir=tmp_path / name, reconcile_seconds=0.001)
+        dispatchers.append(
+            LocalDispatcher(settings, trainer_command=[sys.executable, str(script), str(shared)])
+        )
+        workers.append(Worker(settings, engine, dispatchers[-1], worker_id=f"replica-{name}"))
+    (a, b), (da, _) = workers, dispatchers
+    (run_id,) = insert_runs(engine, status=RunStatus.queued)
+    try:
+        assert a.dispatch_ready() == 1
+        wait_until(lambda: _starts(shared), "the trainer never started")
+        with session_scope(engine) as s:
+            runs.cancel_run(s, da.settings, run_id)
+        for _ in range(3):
+            b.tick()
+        assert load_run(engine, run_id).status == RunStatus.cancelling
+        name = load_run(engine, run_id).execution_name or ""
+        assert da.status(name).state == "running"  # b sent it nothing
+        a.tick()  # SIGTERM to its trainer
+        wait_until(lambda: da.status(name).state != "running", "the trainer never stopped")
+        a.tick()
+        run = load_run(engine, run_id)
+        assert run.status == RunStatus.cancelled, run.status_reason
+    finally:
+        (shared / "release").touch()
+        for worker, dispatcher in zip(workers, dispatchers, strict=True):
+            worker.stop()
+            dispatcher.close()
