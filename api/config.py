@@ -107,6 +107,20 @@ class Settings(BaseSettings):
     trainer_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="device the local trainer uses"
     )
+    local_trainers_on_stop: Literal["checkpoint", "keep"] = Field(
+        "checkpoint",
+        description="what stopping `tuneplane serve` or `worker` (SIGTERM, Ctrl-C) does to its "
+        "local trainers: `checkpoint`: each gets SIGTERM, saves a checkpoint and reports, and "
+        "its run is queued to resume at the next start; `keep`: they train on, and the next "
+        "start (same data directory and port) takes them back at its first reconcile",
+    )
+    local_stop_grace_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="with local_trainers_on_stop=checkpoint, how long stopping waits for the "
+        "trainers' checkpoints; one still saving then is judged by the next start",
+    )
 
     # -- Google Cloud (dispatcher=cloudrun) -----------------------------------------------
     gcp_project: str | None = Field(None, description="Google Cloud project id")

@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.run_worker:
             worker = Worker(settings, engine)
             worker.start()
+            app.state.worker = worker  # `tuneplane serve` stops it before the server
             # Webhooks of finished runs (api/notify/service.py).
             notifier = Notifier(settings, engine)
             notifier.start()

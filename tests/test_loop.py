@@ -1,29 +1,27 @@
 """The whole loop, end to end on this machine: REST create → worker → LocalDispatcher → the real
-trainer (`python -m trainer`, the tiny Gemma 3, digits) → callbacks → a finished run. Also what
-must not lose a run: a trainer killed with SIGKILL, and the api going away mid-training."""
+trainer (`python -m trainer`, the tiny Gemma 3, digits) → callbacks → a finished run. What must
+not lose a run (a trainer SIGKILLed, the api SIGKILLed or stopped mid-training) is
+tests/faults/."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
 from api.config import Settings
-from api.db import make_engine, migrate, session_scope
-from api.dispatch.local import LocalDispatcher
+from api.db import make_engine, session_scope
 from api.events.models import RunEvent
 from api.main import create_app
 from tests.conftest import LiveServer, free_port
-from trainer.contract.spool import spool_file
+from tests.runs_client import TERMINAL, RunsClient
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +40,9 @@ SPEC: dict[str, Any] = {
     "gradient_checkpointing": False,
     "save_steps": 1,
 }
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-class Loop:
+class Loop(RunsClient):
     """An api with its worker on a fixed port (the trainer's callback URL names it), which a
     test can stop and start again like a restarted server."""
 
@@ -53,7 +50,7 @@ class Loop:
         self.settings, self.port = settings, port
         self.url = f"http://127.0.0.1:{port}"
         self.server: LiveServer | None = None
-        self.client = httpx.Client(base_url=self.url, timeout=30)
+        super().__init__(self.url, SPEC, "loop")
 
     def start(self) -> Loop:
         self.server = LiveServer(create_app(self.settings), port=self.port).start()
@@ -63,31 +60,6 @@ class Loop:
         if self.server is not None:
             self.server.stop()
             self.server = None
-
-    def submit(self, tiny_model: Path, **changes: Any) -> str:
-        spec = {"model_id": str(tiny_model), **SPEC, **changes}
-        r = self.client.post("/api/v1/runs", json={"spec": spec, "name": "loop"})
-        assert r.status_code == 201, r.text
-        run_id: str = r.json()["id"]
-        return run_id
-
-    def run(self, run_id: str) -> dict[str, Any]:
-        r = self.client.get(f"/api/v1/runs/{run_id}")
-        assert r.status_code == 200, r.text
-        body: dict[str, Any] = r.json()
-        return body
-
-    def wait(
-        self, run_id: str, until: Callable[[dict[str, Any]], bool], timeout: float = 240
-    ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            run = self.run(run_id)
-            if until(run):
-                return run
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out; the run is {run['status']}: {run}")
-            time.sleep(0.25)
 
 
 @pytest.fixture(autouse=True)
@@ -112,27 +84,6 @@ def loop(make_settings: Callable[..., Settings], engine: Engine) -> Iterator[Loo
     """On the database(s) `--db` selects (the `engine` fixture migrated it)."""
     port = free_port()
     lp = Loop(loop_settings(make_settings, port), port).start()
-    yield lp
-    _teardown(lp)
-
-
-@pytest.fixture
-def sqlite_loop(tmp_path: Path) -> Iterator[Loop]:
-    """SQLite only: for what the database plays no part in, to keep the suite short."""
-    port = free_port()
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=f"sqlite:///{tmp_path / 'loop.db'}",
-        run_worker=True,
-        public_url=f"http://127.0.0.1:{port}",
-        worker_poll_seconds=0.2,
-        reconcile_seconds=0.5,
-        trainer_device="cpu",
-    )
-    engine = make_engine(settings.db_url)
-    migrate(engine)
-    engine.dispose()
-    lp = Loop(settings, port).start()
     yield lp
     _teardown(lp)
 
@@ -187,55 +138,3 @@ def test_rest_to_trainer_to_callbacks_to_a_succeeded_run(loop: Loop, tiny_model:
     assert "completed in" in log.read_text()
     assert (Path(run["artifact_uri"]) / "adapter" / "adapter_config.json").is_file()
     assert (Path(run["artifact_uri"]) / "results.json").is_file()
-
-
-def test_a_trainer_killed_with_sigkill_fails_its_run_with_the_reason(
-    sqlite_loop: Loop, tiny_model: Path
-) -> None:
-    loop = sqlite_loop
-    # 400 steps: still training when the kill comes, however fast the machine (it is killed,
-    # so the length costs nothing).
-    run_id = loop.submit(tiny_model, train_size=320, num_epochs=20)
-    run = loop.wait(run_id, lambda r: r["status"] == "running" or r["status"] in TERMINAL)
-    assert run["status"] == "running"
-    pid = LocalDispatcher(loop.settings).trainer_pid(run["execution_name"])
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-
-    run = loop.wait(run_id, lambda r: r["status"] in TERMINAL)
-    assert run["status"] == "failed"
-    reason = run["status_reason"]
-    assert "killed by SIGKILL (exit code -9)" in reason
-    assert "last lines of its log" in reason
-    assert reason.split("last lines of its log", 1)[1].count("\n") >= 1  # with the lines
-
-
-def test_events_spooled_while_the_api_was_down_all_arrive(
-    sqlite_loop: Loop, tiny_model: Path
-) -> None:
-    loop = sqlite_loop
-    run_id = loop.submit(tiny_model)
-    # As soon as the trainer is started: before its first event, or just after; its last one
-    # (`completed`) comes only after loading, two evaluations and training, so the api is gone
-    # well before the trainer ends, on any machine.
-    loop.wait(run_id, lambda r: r["status"] in ("dispatched", "running"))
-    loop.stop()  # the api (and its worker) go away mid-run; the trainer carries on
-
-    spool = spool_file(loop.settings.data_dir.resolve() / "spool", run_id)
-    deadline = time.monotonic() + 120
-    while not spool.exists():
-        assert time.monotonic() < deadline, "the trainer never spooled an event"
-        time.sleep(0.2)
-    loop.start()  # a new api process: same database, same port
-
-    run = loop.wait(run_id, lambda r: r["status"] in TERMINAL)
-    assert run["status"] == "succeeded", run["status_reason"]
-    assert run["final_accuracy"] is not None and run["last_step"] == 2
-    stored = events_of(loop.settings, run_id)
-    # Nothing lost: the sequence has no gap, from `started` to `completed`.
-    assert [e.seq for e in stored] == list(range(len(stored)))
-    assert stored[-1].type == "completed"
-    deadline = time.monotonic() + 120  # a hang guard
-    while spool.exists():  # re-sent, so removed
-        assert time.monotonic() < deadline, "the spool was never emptied"
-        time.sleep(0.2)

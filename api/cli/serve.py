@@ -6,12 +6,45 @@ import argparse
 import contextlib
 import ipaddress
 import sys
+import threading
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from api.cli.ports import PortUnavailable, bind
 from api.cli.settings import load_settings, open_database, shown_url
+from api.dispatch.worker import Worker
 from api.main import create_app
+
+
+class _Server(uvicorn.Server):
+    """On the first SIGTERM or Ctrl-C, the app's worker stops first, while the server still
+    takes callbacks: its local trainers save a checkpoint and their `segment_done` arrives over
+    HTTP (api/dispatch/shutdown.py). Then the server stops as uvicorn's does. A second signal
+    stops it at once."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+        self._stopping: threading.Thread | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        worker = getattr(self.app.state, "worker", None)
+        if worker is None or self._stopping is not None:
+            super().handle_exit(sig, frame)
+            return
+        self._stopping = threading.Thread(
+            target=self._stop_worker_then_exit, args=(worker, sig, frame), name="stopping"
+        )
+        self._stopping.daemon = True
+        self._stopping.start()
+
+    def _stop_worker_then_exit(self, worker: Worker, sig: int, frame: FrameType | None) -> None:
+        try:
+            worker.stop()
+        finally:
+            super().handle_exit(sig, frame)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
     from api.observability.logs import uvicorn_log_config
 
     log_config = uvicorn_log_config(settings.log_format, settings.gcp_project)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=args.host,
         port=args.port,
         log_level="info",
@@ -75,5 +109,5 @@ def run(args: argparse.Namespace) -> int:
         # Ctrl-C (SIGINT) stops the server gracefully, then asyncio re-raises it; uvicorn.run
         # swallows it, Server.run does not, and a traceback on a normal stop is noise (and a
         # non-JSON line in a JSON log).
-        uvicorn.Server(config).run(sockets=[sock])
+        _Server(config, app).run(sockets=[sock])
     return 0

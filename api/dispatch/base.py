@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from trainer.contract.execution import ExecutionEnv
 from trainer.contract.spec import RunSpec
@@ -23,7 +23,7 @@ class Launch:
 
 @dataclass(frozen=True)
 class Execution:
-    name: str  # the dispatcher's handle: a Cloud Run execution name, or "local:<run>:<segment>"
+    name: str  # the dispatcher's handle: a Cloud Run execution name, or "local:<run>:<segment>:..."
     log_uri: str | None = None
     artifact_uri: str | None = None
     checkpoint_uri: str | None = None
@@ -70,3 +70,24 @@ class Dispatcher(Protocol):
     def status(self, execution_name: str) -> ExecutionStatus: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Owning(Protocol):
+    """A dispatcher that sees only some executions: the local one sees those whose files are in
+    its data directory. Another replica's are that replica's to watch, stop and judge."""
+
+    def owns(self, execution_name: str) -> bool: ...
+
+
+@runtime_checkable
+class Interruptible(Dispatcher, Protocol):
+    """A dispatcher whose executions end when the service stops (the local one: they are this
+    machine's processes). `interrupt` asks one to end its segment with a checkpoint."""
+
+    def interrupt(self, execution_name: str) -> None: ...
+
+
+def owned(dispatcher: Dispatcher, execution_name: str) -> bool:
+    """Whether `dispatcher` may judge the execution (every one, unless it is `Owning`)."""
+    return not isinstance(dispatcher, Owning) or dispatcher.owns(execution_name)

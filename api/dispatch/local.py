@@ -6,15 +6,24 @@ a GPU fails instead of training on its CPU), and the `TUNEPLANE_*` variables of
 `ExecutionEnv.as_environ()` (none of the api's own `TUNEPLANE_*` settings, such as the database
 URL or the signing key, leak into it).
 
-Each trainer runs under a small supervisor (`_SUPERVISOR`, plain Python) in a session of its
-own, so it outlives an api restart and a Ctrl-C in the api's terminal. The supervisor writes the
+Each trainer runs under a small supervisor (plain Python; api/dispatch/local_supervisor.py) in a
+session of its own, so it outlives an api restart and a Ctrl-C in the api's terminal. It writes the
 trainer's pid to `<run>-<segment>.pid` and, when the trainer ends, its exit code to
 `<run>-<segment>.exit`, both next to the log in `settings.logs_dir`. The execution's name,
-`local:<run>:<segment>:<supervisor pid>`, plus those files, are all `status` needs: an api
-restarted while a trainer ran still learns how it ended, including a SIGKILL (exit code -9).
+`local:<run>:<segment>:<supervisor pid>:<owner>`, plus those files, are all `status` needs: an
+api restarted while a trainer ran still learns how it ended, including a SIGKILL (exit code -9).
+
+The owner is the id of the data directory (`DATA_DIR/dispatcher.id`, made once): only a
+dispatcher on that directory can see the trainer's files, so only it judges the execution
+(`owns`). Replicas with data directories of their own, on one database, each watch their own
+trainers; without it, each failed the others' live runs as "supervisor gone", and freed their
+slots under `max_concurrency` while the trainers ran on. Names of four parts (written before
+owners) count as every dispatcher's, as they did.
 
 Cancel: SIGTERM to the trainer (it saves a checkpoint and stops, as on Cloud Run), then SIGKILL
-to its process group after `grace_seconds`.
+to its process group after `grace_seconds`. `interrupt` (stopping the service) sends the SIGTERM
+alone and marks nothing: the trainer's segment ends with a checkpoint and its run is queued for
+the next segment.
 """
 
 from __future__ import annotations
@@ -33,75 +42,13 @@ from typing import BinaryIO
 
 from api.config import Settings
 from api.dispatch.base import DispatchError, Execution, ExecutionStatus, Launch
+from api.dispatch.local_supervisor import SUPERVISOR, describe_exit, log_tail, owner_id
 from trainer.contract.execution import PREFIX, ExecutionEnv
 from trainer.contract.spool import spool_file
 
 log = logging.getLogger(__name__)
 
 NAME_PREFIX = "local"
-LOG_TAIL_LINES = 25
-LOG_TAIL_CHARS = 2500
-
-# Runs the trainer in a process group of its own (so SIGKILL to that group spares the
-# supervisor), forwards SIGTERM/SIGINT to it, and records how it ended. Written to be run by
-# any Python 3, without the api installed.
-_SUPERVISOR = r"""
-import os, signal, subprocess, sys
-exit_path, pid_path = sys.argv[1], sys.argv[2]
-cmd = sys.argv[3:]
-pending = []
-child = None
-def forward(signum, frame):
-    if child is None:
-        pending.append(signum)
-    else:
-        try:
-            os.kill(child.pid, signum)
-        except ProcessLookupError:
-            pass
-signal.signal(signal.SIGTERM, forward)
-signal.signal(signal.SIGINT, forward)
-def write(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-try:
-    child = subprocess.Popen(cmd, process_group=0)
-except OSError as exc:
-    print("tuneplane: cannot start the trainer: %s" % exc, flush=True)
-    write(exit_path, "127")
-    sys.exit(127)
-write(pid_path, str(child.pid))
-for signum in pending:
-    os.kill(child.pid, signum)
-code = child.wait()
-write(exit_path, str(code))
-sys.exit(code if code >= 0 else 128 - code)
-"""
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES, chars: int = LOG_TAIL_CHARS) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    tail = "\n".join(text.splitlines()[-lines:])
-    return tail[-chars:]
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"the trainer was killed by {name} (exit code {code})"
-    if code == 127:
-        return "the trainer could not be started (exit code 127)"
-    return f"the trainer exited with code {code}"
 
 
 def threads_per_trainer(settings: Settings) -> int:
@@ -124,6 +71,7 @@ class LocalDispatcher:
             trainer_command or [settings.trainer_python or sys.executable, "-m", "trainer"]
         )
         self.grace_seconds = grace_seconds
+        self.owner = owner_id(settings.data_dir)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._kill_timers: dict[str, threading.Timer] = {}
         self._lock = threading.Lock()
@@ -144,11 +92,18 @@ class LocalDispatcher:
 
     @staticmethod
     def parse_name(name: str) -> tuple[str, int, int]:
-        """(run id, segment, supervisor pid) of a `local:<run>:<segment>:<pid>` name."""
+        """(run id, segment, supervisor pid) of a `local:<run>:<segment>:<pid>[:<owner>]` name."""
         parts = name.split(":")
-        if len(parts) != 4 or parts[0] != NAME_PREFIX:
+        if len(parts) not in (4, 5) or parts[0] != NAME_PREFIX:
             raise ValueError(f"not a local execution name: {name!r}")
         return parts[1], int(parts[2]), int(parts[3])
+
+    def owns(self, execution_name: str) -> bool:
+        """Whether this dispatcher's data directory holds the execution's files (see above)."""
+        parts = execution_name.split(":")
+        if parts[0] != NAME_PREFIX:
+            return False
+        return len(parts) == 4 or parts[4:] == [self.owner]
 
     # -- Dispatcher ------------------------------------------------------------------------
 
@@ -179,7 +134,7 @@ class LocalDispatcher:
             log_file.write(f"[tuneplane {stamp}] segment {segment}: {' '.join(command)}\n".encode())
             log_file.flush()
             proc = self._spawn(paths, command, self._environ(env), run_dir, log_file)
-        name = f"{NAME_PREFIX}:{run_id}:{segment}:{proc.pid}"
+        name = f"{NAME_PREFIX}:{run_id}:{segment}:{proc.pid}:{self.owner}"
         with self._lock:
             self._procs[name] = proc
         # Reap the supervisor the moment it exits. The worker often learns that a run ended
@@ -237,7 +192,7 @@ class LocalDispatcher:
                 [
                     sys.executable,
                     "-c",
-                    _SUPERVISOR,
+                    SUPERVISOR,
                     str(paths["exit"]),
                     str(paths["pid"]),
                     *command,
@@ -298,6 +253,15 @@ class LocalDispatcher:
             timer.daemon = True
             self._kill_timers[execution_name] = timer
             timer.start()
+
+    def interrupt(self, execution_name: str) -> None:
+        """SIGTERM to the trainer, nothing else: it saves a checkpoint and reports its segment
+        done, and its run is queued for the next one (the service is stopping)."""
+        run_id, segment, supervisor = self.parse_name(execution_name)
+        paths = self._paths(run_id, segment)
+        if self._exit_code(paths["exit"]) is None:
+            trainer = self._trainer_pid(paths["pid"])
+            _signal(trainer if trainer is not None else supervisor, signal.SIGTERM)
 
     def close(self) -> None:
         """Stop the pending SIGKILL timers. Trainers keep running: an api restart must not end

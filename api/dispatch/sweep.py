@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 
 from api.db import session_scope
 from api.dispatch import service
-from api.dispatch.base import Dispatcher, Execution, Found, Launch
+from api.dispatch.base import Dispatcher, Execution, Found, Launch, owned
 from api.runs.states import RunStatus
 
 log = logging.getLogger("tuneplane.worker")
@@ -41,6 +41,8 @@ def close_executions(engine: Engine, dispatcher: Dispatcher, cancel: Callable[[s
     with session_scope(engine) as session:
         rows = service.runs_to_close(session)
     for run_id, name in rows:
+        if not owned(dispatcher, name):
+            continue  # another replica's execution (api/dispatch/local.py)
         try:
             status = dispatcher.status(name)
             if status.state in ENDED:

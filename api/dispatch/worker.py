@@ -34,7 +34,15 @@ from api.auth.callback import mint_token, token_lifetime
 from api.config import Settings
 from api.db import session_scope, utcnow
 from api.dispatch import make_dispatcher, service
-from api.dispatch.base import Dispatcher, DispatchError, Execution, ExecutionStatus, Launch
+from api.dispatch.base import (
+    Dispatcher,
+    DispatchError,
+    Execution,
+    ExecutionStatus,
+    Launch,
+    owned,
+)
+from api.dispatch.shutdown import checkpoint_and_stop
 from api.dispatch.sweep import Adopting, close_executions, sweep_orphans
 from api.errors import Problem
 from api.events import service as events
@@ -90,6 +98,7 @@ class Worker:
         self._cancel_asked: dict[str, float] = {}
         self._last_reconcile = 0.0
         self._stop = threading.Event()
+        self._stopped = False
         self._thread: threading.Thread | None = None
 
     # -- running -------------------------------------------------------------------------------
@@ -105,11 +114,20 @@ class Worker:
         self._stop.set()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """End the loop, then have local trainers save a checkpoint and stop, unless
+        settings.local_trainers_on_stop says keep (api/dispatch/shutdown.py). Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("the worker did not stop within %ss", timeout)
+        if self.settings.local_trainers_on_stop == "checkpoint":
+            checkpoint_and_stop(
+                self.engine, self.dispatcher, self._take_leftover_events, self.settings
+            )
         try:
             with session_scope(self.engine) as session:
                 service.release_claims(session, self.worker_id)
@@ -285,6 +303,8 @@ class Worker:
     def finish_cancels(self) -> None:
         with session_scope(self.engine) as session:
             rows = service.runs_with_executions(session, (RunStatus.cancelling,))
+        # Another replica's execution is that replica's to stop (api/dispatch/local.py).
+        rows = [(r, n) for r, n in rows if n is None or owned(self.dispatcher, n)]
         for run_id, name in rows:
             try:
                 self._finish_cancel(run_id, name)
@@ -319,8 +339,8 @@ class Worker:
         with session_scope(self.engine) as session:
             rows = service.runs_with_executions(session, (RunStatus.dispatched, RunStatus.running))
         for run_id, name in rows:
-            if name is None:
-                continue
+            if name is None or not owned(self.dispatcher, name):
+                continue  # not started yet, or another replica's to judge
             try:
                 status = self.dispatcher.status(name)
                 if status.state in ENDED:

@@ -49,6 +49,14 @@ def insert_runs(
         return [r.id for r in runs]
 
 
+def load_run(engine: Engine, run_id: str) -> Run:
+    """The run as the database has it now."""
+    with session_scope(engine) as session:
+        run = session.get(Run, run_id)
+        assert run is not None, run_id
+        return run
+
+
 def token_for(settings: Settings, run_id: str, hours: float = 1) -> str:
     return mint_token(settings.signing_key, run_id, datetime.now(UTC) + timedelta(hours=hours))
 

@@ -287,6 +287,7 @@ def test_leftover_events_are_read_from_the_runs_spool(
 def test_names_and_factory(make_settings: Callable[..., Settings]) -> None:
     assert isinstance(make_dispatcher(make_settings()), LocalDispatcher)
     assert LocalDispatcher.parse_name("local:run_1:3:42") == ("run_1", 3, 42)
+    assert LocalDispatcher.parse_name("local:run_1:3:42:abc") == ("run_1", 3, 42)
     d = LocalDispatcher(make_settings())
     assert d.status("projects/p/executions/e").state == "unknown"
     with pytest.raises(ValueError, match="not a local execution"):
@@ -322,3 +323,32 @@ def test_finished_trainers_leave_no_zombie_even_unasked(
             )
             time.sleep(0.05)
         assert exit_file.read_text() == "0"
+
+
+def test_an_execution_belongs_to_the_data_directory_that_started_it(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    d = LocalDispatcher(make_settings())
+    again = LocalDispatcher(make_settings())  # a restart: the same directory, the same owner
+    other = LocalDispatcher(make_settings(data_dir=tmp_path / "other"))
+    assert d.owner == again.owner != other.owner
+    assert (d.settings.data_dir / "dispatcher.id").read_text() == d.owner
+    name = f"local:run_1:0:42:{d.owner}"
+    assert d.owns(name) and again.owns(name) and not other.owns(name)
+    # Named before owners were: every local dispatcher's, as they were then.
+    assert d.owns("local:run_1:0:42") and other.owns("local:run_1:0:42")
+    assert not d.owns("projects/p/locations/r/jobs/j/executions/e")
+
+
+def test_interrupt_sends_sigterm_and_marks_no_cancel(
+    dispatcher_for: Callable[..., LocalDispatcher],
+) -> None:
+    """Stopping the service: the trainer saves and stops, and its execution ends as succeeded
+    (its run moves on by its `segment_done`), not as cancelled."""
+    d = dispatcher_for("term")
+    name = d.start(launch()).name
+    assert d.owns(name)
+    wait_started(d, name)
+    d.interrupt(name)
+    assert wait_for(d, name) == ExecutionStatus("succeeded")
+    assert "SIGTERM, saving a checkpoint" in _log(d, name)
