@@ -2,6 +2,7 @@
 environment compares it with the database, and tests create or inspect the schema from it."""
 
 from api.auth.models import ApiToken
+from api.dispatch.models import ExecutionStop
 from api.events.models import ClassMetric, Evaluation, ProgressPoint, RunEvent
 from api.notify.models import WebhookDelivery
 from api.runs.idempotency import IdempotencyKey
@@ -13,6 +14,7 @@ __all__ = [
     "Champion",
     "ClassMetric",
     "Evaluation",
+    "ExecutionStop",
     "IdempotencyKey",
     "ProgressPoint",
     "Run",

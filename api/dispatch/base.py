@@ -9,6 +9,8 @@ from trainer.contract.execution import ExecutionEnv
 from trainer.contract.spec import RunSpec
 
 ExecutionStateName = Literal["pending", "running", "succeeded", "failed", "cancelled", "unknown"]
+# The states an execution never leaves.
+ENDED: frozenset[ExecutionStateName] = frozenset({"succeeded", "failed", "cancelled"})
 
 
 @dataclass(frozen=True)

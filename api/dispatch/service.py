@@ -21,11 +21,12 @@ from sqlmodel import Session, col, select
 
 from api.db import utcnow
 from api.dispatch.base import DispatchError, Execution, ExecutionStatus
+from api.dispatch.stops import request_stop
 from api.events import service as events
 from api.runs.finish import finish_run
 from api.runs.models import Run
 from api.runs.service import lock_run
-from api.runs.states import ACTIVE, TERMINAL, RunStatus
+from api.runs.states import ACTIVE, RunStatus
 from api.runs.status import set_status
 
 # Any fixed 64-bit number: the key of the advisory lock claimers take turns at.
@@ -134,7 +135,8 @@ def mark_launch(session: Session, run_id: str, worker_id: str) -> bool:
 
 def record_execution(session: Session, run_id: str, worker_id: str, execution: Execution) -> bool:
     """Store the execution's handle and mark the run dispatched. False when the run stopped
-    being ours meanwhile (cancelled): the caller cancels the execution it just started."""
+    being ours meanwhile (cancelled, or our claim ran out): the execution's stop is queued in
+    the same commit, for the worker to carry out (api/dispatch/stops.py)."""
     run = lock_run(session, run_id)
     run.execution_name = execution.name
     run.log_uri = execution.log_uri or run.log_uri
@@ -158,6 +160,14 @@ def record_execution(session: Session, run_id: str, worker_id: str, execution: E
         run.waiting_since = None
         # The trainer may have reported before this commit (a fast start): apply that now.
         events.replay_deferred(session, run)
+    else:
+        request_stop(
+            session,
+            run_id,
+            execution.name,
+            f"started after its run {run_id} stopped being this worker's ({run.status})",
+            exits_by_itself=False,
+        )
     session.add(run)
     session.commit()
     return ours
@@ -306,26 +316,6 @@ def execution_ended(
         )
     session.commit()
     return str(run.status)
-
-
-# A trainer exits within seconds of its final event; one still running a minute after is stuck
-# (or a platform retry began): only then is it cancelled.
-CLOSE_GRACE = timedelta(seconds=60)
-
-
-def runs_to_close(session: Session) -> list[tuple[str, str]]:
-    """(run id, execution name) of runs that ended over CLOSE_GRACE ago and whose execution was
-    not yet seen ended."""
-    rows = session.exec(
-        select(Run.id, Run.execution_name).where(
-            col(Run.status).in_(list(TERMINAL)),
-            col(Run.execution_ended).is_(False),
-            col(Run.execution_name).is_not(None),
-            or_(col(Run.finished_at).is_(None), col(Run.finished_at) <= utcnow() - CLOSE_GRACE),
-        )
-    ).all()
-    session.rollback()
-    return [(run_id, name) for run_id, name in rows if name]
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
-"""The worker's sweeps (api/dispatch/worker.py): runs and Cloud Run executions end together.
+"""The worker's orphan sweep (api/dispatch/worker.py): no Cloud Run execution runs for nothing.
 
-- `close_executions`: a run that ended (its trainer's final event, a cancel, a failure) while its
-  recorded execution still runs has that execution cancelled: a terminal run has no live
-  execution (a trainer stuck on an upload, or a platform retry started after the verdict).
-- `sweep_orphans`: every live execution of our Jobs names its run (TUNEPLANE_RUN_ID); one that is
-  not its run's recorded execution is cancelled, unless the run is being dispatched right now
-  (its launch marker is set for that segment: the dispatch adopts or records it). That covers an
-  api that died between `run_job` and recording the execution, and a segment's execution still
-  running when the next segment was started.
+The executions the api knows it must stop (their run ended, or they started after their run
+stopped being the worker's) are stopped through the rows `finish_run` and `record_execution`
+queue (api/dispatch/stops.py). What no row names is found here: every live execution of our
+Jobs names its run (TUNEPLANE_RUN_ID); one that is not its run's recorded execution is
+cancelled, unless the run is being dispatched right now (its launch marker is set for that
+segment: the dispatch adopts or records it). That covers an api that died between `run_job`
+and recording the execution, and a segment's execution still running when the next segment was
+started.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from sqlalchemy import Engine
 
 from api.db import session_scope
 from api.dispatch import service
-from api.dispatch.base import Dispatcher, Execution, Found, Launch, owned
+from api.dispatch.base import Dispatcher, Execution, Found, Launch
 from api.runs.states import RunStatus
 
 log = logging.getLogger("tuneplane.worker")
-ENDED = frozenset({"succeeded", "failed", "cancelled"})
 
 
 @runtime_checkable
@@ -35,24 +34,6 @@ class Adopting(Protocol):
     def adopt(self, launch: Launch, since: datetime) -> Execution | None: ...
 
     def live_executions(self) -> list[Found]: ...
-
-
-def close_executions(engine: Engine, dispatcher: Dispatcher, cancel: Callable[[str], None]) -> None:
-    with session_scope(engine) as session:
-        rows = service.runs_to_close(session)
-    for run_id, name in rows:
-        if not owned(dispatcher, name):
-            continue  # another replica's execution (api/dispatch/local.py)
-        try:
-            status = dispatcher.status(name)
-            if status.state in ENDED:
-                with session_scope(engine) as session:
-                    service.execution_ended(session, run_id, name, status)
-            elif status.state in ("pending", "running"):  # "unknown": ask again next time
-                log.warning("%s has ended but %s still runs; cancelling it", run_id, name)
-                cancel(name)
-        except Exception:
-            log.exception("closing %s of %s failed; trying again next time", name, run_id)
 
 
 def sweep_orphans(engine: Engine, dispatcher: Dispatcher, cancel: Callable[[str], None]) -> None:
@@ -78,6 +59,6 @@ def sweep_orphans(engine: Engine, dispatcher: Dispatcher, cancel: Callable[[str]
 
 def _keep(view: service.RunView, found: Found) -> bool:
     if view.execution_name == found.name:
-        return True  # its run's own (an ended run's is close_executions' to stop, after a grace)
+        return True  # its run's own (an ended run's is stopped through its stop row)
     # Being dispatched: the marker is set for this segment and nothing is recorded yet.
     return view.status == RunStatus.queued and view.launched and view.segment == found.segment

@@ -4,6 +4,8 @@ without a word from their trainer.
 One loop, every `worker_poll_seconds`:
 1. cancels: a `cancelling` run's execution is asked to stop (again after `cancel_reask_seconds`
    if it has not), and once it has ended the run is `cancelled`;
+   stops: the executions that must not go on (their run ended: `finish_run` queued the stop)
+   are stopped the same way, once any exit grace is over (api/dispatch/stops.py);
 2. dispatch: claim as many queued runs as `max_concurrency` leaves room for (a lease in the row,
    safe with several workers; api/dispatch/service.py), mint each a callback token, start it
    through the Dispatcher and record the execution at once;
@@ -33,8 +35,9 @@ from sqlalchemy.exc import OperationalError
 from api.auth.callback import mint_token, token_lifetime
 from api.config import Settings
 from api.db import session_scope, utcnow
-from api.dispatch import make_dispatcher, service
+from api.dispatch import make_dispatcher, service, stops
 from api.dispatch.base import (
+    ENDED,
     Dispatcher,
     DispatchError,
     Execution,
@@ -43,7 +46,7 @@ from api.dispatch.base import (
     owned,
 )
 from api.dispatch.shutdown import checkpoint_and_stop
-from api.dispatch.sweep import Adopting, close_executions, sweep_orphans
+from api.dispatch.sweep import Adopting, sweep_orphans
 from api.errors import Problem
 from api.events import service as events
 from api.observability import metrics
@@ -53,8 +56,6 @@ from trainer.contract.execution import ExecutionEnv
 from trainer.contract.spec import RunSpec
 
 log = logging.getLogger("tuneplane.worker")
-
-ENDED = frozenset({"succeeded", "failed", "cancelled"})
 
 
 @runtime_checkable
@@ -84,6 +85,7 @@ class Worker:
         worker_id: str | None = None,
         retry: service.RetryPolicy | None = None,
         cancel_reask_seconds: float = 30.0,
+        exit_grace_seconds: float = 60.0,
         claim_batch: int = 8,
     ) -> None:
         self.settings, self.engine = settings, engine
@@ -94,6 +96,9 @@ class Worker:
         )
         self.retry = retry or service.RetryPolicy(wait_seconds=settings.cloud_run_wait_seconds)
         self.cancel_reask_seconds = cancel_reask_seconds
+        # A trainer exits within seconds of its final event: only one still running this long
+        # after it is stopped (a hung upload, a platform retry started after the verdict).
+        self.exit_grace_seconds = exit_grace_seconds
         self.claim_batch = claim_batch
         self._cancel_asked: dict[str, float] = {}
         self._last_reconcile = 0.0
@@ -145,14 +150,14 @@ class Worker:
 
     def tick(self) -> None:
         """One pass of the loop; each step's errors are logged, not raised."""
-        for step in (self.finish_cancels, self._dispatch_all):
+        for step in (self.finish_cancels, self.stop_executions, self._dispatch_all):
             try:
                 step()
             except Exception:
                 log.exception("worker step %s failed; trying again next tick", step.__name__)
         if time.monotonic() - self._last_reconcile >= self.settings.reconcile_seconds:
             self._last_reconcile = time.monotonic()
-            for check in (self.reconcile, self.close_executions, self.sweep_orphans):
+            for check in (self.reconcile, self.sweep_orphans):
                 try:
                     check()
                     if check == self.reconcile:
@@ -160,8 +165,14 @@ class Worker:
                 except Exception:
                     log.exception("%s failed; trying again next time", check.__name__)
 
-    def close_executions(self) -> None:
-        close_executions(self.engine, self.dispatcher, self._cancel)
+    def stop_executions(self) -> int:
+        """Carry out the due stops of executions (api/dispatch/stops.py); returns how many."""
+        return stops.stop_due(
+            self.engine,
+            self.dispatcher,
+            exit_grace=timedelta(seconds=self.exit_grace_seconds),
+            reask=timedelta(seconds=self.cancel_reask_seconds),
+        )
 
     def sweep_orphans(self) -> None:
         sweep_orphans(self.engine, self.dispatcher, self._cancel)
@@ -226,7 +237,7 @@ class Worker:
             return 0
         if not ours:
             log.info("%s was cancelled while %s started; stopping it", run_id, execution.name)
-            self._cancel(execution.name)
+            self.stop_executions()  # its stop was queued with the record
             return 0
         log.info(
             "%s segment %d started as %s",

@@ -1,7 +1,8 @@
 """Outgoing webhook deliveries: one row per (run end, webhook URL), kept after it is sent.
 
 A row is written in the same unit of work that ends the run, so a crash between the run ending
-and the post leaves a pending row for the notifier to send, never a lost notification.
+and the post leaves a pending row for the notifier to send, never a lost notification (the
+outbox shape, api/outbox.py).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, field_validator
 from sqlalchemy import JSON, Column
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
 
-from api.db import UTCDateTime, new_id, utcnow
+from api.db import UTCDateTime, new_id
+from api.outbox import OutboxRow
 
 
-class WebhookDelivery(SQLModel, table=True):
+class WebhookDelivery(OutboxRow, table=True):
     __tablename__ = "webhook_deliveries"
 
     id: str = Field(default_factory=lambda: new_id("dlv"), primary_key=True, max_length=40)
@@ -27,15 +29,8 @@ class WebhookDelivery(SQLModel, table=True):
     url: str = Field(max_length=2000)
     event: str = Field(max_length=40)
     payload: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
-    # pending -> delivered | failed (after the last attempt)
-    status: str = Field(default="pending", max_length=20, index=True)
-    attempts: int = 0
-    next_attempt_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
-    # A sender's lease on the row, so that two api replicas never post the same delivery at once.
-    claimed_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # status: pending -> delivered | failed (after the last attempt)
     last_status_code: int | None = None
-    last_error: str | None = Field(default=None, max_length=2000)
-    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 

@@ -8,11 +8,12 @@ the same body again.
 
 Durability: `enqueue` writes one `WebhookDelivery` row per URL inside the unit of work that ends
 the run; `Notifier` (a thread of the api process, next to the dispatch worker) claims due rows
-with a lease in the row, posts them, and records every attempt's outcome. Connection errors,
-timeouts, 408, 425, 429 and 5xx are retried with exponential backoff (honouring a `Retry-After`
-in seconds) up to `webhook_max_attempts`; any other answer is final. Redirects are not followed,
-connections go only to public addresses (api/notify/address_guard.py), and a receiver's answer
-is never read: `last_error` holds its status or the error's kind, nothing it sent.
+with a lease in the row, posts them, and records every attempt's outcome (the outbox shape of
+api/outbox.py). Connection errors, timeouts, 408, 425, 429 and 5xx are retried with exponential
+backoff (honouring a `Retry-After` in seconds) up to `webhook_max_attempts`; any other answer
+is final. Redirects are not followed, connections go only to public addresses
+(api/notify/address_guard.py), and a receiver's answer is never read: `last_error` holds its
+status or the error's kind, nothing it sent.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from datetime import timedelta
 from typing import Any, NamedTuple
 
 import httpx
-from sqlalchemy import Engine, or_, update
+from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from api.config import Settings
@@ -34,6 +35,7 @@ from api.db import session_scope, utcnow
 from api.notify.address_guard import guarded_transport, is_refusal
 from api.notify.models import WebhookDelivery, WebhookDeliveryPublic, display_url
 from api.observability.metrics import WEBHOOK_DELIVERIES
+from api.outbox import backoff, claim_due
 from api.runs.models import Run
 from api.runs.query import find_run
 from api.templates.models import TemplateVersion
@@ -110,44 +112,6 @@ def _secret(session: Session, delivery: WebhookDelivery, settings: Settings) -> 
     if settings.webhook_secret is not None:
         return settings.webhook_secret.get_secret_value().encode()
     return None
-
-
-def _claim(engine: Engine, limit: int) -> list[str]:
-    """Ids of due deliveries this process now holds a lease on."""
-    now = utcnow()
-    claimed: list[str] = []
-    with session_scope(engine) as session:
-        due = session.exec(
-            select(WebhookDelivery.id)
-            .where(
-                WebhookDelivery.status == "pending",
-                col(WebhookDelivery.next_attempt_at) <= now,
-                or_(
-                    col(WebhookDelivery.claimed_until).is_(None),
-                    col(WebhookDelivery.claimed_until) < now,
-                ),
-            )
-            .order_by(col(WebhookDelivery.next_attempt_at))
-            .limit(limit)
-        ).all()
-        for delivery_id in due:
-            # A conditional UPDATE: of two replicas racing for a row, exactly one changes it.
-            result = session.execute(
-                update(WebhookDelivery)
-                .where(
-                    col(WebhookDelivery.id) == delivery_id,
-                    col(WebhookDelivery.status) == "pending",
-                    or_(
-                        col(WebhookDelivery.claimed_until).is_(None),
-                        col(WebhookDelivery.claimed_until) < now,
-                    ),
-                )
-                .values(claimed_until=now + LEASE)
-            )
-            session.commit()
-            if result.rowcount == 1:  # type: ignore[attr-defined]
-                claimed.append(delivery_id)
-    return claimed
 
 
 def _error_class(exc: httpx.HTTPError) -> str:
@@ -230,7 +194,7 @@ def deliver_due(engine: Engine, settings: Settings, client: httpx.Client | None 
     http = client or client_for(settings)
     attempted = 0
     try:
-        for delivery_id in _claim(engine, limit=50):
+        for delivery_id in claim_due(engine, WebhookDelivery, LEASE, limit=50):
             with session_scope(engine) as session:
                 delivery = session.get(WebhookDelivery, delivery_id)
                 if delivery is None or delivery.status != "pending":
@@ -258,8 +222,10 @@ def deliver_due(engine: Engine, settings: Settings, client: httpx.Client | None 
                 if delivered:
                     delivery.status, delivery.delivered_at = "delivered", now
                 elif retry and delivery.attempts < settings.webhook_max_attempts:
-                    delay = settings.webhook_backoff_seconds * 2 ** (delivery.attempts - 1)
-                    delay = min(max(delay, after or 0.0), MAX_DELAY_SECONDS)
+                    wait = backoff(
+                        delivery.attempts, settings.webhook_backoff_seconds, MAX_DELAY_SECONDS
+                    )
+                    delay = min(max(wait.total_seconds(), after or 0.0), MAX_DELAY_SECONDS)
                     delivery.next_attempt_at = now + timedelta(seconds=delay)
                 else:
                     delivery.status = "failed"

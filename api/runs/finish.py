@@ -1,12 +1,14 @@
-"""How a run ends: `finish_run` moves it into a terminal state and does what that implies, its
-quality gate, auto-promotion and webhook notifications, inside the caller's unit of work, so the
-run never appears finished without its gate and the notifications are queued atomically with the
-end they announce (a crash leaves both or neither).
+"""How a run ends: `finish_run` moves it into a terminal state and does what that implies: the
+stop of its execution if that may still run, its quality gate, auto-promotion and webhook
+notifications, all inside the caller's unit of work. So the run never appears finished without
+its gate, and the stop and the notifications are queued atomically with the end they follow (a
+crash leaves all or none); the dispatch worker and the notifier act on them after the commit
+(api/dispatch/stops.py, api/notify/service.py), never inside the transaction.
 
 Every end calls it: the trainer's final event (api/events/service.py), a cancel of a queued run
-(api/runs/service.py), a failed dispatch and the reconciler noticing a dead execution
-(api/dispatch/service.py). A live execution is not stopped here: cancelling a started run moves
-it to `cancelling`, and the dispatch worker stops the execution, then finishes the run.
+(api/runs/service.py), a failed dispatch, the reconciler noticing a dead execution and the end
+of a cancel (api/dispatch/service.py). Cancelling a started run is not an end: it moves the run
+to `cancelling`, the worker stops the execution, and the run ends once it has.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 
 from sqlmodel import Session
 
+from api.dispatch.stops import request_stop
 from api.events.models import Evaluation
 from api.notify import service as notify
 from api.runs.models import Run
@@ -58,11 +61,23 @@ def _gate(session: Session, run: Run, version: TemplateVersion) -> GateResult:
 
 def finish_run(session: Session, run: Run, status: RunStatus, reason: str | None = None) -> None:
     """End `run` in the terminal `status` (raises IllegalTransition when the state machine
-    forbids it), then record its gate, promote it if its template says so and it passed, and
-    queue its webhooks. Adds to the caller's session; the caller commits."""
+    forbids it), queue the stop of its execution unless that was seen ended, record its gate,
+    promote it if its template says so and it passed, and queue its webhooks. Adds to the
+    caller's session; the caller commits."""
     if status not in TERMINAL:
         raise ValueError(f"{status.value} is not an end; set_status moves a run between states")
     apply_transition(session, run, status, reason)
+    if run.execution_name is not None and not run.execution_ended:
+        # Such an execution's trainer has said it is done (the run's final event, or the
+        # `segment_done` that queued the run for its next segment): it exits by itself, and is
+        # cancelled only if it hangs or a platform retry starts after the verdict.
+        request_stop(
+            session,
+            run.id,
+            run.execution_name,
+            f"its run {run.id} is {status.value}",
+            exits_by_itself=True,
+        )
     _after_end(session, run)
 
 

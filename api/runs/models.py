@@ -66,8 +66,8 @@ class Run(RunBase, table=True):
     # is recorded: a run found with it set may have an execution nobody recorded (the api died
     # in between), which the next dispatch adopts instead of starting a second one.
     launched_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
-    # False from dispatch until the recorded execution is seen ended: a run that ends while its
-    # execution still runs has the execution cancelled (api/dispatch/sweep.py's close_executions).
+    # False from dispatch until the recorded execution is seen ended: a run that ends before
+    # then has the stop of its execution queued (api/runs/finish.py, api/dispatch/stops.py).
     execution_ended: bool = Field(default=True)
     # When the run began waiting for a GPU (stock-out, quota) or for IAM to propagate; it fails
     # once `cloud_run_wait_seconds` have passed since.

@@ -2,8 +2,8 @@
 
 `set_status` moves a run between the states of its life (queued, dispatched, running,
 cancelling); it refuses a terminal state, because a run's end implies more than a new status
-(its gate, promotion, webhooks): that is `finish_run` (api/runs/finish.py), which every end goes
-through. Both move the state with `apply_transition`.
+(the stop of its execution, its gate, promotion, webhooks): that is `finish_run`
+(api/runs/finish.py), which every end goes through. Both move the state with `apply_transition`.
 """
 
 from __future__ import annotations

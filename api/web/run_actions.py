@@ -5,6 +5,8 @@ with the reason, with the status the API would have answered."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
@@ -31,30 +33,24 @@ router = APIRouter(include_in_schema=False)
 async def cancel_run_form(
     request: Request, run_id: str, session: SessionDep, settings: SettingsDep
 ) -> Response:
-    form = await _run_form(request, session, run_id)
-    if isinstance(form, HTMLResponse):
-        return form
-    try:
+    def cancel(form: FormData) -> str:
         runs_service.cancel_run(session, settings, run_id, reason="cancelled from the dashboard")
-    except Problem as exc:
-        return _run_with_error(request, session, settings, run_id, exc)
-    return RedirectResponse(f"/runs/{run_id}?notice=cancel-requested", status_code=303)
+        return f"/runs/{run_id}?notice=cancel-requested"
+
+    return await _act(request, session, settings, run_id, cancel)
 
 
 @router.post("/runs/{run_id}/retrain", response_class=HTMLResponse)
 async def retrain_run_form(
     request: Request, run_id: str, session: SessionDep, settings: SettingsDep
 ) -> Response:
-    form = await _run_form(request, session, run_id)
-    if isinstance(form, HTMLResponse):
-        return form
-    try:
+    def retrain(form: FormData) -> str:
         new = runs_service.retrain_run(
             session, settings, run_id, RetrainRequest(), idempotency_key=form_key(form)
         )
-    except Problem as exc:
-        return _run_with_error(request, session, settings, run_id, exc)
-    return RedirectResponse(f"/runs/{new.run.id}?notice=retrained", status_code=303)
+        return f"/runs/{new.run.id}?notice=retrained"
+
+    return await _act(request, session, settings, run_id, retrain)
 
 
 @router.post("/runs/{run_id}/promote", response_class=HTMLResponse)
@@ -63,31 +59,52 @@ async def promote_run_form(
 ) -> Response:
     """The run becomes its template's champion. `force` (the "promote anyway" form of a run
     whose gate failed) goes with the note that says why, as over REST."""
+
+    def promote(form: FormData) -> str:
+        note = str(form.get("note") or "").strip()
+        force = form.get("force") in ("1", "true", "on")
+        try:
+            body = PromoteRequest(note=note, force=force)
+        except ValidationError:  # the one constraint a form can break: the note's length
+            raise Problem(
+                422, "Note too long", f"the note has {len(note)} characters; keep it to 2000"
+            ) from None
+        champions_service.promote(session, run_id, body, by=principal_of(request).name)
+        return f"/runs/{run_id}?notice=promoted"
+
+    return await _act(request, session, settings, run_id, promote, _promote_refusal)
+
+
+def _promote_refusal(exc: Problem) -> str | None:
+    if "gate_reasons" not in exc.extra:
+        return None
+    # Refused for its failed gate. The service's wording is for API clients ("send
+    # force=true"); say it in the page's.
+    return (
+        "Gate failed: this run failed its quality gate (the checks are listed below), "
+        "so it is not promoted. To make it champion anyway, use “Promote anyway” "
+        "with a note saying why."
+    )
+
+
+async def _act(
+    request: Request,
+    session: Session,
+    settings: Settings,
+    run_id: str,
+    action: Callable[[FormData], str],
+    wording: Callable[[Problem], str | None] = lambda exc: None,
+) -> Response:
+    """Check the button's form, do `action` (it returns where to go next) and go there; a
+    refusal shows the run's page again with the reason (in `wording`'s words if it has any)."""
     form = await _run_form(request, session, run_id)
     if isinstance(form, HTMLResponse):
         return form
-    note = str(form.get("note") or "").strip()
-    force = form.get("force") in ("1", "true", "on")
     try:
-        body = PromoteRequest(note=note, force=force)
-    except ValidationError:  # the one constraint a form can break: the note's length
-        problem = Problem(
-            422, "Note too long", f"the note has {len(note)} characters; keep it to 2000"
-        )
-        return _run_with_error(request, session, settings, run_id, problem)
-    try:
-        champions_service.promote(session, run_id, body, by=principal_of(request).name)
+        target = action(form)
     except Problem as exc:
-        message = None
-        if "gate_reasons" in exc.extra:  # refused for its failed gate
-            # The service's wording is for API clients ("send force=true"); say it in the page's.
-            message = (
-                "Gate failed: this run failed its quality gate (the checks are listed below), "
-                "so it is not promoted. To make it champion anyway, use “Promote anyway” "
-                "with a note saying why."
-            )
-        return _run_with_error(request, session, settings, run_id, exc, message)
-    return RedirectResponse(f"/runs/{run_id}?notice=promoted", status_code=303)
+        return _run_with_error(request, session, settings, run_id, exc, wording(exc))
+    return RedirectResponse(target, status_code=303)
 
 
 async def _run_form(request: Request, session: Session, run_id: str) -> FormData | HTMLResponse:

@@ -9,11 +9,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import SQLModel
+from sqlmodel import SQLModel, select
 
 import api.tables  # noqa: F401  (registers every table on SQLModel.metadata)
 from api.config import Settings
-from api.db import make_engine, migrate
+from api.db import make_engine, migrate, session_scope
+from api.dispatch.models import ExecutionStop
 
 
 def test_the_migrated_schema_matches_the_models(engine: Engine) -> None:
@@ -77,5 +78,41 @@ def test_0004_reads_each_stored_events_state_from_its_outcome(settings: Settings
                 ),
                 {"now": now},
             )
+    finally:
+        engine.dispose()
+
+
+def test_0005_queues_the_stops_that_were_implied_by_ended_runs(settings: Settings) -> None:
+    engine = make_engine(settings.db_url)
+    try:
+        migrate(engine, "0004")  # before execution stops were rows
+        ended = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+        # (id, status, execution_name, execution_ended): only the first implied a stop.
+        runs = [
+            ("run_hung", "failed", "exec-hung", False),
+            ("run_seen", "succeeded", "exec-seen", True),
+            ("run_live", "running", "exec-live", False),
+            ("run_none", "cancelled", None, False),
+        ]
+        with engine.begin() as conn:
+            for run_id, status, name, seen in runs:
+                conn.execute(
+                    text(
+                        "INSERT INTO runs (id, name, notes, status, spec, model_id, dataset,"
+                        " gpu_type, created_at, updated_at, finished_at, segment, last_step,"
+                        " dispatch_attempts, execution_name, execution_ended) VALUES (:id, '', '',"
+                        " :status, '{}', 'm', 'd', 'nvidia-l4', :now, :now, :now, 0, 0, 0, :name,"
+                        " :seen)"
+                    ),
+                    {"id": run_id, "status": status, "name": name, "seen": seen, "now": ended},
+                )
+        migrate(engine)
+        with session_scope(engine) as session:
+            stops = session.exec(select(ExecutionStop)).all()
+        assert [
+            (s.run_id, s.execution_name, s.status, s.exits_by_itself, s.attempts) for s in stops
+        ] == [("run_hung", "exec-hung", "pending", True, 0)]
+        # The exit grace counts from the run's end, as it did before.
+        assert stops[0].created_at == ended
     finally:
         engine.dispose()

@@ -23,11 +23,13 @@ import pytest
 from fastapi.testclient import TestClient
 from google.api.launch_stage_pb2 import LaunchStage
 from google.cloud import run_v2
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
+from sqlmodel import select
 
 from api.config import Settings
 from api.db import session_scope, utcnow
 from api.dispatch import cloudrun_job as cj
+from api.dispatch.models import ExecutionStop
 from api.dispatch.service import RetryPolicy
 from api.dispatch.worker import Worker
 from api.runs.service import lock_run
@@ -90,9 +92,10 @@ def test_a_task_that_fails_on_attempt_0_and_succeeds_on_attempt_1_completes_its_
     post(client, run_id, name, 2, {"type": "completed"})
     fake_cloudrun.end_attempt(name, 0)
     worker.reconcile()
-    worker.close_executions()
+    worker.stop_executions()  # it exited by itself: nothing to cancel
     run = get_run(client, run_id)
     assert run["status"] == "succeeded", run
+    assert fake_cloudrun.calls("CancelExecution") == []
     assert fake_cloudrun.live_executions(run_id) == []
 
 
@@ -120,19 +123,25 @@ def test_a_run_that_ended_has_its_still_running_execution_cancelled(
     post(client, run_id, name, 0, {"type": "started"})
     post(client, run_id, name, 1, {"type": "failed", "data": {"error": "CUDA error"}})
     assert get_run(client, run_id)["status"] == "failed"
-    worker.close_executions()  # within the grace a trainer takes to exit: left alone
+    worker.stop_executions()  # within the grace a trainer takes to exit: left alone
     assert fake_cloudrun.calls("CancelExecution") == []
     with session_scope(engine) as session:  # a minute passes (no clock in the test)
-        row = lock_run(session, run_id)
-        assert row.finished_at is not None
-        row.finished_at -= timedelta(seconds=61)
+        (stop,) = session.exec(select(ExecutionStop).where(ExecutionStop.run_id == run_id))
+        past = timedelta(seconds=worker.exit_grace_seconds + 1)
+        stop.created_at -= past
+        stop.next_attempt_at -= past
         session.commit()
-    worker.close_executions()  # the trainer hangs instead of exiting: Cloud Run is told to stop
+    worker.stop_executions()  # the trainer hangs instead of exiting: Cloud Run is told to stop
     assert [r.name for r in fake_cloudrun.calls("CancelExecution")] == [name]
     fake_cloudrun.end_attempt(name, 143)
     assert fake_cloudrun.execution(name).state == "cancelled"
-    worker.close_executions()
+    with session_scope(engine) as session:  # the next look is due at once
+        session.exec(update(ExecutionStop).values(next_attempt_at=utcnow()))
+        session.commit()
+    assert worker.stop_executions() == 1
     assert len(fake_cloudrun.calls("CancelExecution")) == 1  # seen ended: not asked again
+    with session_scope(engine) as session:
+        assert lock_run(session, run_id).execution_ended
 
 
 def test_an_rtx_pro_6000_run_of_3_hours_runs_as_segments_each_within_the_task_timeout_cap(

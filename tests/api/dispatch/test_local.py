@@ -84,7 +84,11 @@ def dispatcher_for(
         return d
 
     yield _make  # type: ignore[misc]
-    for d in made:  # leave no process behind
+    leave_nothing_running(made)
+
+
+def leave_nothing_running(dispatchers: list[LocalDispatcher]) -> None:
+    for d in dispatchers:
         for name in list(d._procs):
             pid = d.trainer_pid(name)
             if pid and d.status(name).state == "running":

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
@@ -26,6 +26,7 @@ from api.db import make_engine, migrate, session_scope
 from api.main import create_app
 from api.notify.models import WebhookDelivery
 from api.notify.service import Notifier, deliver_due, verify
+from tests.api.notify.conftest import World, serving
 from tests.api.templating import finish, make_template, trigger
 from tests.conftest import free_port
 
@@ -80,32 +81,16 @@ class Receiver:
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     rec = Receiver(SECRET.encode())
-    server = ThreadingHTTPServer(("127.0.0.1", 0), rec.handler())
-    rec.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/tuneplane"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield rec
-    server.shutdown()
-    server.server_close()
-
-
-@dataclass
-class World:
-    client: TestClient
-    engine: Engine
-    settings: Settings
+    with serving(rec.handler()) as port:
+        rec.url = f"http://127.0.0.1:{port}/hooks/tuneplane"
+        yield rec
 
 
 @pytest.fixture
-def world(make_settings: Callable[..., Settings]) -> Iterator[World]:
-    settings = make_settings(
+def world(make_world: Callable[..., World]) -> World:
+    return make_world(
         webhook_backoff_seconds=0.05, webhook_timeout_seconds=5, webhook_allowed_networks=LOOPBACK
     )
-    engine = make_engine(settings.db_url)
-    migrate(engine)
-    with TestClient(create_app(settings)) as client:
-        yield World(client, engine, settings)
-    engine.dispose()
 
 
 def finished_run(w: World, url: str, secret: str | None = SECRET, correct: int = 9) -> str:

@@ -6,24 +6,23 @@ receiver answers shown back. Receivers are real HTTP servers on loopback; loopba
 
 from __future__ import annotations
 
+import functools
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import Engine, update
 from sqlmodel import select
 
 from api.config import Settings
-from api.db import make_engine, migrate, session_scope, utcnow
-from api.main import create_app
+from api.db import session_scope, utcnow
 from api.notify import address_guard
 from api.notify.models import WebhookDelivery
 from api.notify.service import deliver_due
+from tests.api.notify.conftest import World, serving
 from tests.api.templating import SPEC, finish, make_template, trigger
 
 SECRET = "receiver-secret-0123456789"
@@ -89,38 +88,15 @@ def receiver() -> Iterator[Receiver]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    rec.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield rec
-    server.shutdown()
-    server.server_close()
-
-
-@dataclass
-class World:
-    client: TestClient
-    engine: Engine
-    settings: Settings
+    with serving(Handler) as port:
+        rec.port = port
+        yield rec
 
 
 @pytest.fixture
-def world_of(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., World]]:
-    made: list[tuple[TestClient, Engine]] = []
-
-    def _make(**overrides: Any) -> World:
-        settings = make_settings(webhook_backoff_seconds=0.01, webhook_max_attempts=2, **overrides)
-        engine = make_engine(settings.db_url)
-        migrate(engine)
-        client = TestClient(create_app(settings)).__enter__()
-        made.append((client, engine))
-        return World(client, engine, settings)
-
-    yield _make
-    for client, engine in made:
-        client.__exit__(None, None, None)
-        engine.dispose()
+def world_of(make_world: Callable[..., World]) -> Callable[..., World]:
+    """An api with quick, few webhook retries; keyword arguments are more settings."""
+    return functools.partial(make_world, webhook_backoff_seconds=0.01, webhook_max_attempts=2)
 
 
 def finished_run(w: World, url: str) -> str:

@@ -20,6 +20,18 @@ TEXT = dict(
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
+def llama_text(tok: Any) -> dict[str, Any]:
+    """The small Llama text model of the families built on one (LLaVA, SmolVLM), sized to `tok`."""
+    return dict(
+        TEXT,
+        model_type="llama",
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+
+
 def token_ids(tok: Any, *names: str) -> list[int]:
     return [tok.convert_tokens_to_ids(n) for n in names]
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from tests.trainer.families import templates as tpl
-from tests.trainer.families.common import TEXT, VISION, save
+from tests.trainer.families.common import VISION, llama_text, save
 from tests.trainer.families.tokenizers import build as build_tokenizer
 
 # ---- LLaVA-1.5 / LLaVA-NeXT ---------------------------------------------------------------
@@ -28,14 +28,7 @@ def _llava_tokenizer(template: str, words: str) -> Any:
 
 def _llava_config(cls: Any, tok: Any, **extra: Any) -> Any:
     return cls(
-        text_config=dict(
-            TEXT,
-            model_type="llama",
-            vocab_size=len(tok),
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.bos_token_id,
-        ),
+        text_config=llama_text(tok),
         vision_config=dict(
             VISION, model_type="clip_vision_model", image_size=32, patch_size=8, projection_dim=32
         ),
@@ -44,6 +37,18 @@ def _llava_config(cls: Any, tok: Any, **extra: Any) -> Any:
         image_seq_length=16,  # (32 / 8)^2 patches: the processor's count for the base image
         vision_feature_select_strategy="default",
         **extra,
+    )
+
+
+def _llava_processor(cls: Any, images: Any, tok: Any, template: str) -> Any:
+    return cls(
+        image_processor=images,
+        tokenizer=tok,
+        patch_size=8,
+        # The CLS token the vision tower adds, as in llava-hf's processor_config.json.
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+        chat_template=template,
     )
 
 
@@ -57,15 +62,7 @@ def llava(path: Path) -> Path:
 
     tok = _llava_tokenizer(tpl.LLAVA, tpl.LLAVA_WORDS)
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(
-        image_processor=images,
-        tokenizer=tok,
-        patch_size=8,
-        # The CLS token the vision tower adds, as in llava-hf's processor_config.json.
-        num_additional_image_tokens=1,
-        vision_feature_select_strategy="default",
-        chat_template=tpl.LLAVA,
-    )
+    processor = _llava_processor(LlavaProcessor, images, tok, tpl.LLAVA)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(_llava_config(LlavaConfig, tok))
     return save(path, model, processor, tok, ["</s>"])
@@ -84,15 +81,7 @@ def llava_next(path: Path) -> Path:
     images = LlavaNextImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=grid
     )
-    processor = LlavaNextProcessor(
-        image_processor=images,
-        tokenizer=tok,
-        patch_size=8,
-        # The CLS token the vision tower adds, as in llava-hf's processor_config.json.
-        num_additional_image_tokens=1,
-        vision_feature_select_strategy="default",
-        chat_template=tpl.LLAVA_NEXT,
-    )
+    processor = _llava_processor(LlavaNextProcessor, images, tok, tpl.LLAVA_NEXT)
     torch.manual_seed(0)
     model = LlavaNextForConditionalGeneration(
         _llava_config(LlavaNextConfig, tok, image_grid_pinpoints=grid)

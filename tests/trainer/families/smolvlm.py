@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from tests.trainer.families import templates as tpl
-from tests.trainer.families.common import TEXT, VISION, save
+from tests.trainer.families.common import VISION, llama_text, save
 from tests.trainer.families.tokenizers import build as build_tokenizer
 
 # ---- SmolVLM (Idefics3) / SmolVLM2 --------------------------------------------------------
@@ -38,14 +38,7 @@ def _smol_tokenizer() -> Any:
 
 def _smol_config(cls: Any, tok: Any) -> Any:
     return cls(
-        text_config=dict(
-            TEXT,
-            model_type="llama",
-            vocab_size=len(tok),
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.bos_token_id,
-        ),
+        text_config=llama_text(tok),
         vision_config=dict(VISION, image_size=32, patch_size=8),
         scale_factor=2,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
