@@ -117,12 +117,13 @@ def loop(make_settings: Callable[..., Settings], engine: Engine) -> Iterator[Loo
 
 
 @pytest.fixture
-def sqlite_loop(tmp_path: Path) -> Iterator[Loop]:
+def sqlite_loop(tmp_path: Path, tiny_model: Path) -> Iterator[Loop]:
     """SQLite only: for what the database plays no part in, to keep the suite short."""
     port = free_port()
     settings = Settings(
         data_dir=tmp_path / "data",
         database_url=f"sqlite:///{tmp_path / 'loop.db'}",
+        local_data_roots=[tiny_model],  # outside the data directory: runs may read it
         run_worker=True,
         public_url=f"http://127.0.0.1:{port}",
         worker_poll_seconds=0.2,
