@@ -49,6 +49,8 @@ def _wait(done: Callable[[], bool], what: str) -> None:
 def test_postgres_outage_is_503_with_retry_after_and_loses_no_event(
     db_kind: str, tmp_path: Path
 ) -> None:
+    # One function over 60 lines, on purpose: the phases (up, down, up again) share one
+    # cluster, one server and one reporter, and read in the order the fault happens.
     if db_kind != "postgresql":
         pytest.skip("PostgreSQL only: SQLite is a file, not a server that can be away")
     bin_dir = binaries()
