@@ -32,6 +32,21 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default: SQLite file `DATA_DIR/tuneplane.db`"
     )
+    db_pool_size: int = Field(
+        10,
+        ge=1,
+        le=40,
+        description="requests that use the database at once, each with a connection of the "
+        "pool (which holds 4 more for the worker); more wait, holding no connection or thread. "
+        "At most 40, the worker threads that run requests (api/db.py)",
+    )
+    db_wait_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="how long a request waits for a turn at the database before a 503 with "
+        "Retry-After",
+    )
 
     # -- serving --------------------------------------------------------------------------
     public_url: str = Field(
@@ -45,6 +60,12 @@ class Settings(BaseSettings):
         "text",
         description="`json`: one JSON object a line with the fields Cloud Logging reads "
         "(severity, message, time, trace, run_id, execution)",
+    )
+    local_data_roots: list[Path] = Field(
+        [],
+        description="directories under which runs may name local data (`imagefolder:/dir`, "
+        "`oxford-iiit-pet:/dir`) and model directories (JSON list); others are refused when the "
+        "local dispatcher would read them; default: the data directory (api/runs/local_paths.py)",
     )
     hub_url: str = Field(
         "https://huggingface.co",

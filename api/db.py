@@ -6,11 +6,25 @@ dispatch worker's loop never call `commit()` themselves.
 Routes get a session only through `api.deps.SessionDep`; background loops open one with
 `session_scope(engine)`. A session is closed (and anything uncommitted rolled back) when either
 ends.
+
+Connections and threads (why `RequestSlots` exists): a sync endpoint runs on one of anyio's 40
+worker threads, its response is validated on another hop of that pool, and its session is closed
+in a third. A request that holds a pooled connection can therefore wait for a thread, while the
+threads wait for a connection: with more concurrent requests than connections plus threads
+nothing moved until the pool's 30 s timeout answered 500s (200 concurrent creations on SQLite:
+35 x 500 after 60 s). So a request takes a *slot* before it may touch the database (`api.deps`:
+asking for the engine or a session takes one, for the request's whole life) and the pool holds
+a connection for every slot plus `BACKGROUND_CONNECTIONS` for the worker's threads; a request
+without a slot waits on the event loop holding neither, and one that waits longer than
+`db_wait_seconds` gets a 503 with Retry-After. Each request uses at most one connection at a
+time (its session; an auth check's own short session closes before the endpoint runs).
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -28,14 +42,63 @@ from sqlmodel import Session, SQLModel
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 Row = TypeVar("Row", bound=SQLModel)
+# Connections beyond the request slots, for the threads that open sessions of their own: the
+# dispatch worker, the notifier, and a spare for a scrape or a CLI command sharing the engine.
+BACKGROUND_CONNECTIONS = 4
+DEFAULT_REQUEST_SLOTS = 10
 
 
-def make_engine(url: str) -> Engine:
+class SlotsBusy(Exception):
+    """No request slot came free within the wait (the api answers 503 with Retry-After)."""
+
+    def __init__(self, size: int, waited: float) -> None:
+        super().__init__(f"all {size} database slots stayed busy for {waited:g} s")
+        self.size, self.waited = size, waited
+
+
+class RequestSlots:
+    """At most `size` requests use the database at once (the module's docstring says why).
+    A waiting request holds no thread and no connection; after `wait_seconds` it gives up."""
+
+    def __init__(self, size: int, wait_seconds: float) -> None:
+        self.size, self.wait_seconds = size, wait_seconds
+        # One semaphore per event loop: asyncio's primitives belong to the loop that first
+        # waits on them, and tests run one app in several loops (one per TestClient).
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]
+        self._by_loop = weakref.WeakKeyDictionary()
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        semaphore = self._by_loop.get(loop)
+        if semaphore is None:
+            semaphore = self._by_loop[loop] = asyncio.Semaphore(self.size)
+        return semaphore
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting at most `wait_seconds` (then SlotsBusy)."""
+        try:
+            async with asyncio.timeout(self.wait_seconds):
+                await self._semaphore().acquire()
+        except TimeoutError:
+            raise SlotsBusy(self.size, self.wait_seconds) from None
+
+    def release(self) -> None:
+        self._semaphore().release()
+
+
+def make_engine(url: str, request_slots: int = DEFAULT_REQUEST_SLOTS) -> Engine:
+    """The engine for `url`, its pool sized for `request_slots` concurrent requests plus the
+    background threads, with no overflow: a checkout never waits while slots are respected."""
+    pool = {"pool_size": request_slots + BACKGROUND_CONNECTIONS, "max_overflow": 0}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        else:
+            pool = {}  # one in-memory database per connection: SQLAlchemy's own pool for it
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **pool
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn: Any, _record: Any) -> None:
@@ -49,7 +112,7 @@ def make_engine(url: str) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
 def _alembic_config(engine: Engine) -> Config:

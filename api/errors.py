@@ -1,7 +1,8 @@
 """Errors as `application/problem+json` (RFC 9457). Every error the api returns goes through here:
 our own `Problem`s, Starlette's HTTP errors (404 unknown path, 405 wrong method, 413 body too
-large), request validation (422, one entry per field with its path) and, last, anything
-unexpected (500, without internals: those go to the log)."""
+large), request validation (422, one entry per field with its path), a database out of reach
+(503 with Retry-After: clients and trainers retry those) and, last, anything unexpected (500,
+without internals: those go to the log)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -64,8 +66,10 @@ _DESCRIPTIONS = {
     413: "Request body too large",
     415: "Request body is not JSON",
     422: "Invalid request: `errors` lists each field's path and what is wrong",
-    503: "Not ready",
+    503: "Not ready, busy, or the database is out of reach: retry after `Retry-After`",
 }
+# Seconds a client is asked to wait when the database did not answer: about a restart's length.
+DATABASE_RETRY_AFTER = 5
 
 
 def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -244,6 +248,24 @@ def install(app: FastAPI) -> None:
             "Invalid request",
             "a value in this request is out of the range the database can store",
         )
+
+    async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # A server restarting, failing over or out of reach, a lock not granted in time, the
+        # pool empty: transient, so a 503 the client (and the trainer's reporter) retries, not a
+        # 500. The driver's text names the host and port: the log has it, the answer does not.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, first)
+        return problem_response(
+            request,
+            503,
+            "Database unavailable",
+            f"the database did not answer ({type(exc).__name__}); try again after "
+            f"{DATABASE_RETRY_AFTER} s",
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER)},
+        )
+
+    app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(PoolTimeout, _database_unavailable)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

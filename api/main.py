@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from api import errors, health
 from api.auth import network_guard
 from api.config import Settings
-from api.db import make_engine
+from api.db import RequestSlots, make_engine
 from api.dispatch.worker import Worker
 from api.notify.service import Notifier
 from api.observability import logs, metrics
@@ -23,7 +23,7 @@ from api.web import pages as dashboard
 def create_app(settings: Settings | None = None) -> FastAPI:
     # `sm://` settings become their Secret Manager values before anything reads them.
     settings = resolve_secrets(settings or Settings())
-    engine = make_engine(settings.db_url)
+    engine = make_engine(settings.db_url, request_slots=settings.db_pool_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.request_slots = RequestSlots(settings.db_pool_size, settings.db_wait_seconds)
     errors.install(app)
     login.install(app)  # /login, /logout, and the redirect of LoginRequired
     app.include_router(health.router)

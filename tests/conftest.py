@@ -70,7 +70,9 @@ def db_url(db_kind: str, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path, db_url: str) -> Callable[..., Settings]:
+def make_settings(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, db_url: str
+) -> Callable[..., Settings]:
     """Settings for a test: its own data directory and database; no worker unless asked for."""
 
     def _make(**overrides: Any) -> Settings:
@@ -79,6 +81,10 @@ def make_settings(tmp_path: Path, db_url: str) -> Callable[..., Settings]:
             "database_url": db_url,
             "run_worker": False,
             "hub_url": "",  # no network: tests check local model directories or a local server
+            # Runs may name files anywhere under pytest's temporary directory (the tiny model and
+            # generated data sets live beside the data directory); tests/api/runs/
+            # test_local_paths.py sets its own roots.
+            "local_data_roots": [tmp_path_factory.getbasetemp()],
         }
         values.update(overrides)
         return Settings(**values)

@@ -222,6 +222,8 @@ def test_every_shell_block_runs_in_order_against_a_fresh_serve(tmp_path: Path) -
     env.update(
         TUNEPLANE_DATA_DIR=str(data),  # serve's, and `tuneplane token`'s (the same database)
         TUNEPLANE_RUN_WORKER="false",
+        # What the README says to serve the examples with, its /tmp/ made this test's.
+        TUNEPLANE_LOCAL_DATA_ROOTS=json.dumps([f"{tmp_path}/tmp/tiny-gemma3"]),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         OMP_NUM_THREADS="1",
     )

@@ -77,6 +77,8 @@ def api(tmp_path: Path, tiny_model: Path) -> Iterator[Api]:
     settings = Settings(
         data_dir=tmp_path / "data",
         database_url=f"sqlite:///{tmp_path / 'tuneplane.db'}",
+        # Runs may read the tiny model, and name a missing data set under tmp_path.
+        local_data_roots=[tiny_model, tmp_path],
         auth_enabled=True,
         run_worker=True,
         public_url=f"http://127.0.0.1:{port}",
@@ -143,7 +145,7 @@ def wait_for_runs(api: Api, n: int, timeout: float = 120) -> list[dict[str, obje
     raise AssertionError(f"fewer than {n} runs after {timeout} s")
 
 
-def test_retrain_exit_codes_end_to_end(api: Api) -> None:
+def test_retrain_exit_codes_end_to_end(api: Api, tmp_path: Path) -> None:
     started = time.monotonic()
     ci_job = (
         "retrain", "tiny", "--wait", "--timeout", "10m", "--poll", "0.5",
@@ -164,7 +166,7 @@ def test_retrain_exit_codes_end_to_end(api: Api) -> None:
     wait_for_runs(api, 2)  # one at a time, so the queue's order is known
     run_fails = api.start(
         "retrain", "tiny", "--wait", "--timeout", "10m", "--poll", "0.5",
-        "--set", "dataset=imagefolder:/no/such/dir",
+        "--set", f"dataset=imagefolder:{tmp_path / 'no-such-dir'}",
     )  # fmt: skip
     wait_for_runs(api, 3)
     times_out = api.start(
@@ -199,7 +201,7 @@ def test_retrain_exit_codes_end_to_end(api: Api) -> None:
     # 2: the run itself fails (its data set is not there); the trainer's reason is printed.
     failed = finish(run_fails)
     assert failed.returncode == 2, failed.stdout + failed.stderr
-    assert "failed: the trainer failed" in failed.stdout and "/no/such/dir" in failed.stdout
+    assert "failed: the trainer failed" in failed.stdout and "no-such-dir" in failed.stdout
 
     # 1: a gate no tiny model can meet.
     gated = finish(gate_fails)

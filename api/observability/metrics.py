@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Iterator
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Response
 from fastapi.routing import iter_route_contexts
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -32,6 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.deps import EngineDep
 from api.runs import query
 from api.runs.states import RunStatus
 
@@ -178,9 +179,9 @@ router = APIRouter(tags=["health"])
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
 )
-def metrics(request: Request) -> Response:
+def metrics(engine: EngineDep) -> Response:
     per_scrape = CollectorRegistry(auto_describe=False)
-    per_scrape.register(RunsByState(request.app.state.engine))
+    per_scrape.register(RunsByState(engine))  # through EngineDep: it takes a request slot
     body = generate_latest(REGISTRY) + generate_latest(per_scrape)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 

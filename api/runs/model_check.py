@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from api.errors import Problem
+from api.runs.local_paths import LocalPaths, is_local_model
 from trainer.contract.chat import ChatFormatError, answer_format, messages
 
 FILES = ("config.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json")
@@ -43,9 +44,11 @@ class ModelFiles:
     specials: list[str] = field(default_factory=list)
 
 
-def read_files(model_id: str, hub_url: str) -> ModelFiles | None:
-    local = Path(model_id).expanduser()
-    if local.is_dir():
+def read_files(model_id: str, hub_url: str, paths: LocalPaths) -> ModelFiles | None:
+    # A local directory is read only under the data roots: what is read, or not, must not tell
+    # the caller about the rest of this machine's disk (api/runs/local_paths.py).
+    local = paths.inside(model_id) if is_local_model(model_id) else None
+    if local is not None and local.is_dir():
         texts = {name: _read_local(local / name) for name in (*FILES, "tokenizer.json")}
     elif hub_url and re.fullmatch(r"[\w.\-]+/[\w.\-]+", model_id):
         texts = _read_hub(model_id, hub_url.rstrip("/"))
@@ -65,10 +68,10 @@ def read_files(model_id: str, hub_url: str) -> ModelFiles | None:
     return files
 
 
-def check(model_id: str, hub_url: str) -> dict[str, Any] | None:
+def check(model_id: str, hub_url: str, paths: LocalPaths) -> dict[str, Any] | None:
     """The model's config.json when readable (for the estimate), after refusing (422) a model
     the trainer cannot fine-tune."""
-    files = read_files(model_id, hub_url)
+    files = read_files(model_id, hub_url, paths)
     if files is None:
         return None
     config = files.config

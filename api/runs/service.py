@@ -20,6 +20,7 @@ from api.errors import Problem
 from api.runs import idempotency, model_check
 from api.runs.estimates import estimate, refusal_detail
 from api.runs.finish import finish_run
+from api.runs.local_paths import LocalPaths
 from api.runs.models import RetrainRequest, Run, RunCreate, RunPublic, RunTag
 from api.runs.query import find_run, get_run, not_found, tags_of
 from api.runs.states import TERMINAL, RunStatus
@@ -58,6 +59,7 @@ class NewRun:
     fingerprint: str  # idempotency.request_hash of the request and what the URL names
     idempotency_key: str | None
     name: str
+    paths: LocalPaths  # `LocalPaths.of(settings)`: which of this machine's files it may name
     notes: str = ""
     tags: Sequence[str] = ()
     base: str = "body.spec"
@@ -82,8 +84,11 @@ def new_run(
     check_tags(meta.tags, "body.tags")
     spec = merged_spec(base_spec, overrides, meta.base)
     check_storable(meta.request.model_dump(mode="json"), "body")
-    config = model_check.check(spec.model_id, meta.hub_url) if meta.check_model else None
     where = "body.overrides" if meta.base != "body.spec" else "body.spec"
+    meta.paths.check(spec, where)
+    config = (
+        model_check.check(spec.model_id, meta.hub_url, meta.paths) if meta.check_model else None
+    )
     est = estimate_or_refuse(spec, where, config)
 
     def insert() -> str:
@@ -133,6 +138,7 @@ def create_run(
         fingerprint=idempotency.request_hash(data),
         idempotency_key=idempotency_key,
         name=data.name,
+        paths=LocalPaths.of(settings),
         notes=data.notes,
         tags=data.tags,
         check_model=True,
@@ -160,6 +166,7 @@ def retrain_run(
         fingerprint=idempotency.request_hash(request, parent_id=run_id),
         idempotency_key=idempotency_key,
         name=request.name if request.name is not None else parent.name,
+        paths=LocalPaths.of(settings),
         notes=request.notes if request.notes is not None else parent.notes,
         tags=tags,
         base="stored spec",

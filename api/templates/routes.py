@@ -174,9 +174,9 @@ def trigger_run(
     and `ci` (git sha, pipeline URL, ref, repository) stored with it."""
     created, is_new = service.trigger_run(
         session,
+        settings,
         name,
         body or TemplateRunRequest(),
-        public_url=settings.public_url,
         idempotency_key=idempotency_key,
     )
     response.headers["Location"] = f"/api/v1/runs/{created.run_id}"

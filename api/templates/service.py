@@ -14,11 +14,13 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from api.config import Settings
 from api.db import lock_row, utcnow
 from api.errors import Problem
 from api.notify.address_guard import refuse_internal
 from api.runs import idempotency
 from api.runs import service as runs_service
+from api.runs.local_paths import LocalPaths
 from api.runs.models import Run
 from api.templates.champions import current_champion
 from api.templates.gates import Gates
@@ -256,10 +258,10 @@ def delete_template(session: Session, name: str) -> None:
 
 def trigger_run(
     session: Session,
+    settings: Settings,
     name: str,
     request: TemplateRunRequest,
     *,
-    public_url: str,
     idempotency_key: str | None = None,
 ) -> tuple[TemplateRunCreated, bool]:
     """Queue a run of the template's current version with `request.overrides` applied;
@@ -277,6 +279,7 @@ def trigger_run(
         fingerprint=idempotency.request_hash(request, template=name),
         idempotency_key=idempotency_key,
         name=run_name,
+        paths=LocalPaths.of(settings),
         notes=request.notes or "",
         tags=[f"template:{name}", *(request.tags or [])],
         base="template spec",
@@ -286,7 +289,7 @@ def trigger_run(
     )
     created = runs_service.new_run(session, version.spec, request.overrides, meta)
     run = created.run
-    base = public_url.rstrip("/")
+    base = settings.public_url.rstrip("/")
     return (
         TemplateRunCreated(
             run_id=run.id,

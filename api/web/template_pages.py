@@ -141,9 +141,9 @@ async def trigger_template_form(
         )
         created, _ = service.trigger_run(
             session,
+            settings,
             name,
             run_request,
-            public_url=settings.public_url,
             idempotency_key=form_key(form),
         )
     except ValidationError as exc:

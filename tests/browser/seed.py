@@ -370,7 +370,7 @@ def seed_fleet(seeder: Seeder) -> Fleet:
         labels=[XSS_LABEL, "Siamese", "Sphynx"],
         notes=XSS,
         tags=["xss"],
-        dataset="imagefolder:/data/pets",
+        dataset=f"imagefolder:{s.settings.data_dir.resolve() / 'pets'}",  # under the roots
     )
     s.add_raw_tag(xss, XSS_TAG)
     with Session(s.engine) as session:

@@ -5,6 +5,7 @@ tests share."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -75,6 +76,8 @@ class Serve(RunsClient):
     def start_training(self, model: Path) -> str:
         """Start, submit a run, and return its id once it trains: the api stored a progress
         event (79 steps to go)."""
+        # The tiny model lies outside the data directory, the default (and only) data root.
+        self.env["TUNEPLANE_LOCAL_DATA_ROOTS"] = json.dumps([str(model)])
         self.start()
         run_id = self.submit(model)
         run = self.wait(run_id, lambda r: r["last_step"] >= 1, "training began")

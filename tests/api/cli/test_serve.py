@@ -121,8 +121,9 @@ def test_serve_on_another_port_gets_its_trainers_callbacks(db_url: str, tmp_path
         _wait_ready(proc, base)
         # A run whose trainer starts, reports, and fails at once: its data directory is missing.
         spec: dict[str, Any] = {
-            "model_id": "/nonexistent/model",
-            "dataset": f"imagefolder:{tmp_path / 'no-such-images'}",
+            # Under the data directory, the default TUNEPLANE_LOCAL_DATA_ROOTS.
+            "model_id": str(tmp_path / "data" / "no-such-model"),
+            "dataset": f"imagefolder:{tmp_path / 'data' / 'no-such-images'}",
             "train_size": 2,
             "eval_size": 2,
         }

@@ -136,6 +136,7 @@ def test_serve_logs_json_and_shows_no_secret(
         TUNEPLANE_TRAINER_DEVICE="cpu",
         TUNEPLANE_WORKER_POLL_SECONDS="0.2",
         TUNEPLANE_RECONCILE_SECONDS="0.5",
+        TUNEPLANE_LOCAL_DATA_ROOTS='["/nonexistent"]',  # the run's model: one that fails at once
         OMP_NUM_THREADS="1",
     )
     created = _cli(env, tmp_path, "token", "create", "--name", "ops", "--scopes", "admin")
