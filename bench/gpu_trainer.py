@@ -1,29 +1,34 @@
-"""Speed and memory of the trainer on a Gemma-3-4B-architecture model: the original settings, the
-step plan (NF4 and `quantization: auto`), and where a step's time goes.
+"""Speed and memory of the trainer on Gemma 3 architectures (4B; 12B with --with-12b): the
+original settings, the step plan (NF4 and `quantization: auto`), where a step's time goes, and
+the article's 27B pet workload projected to other cards.
 
     pip install -e '.[trainer]'                # where the trainer's packages are missing
-    python bench/gpu_trainer.py                # NVIDIA GPU (H200: about 5 minutes), writes $OUT
-    python bench/gpu_trainer.py --config tiny  # the same flow on CPU, in a minute or two
+    python bench/gpu_trainer.py --with-12b     # NVIDIA GPU (H200: ~7 min; --quick ~5), $OUT
+    python bench/gpu_trainer.py --config tiny  # the same flow on CPU, in a few minutes
 
-Builds a `Gemma3ForConditionalGeneration` with the 4B architecture (random weights; the Hub is
-out of reach), saves it locally in bf16 with a small word-level tokenizer and a Gemma3Processor
-at 896 pixels, and writes an image-folder data set of 37 classes (named like the pet breeds, so
-the prompt has the real length) of 500x375 JPEGs. Then, in this one process:
+Builds a `Gemma3ForConditionalGeneration` per architecture (bench/architectures.py; random
+weights: the Hub is out of reach), saves it locally in bf16 with a small word-level tokenizer and
+a Gemma3Processor at 896 pixels, and writes an image-folder data set of 37 classes (named like the
+pet breeds, so the prompt has the real length) of 500x375 JPEGs. Then, in this one process, per
+architecture:
 
-- the step breakdown (bench/step_profile.py) of the original settings and of the auto plan:
-  per-sample milliseconds of data, vision forward, language forward, backward and optimizer,
-  samples/s, tokens/s, MFU from counted FLOPs, peak memory;
+- the step breakdown (bench/step_profile.py) of the original settings (4B only), the auto plan
+  with NF4 and with `quantization: auto`: per-sample milliseconds of data, vision forward,
+  language forward, backward and optimizer, samples/s, tokens/s, MFU, peak memory beside the
+  planner's estimate (tests/trainer/test_plan_calibration.py checks committed profiles);
 - the trainer itself (`trainer.cli.main`: load -> baseline eval -> training -> final eval ->
-  save) in three settings: "original" (the original script's: batch 1 x accumulation 16, full
-  gradient checkpointing, free generation one sample at a time), "auto" (the same 16 samples
-  per optimizer step split by the step plan, NF4, label scoring in batches of 32) and
+  save) in three settings over the pet workload's 3 epochs (`--epochs`; the same for every row
+  but 12B's original one, 1 epoch): "original" (the original script's: batch 1 x accumulation
+  16, full gradient checkpointing, free generation one sample at a time), "auto" (the same 16
+  samples per optimizer step split by the step plan, NF4, label scoring in batches of 32) and
   "auto-bf16" (the same with `--quantization auto`).
 
-It prints samples/s for training and both evaluations, peak GPU memory (allocated and
-reserved), the step plan and what the api's admission check (api/runs/estimates.py) predicts
-for the real google/gemma-3-4b-it with that plan. Everything goes to `$OUT` when set (else
-WORK_DIR/out): `gpu_trainer.json`, `gpu_trainer.md`, `profiles.json` and each run's
-results.json. Random weights mean accuracy is meaningless here; speed and memory are not.
+It prints every run (samples/s for training and both evaluations, peak GPU memory allocated
+and reserved, the step plan, the api's admission estimate for the real Hub model), the step
+profiles, the 27B projection (bench/projection.py) and last a short summary with ratios and
+issue 16's targets. Everything goes to `$OUT` when set (else WORK_DIR/out): `gpu_trainer.json`,
+`gpu_trainer.md`, `profiles.json` and each run's results.json. Random weights mean accuracy is
+meaningless here; speed and memory are not.
 """
 
 from __future__ import annotations
@@ -301,8 +306,12 @@ def main() -> int:
     parser.add_argument("--steps-12b", type=int, default=2)
     parser.add_argument("--eval-size-12b", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="2 (12B: 1) steps an epoch, "
+                        "48 (12B: 32) evaluations, for a short device lease")  # fmt: skip
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/tuneplane-bench"))
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.eval_size, args.steps_12b, args.eval_size_12b = 2, 48, 1, 32
 
     import torch
 

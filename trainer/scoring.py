@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -33,6 +34,7 @@ import torch
 from trainer import collator as collate
 from trainer import label_tree
 from trainer.data import Sample
+from trainer.features import FeatureCache
 
 # What one continuation forward's logits (and the copy of its rows' prompt cache) may take:
 # this fraction of the GPU's free memory (CPU: a fixed budget). More rows per forward, fewer
@@ -237,9 +239,12 @@ def score_labels(
     device: torch.device,
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
+    features: FeatureCache | None = None,
 ) -> torch.Tensor:
     """(samples, labels) summed answer log-probabilities over the evaluation set. The next
-    batch's images are decoded and processed in a thread while the GPU scores this one."""
+    batch's images are decoded and processed in a thread while the GPU scores this one.
+    `features`: a frozen vision tower's cache (the final evaluation reads the images the
+    baseline's encoded)."""
     from trainer.evaluate import autocast, to_device
 
     if not samples:
@@ -266,7 +271,9 @@ def score_labels(
                         first = samples[start + rows[0]]
                         by_prompt[key] = continuations(train_collator, labels, first)
                     inputs = to_device(batch, device, float_dtype)
-                    with torch.inference_mode(), autocast(device):
+                    ids = [samples[start + i].sample_id for i in rows]
+                    cached = features.keys(ids) if features else nullcontext()
+                    with torch.inference_mode(), autocast(device), cached:
                         scores = score_batch(model, inputs, by_prompt[key], device)
                     out += [(start + i, row.cpu()) for i, row in zip(rows, scores, strict=True)]
                 if on_batch:
@@ -315,6 +322,7 @@ def evaluate_by_scoring(
     device: torch.device,
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
+    features: FeatureCache | None = None,
 ) -> Any:
     """Metrics of one scored pass; a prediction's raw answer is the label with its summed
     log-probability, so the run page shows how sure the model was."""
@@ -332,6 +340,7 @@ def evaluate_by_scoring(
         device=device,
         batch_size=batch_size,
         on_batch=on_batch,
+        features=features,
     )
     seconds = time.perf_counter() - started
     best = scores.argmax(-1).tolist() if len(samples) else []

@@ -189,3 +189,24 @@ def test_a_trained_model_scores_at_least_as_well_as_it_generates(
     assert metrics.unknown_rate == 0
     assert generated > 3 * 0.1  # it learned something, so the comparison means something
     assert metrics.accuracy >= generated
+
+
+def test_a_second_pass_reads_the_vision_features_and_scores_the_same(tiny_model: Path) -> None:
+    """The final evaluation reads the baseline's image features (frozen tower): the same
+    scores, and every image a cache hit."""
+    from trainer.features import FeatureCache
+
+    model, processor = _load(tiny_model)
+    _randomise(model)
+    splits = data.load_splits("digits", 1, 5, seed=0)
+    model.requires_grad_(False)  # frozen, as the trainer leaves the tower
+    cache = FeatureCache.for_model(model)
+    assert cache is not None
+    kwargs: dict[str, Any] = dict(
+        max_length=512, device=torch.device("cpu"), batch_size=2, features=cache
+    )
+    first = score_labels(model, processor, splits.labels, splits.eval, **kwargs)
+    assert (cache.hits, cache.misses) == (0, 5)
+    second = score_labels(model, processor, splits.labels, splits.eval, **kwargs)
+    assert (cache.hits, cache.misses) == (5, 5)
+    assert torch.equal(first, second)
