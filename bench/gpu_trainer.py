@@ -327,10 +327,11 @@ def main() -> int:
     suites = []
     for config in configs:
         suites.append(run_suite(config, args, out))
+        # Written after each architecture: a lease that ends during the next keeps these.
         (out / "gpu_trainer.json").write_text(json.dumps({"suites": suites}, indent=1))
+        profiles = [p for s in suites for p in s["profiles"]]
+        (out / "profiles.json").write_text(json.dumps(profiles, indent=1))
     rows = [r for s in suites for r in s["rows"]]
-    profiles = [p for s in suites for p in s["profiles"]]
-    (out / "profiles.json").write_text(json.dumps(profiles, indent=1))
     tokens = profiles[-1]["tokens_per_example"] if profiles else 466
     rendered = "\n\n".join([table(rows, profiles), project(profiles, rows, tokens)])
     report = {"suites": suites, "torch": torch.__version__,

@@ -258,29 +258,44 @@ def score_labels(
     model.eval()
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            prepare = partial(_uniform_groups, processor, labels)
+            # Every processor call happens in this one thread: a fast tokenizer used from two
+            # threads at once fails ("Already borrowed").
+            prepare = partial(_prepared, processor, labels, train_collator, by_prompt)
             ahead = pool.submit(prepare, samples[0:batch_size])
             for start in starts:
                 groups = ahead.result()
                 nxt = start + batch_size
                 if nxt < len(samples):
                     ahead = pool.submit(prepare, samples[nxt : nxt + batch_size])
-                for rows, batch in groups:
-                    key = tuple(batch["input_ids"][0].tolist())
-                    if key not in by_prompt:
-                        first = samples[start + rows[0]]
-                        by_prompt[key] = continuations(train_collator, labels, first)
+                for rows, batch, cont in groups:
                     inputs = to_device(batch, device, float_dtype)
                     ids = [samples[start + i].sample_id for i in rows]
                     cached = features.keys(ids) if features else nullcontext()
                     with torch.inference_mode(), autocast(device), cached:
-                        scores = score_batch(model, inputs, by_prompt[key], device)
+                        scores = score_batch(model, inputs, cont, device)
                     out += [(start + i, row.cpu()) for i, row in zip(rows, scores, strict=True)]
                 if on_batch:
                     on_batch(min(start + batch_size, len(samples)), len(samples))
     finally:
         model.train(was_training)
     return torch.stack([row for _, row in sorted(out, key=lambda p: p[0])])
+
+
+def _prepared(
+    processor: Any,
+    labels: Sequence[str],
+    train_collator: Any,
+    by_prompt: dict[tuple[int, ...], Continuations],
+    chunk: Sequence[Sample],
+) -> list[tuple[list[int], Any, Continuations]]:
+    """`chunk`'s prompt batches with their label continuations (computed once per prompt)."""
+    out = []
+    for rows, batch in _uniform_groups(processor, labels, chunk):
+        key = tuple(batch["input_ids"][0].tolist())
+        if key not in by_prompt:
+            by_prompt[key] = continuations(train_collator, labels, chunk[rows[0]])
+        out.append((rows, batch, by_prompt[key]))
+    return out
 
 
 def _uniform(batch: Any) -> bool:
