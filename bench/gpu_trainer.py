@@ -266,7 +266,7 @@ def run_suite(config: str, args: argparse.Namespace, out: Path) -> dict[str, Any
     print(f"{config}: {info['parameters'] / 1e9:.2f} B parameters, built and saved in "
           f"{info['build_and_save_seconds']} s", flush=True)  # fmt: skip
     per_class_train = -(-16 * max(steps, 4) // len(PET_BREEDS))
-    per_class_test = -(-max(eval_size, 96) // len(PET_BREEDS))
+    per_class_test = -(-max(eval_size, 128) // len(PET_BREEDS))
     suite = {
         "config": config,
         "model_dir": model_dir,
@@ -302,16 +302,16 @@ def main() -> int:
     parser.add_argument("--with-12b", action="store_true", help="then the same on 12B")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps (of 16) an epoch")
     parser.add_argument("--epochs", type=int, default=3, help="the pet workload's 3")
-    parser.add_argument("--eval-size", type=int, default=64)
+    parser.add_argument("--eval-size", type=int, default=128)
     parser.add_argument("--steps-12b", type=int, default=2)
-    parser.add_argument("--eval-size-12b", type=int, default=32)
+    parser.add_argument("--eval-size-12b", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="2 (12B: 1) steps an epoch, "
-                        "48 (12B: 32) evaluations, for a short device lease")  # fmt: skip
+                        "96 (12B: 64) evaluations, for a short device lease")  # fmt: skip
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/tuneplane-bench"))
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.eval_size, args.steps_12b, args.eval_size_12b = 2, 48, 1, 32
+        args.steps, args.eval_size, args.steps_12b, args.eval_size_12b = 2, 96, 1, 64
 
     import torch
 

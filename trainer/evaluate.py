@@ -246,6 +246,7 @@ class Evaluator:
         self.stop_ids, self.check, self.on_metrics = stop_ids, check, on_metrics
         # The final evaluation scores the baseline's images through the same frozen tower.
         self.features = FeatureCache.for_model(loaded.model, max_bytes=EVAL_FEATURE_BYTES)
+        self.known: dict[Any, Any] = {}  # label scoring's continuations by prompt
 
     def __call__(self, stage: str) -> Metrics:
         if getattr(self.spec, "eval_mode", "generate") == "score":
@@ -261,6 +262,7 @@ class Evaluator:
                 batch_size=self.spec.eval_batch_size,
                 on_batch=lambda done, total: self.check(),
                 features=self.features,
+                known=self.known,
             )
             self.on_metrics(stage, metrics)
             return metrics

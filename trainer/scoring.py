@@ -240,17 +240,19 @@ def score_labels(
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
     features: FeatureCache | None = None,
+    known: dict[tuple[int, ...], Continuations] | None = None,
 ) -> torch.Tensor:
     """(samples, labels) summed answer log-probabilities over the evaluation set. The next
     batch's images are decoded and processed in a thread while the GPU scores this one.
     `features`: a frozen vision tower's cache (the final evaluation reads the images the
-    baseline's encoded)."""
+    baseline's encoded); `known`: the label continuations by prompt, kept across passes (37
+    collator runs of an image each, once per prompt rather than once per evaluation)."""
     from trainer.evaluate import autocast, to_device
 
     if not samples:
         return torch.zeros(0, len(labels))
     train_collator = collate.TrainCollator(processor, labels, max_length)
-    by_prompt: dict[tuple[int, ...], Continuations] = {}
+    by_prompt = known if known is not None else {}
     float_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out: list[tuple[int, torch.Tensor]] = []
     starts = range(0, len(samples), batch_size)
@@ -338,6 +340,7 @@ def evaluate_by_scoring(
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
     features: FeatureCache | None = None,
+    known: dict[tuple[int, ...], Continuations] | None = None,
 ) -> Any:
     """Metrics of one scored pass; a prediction's raw answer is the label with its summed
     log-probability, so the run page shows how sure the model was."""
@@ -356,6 +359,7 @@ def evaluate_by_scoring(
         batch_size=batch_size,
         on_batch=on_batch,
         features=features,
+        known=known,
     )
     seconds = time.perf_counter() - started
     best = scores.argmax(-1).tolist() if len(samples) else []

@@ -192,8 +192,8 @@ def test_a_trained_model_scores_at_least_as_well_as_it_generates(
 
 
 def test_a_second_pass_reads_the_vision_features_and_scores_the_same(tiny_model: Path) -> None:
-    """The final evaluation reads the baseline's image features (frozen tower): the same
-    scores, and every image a cache hit."""
+    """The final evaluation reads the baseline's image features (frozen tower) and label
+    continuations: the same scores, every image a cache hit, one prompt's continuations."""
     from trainer.features import FeatureCache
 
     model, processor = _load(tiny_model)
@@ -202,11 +202,13 @@ def test_a_second_pass_reads_the_vision_features_and_scores_the_same(tiny_model:
     model.requires_grad_(False)  # frozen, as the trainer leaves the tower
     cache = FeatureCache.for_model(model)
     assert cache is not None
+    known: dict[Any, Any] = {}
     kwargs: dict[str, Any] = dict(
-        max_length=512, device=torch.device("cpu"), batch_size=2, features=cache
+        max_length=512, device=torch.device("cpu"), batch_size=2, features=cache, known=known
     )
     first = score_labels(model, processor, splits.labels, splits.eval, **kwargs)
     assert (cache.hits, cache.misses) == (0, 5)
     second = score_labels(model, processor, splits.labels, splits.eval, **kwargs)
     assert (cache.hits, cache.misses) == (5, 5)
     assert torch.equal(first, second)
+    assert len(known) == 1  # digits: one image size, one prompt
