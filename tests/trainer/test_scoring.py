@@ -64,20 +64,8 @@ def test_scores_equal_a_full_forward_per_label_digits(tiny_model: Path) -> None:
     model, processor = _load(tiny_model)
     _randomise(model)
     splits = data.load_splits("digits", 1, 5, seed=0)
-    scores = score_labels(
-        model,
-        processor,
-        splits.labels,
-        splits.eval,
-        max_length=512,
-        device=torch.device("cpu"),
-        batch_size=2,
-    )
-    reference = brute_force(model, processor, splits.labels, splits.eval)
+    scores = check_against_brute_force(model, processor, splits.labels, splits.eval, batch_size=2)
     assert scores.shape == (5, len(splits.labels))
-    assert torch.allclose(scores, reference, atol=TOLERANCE, rtol=0), (
-        (scores - reference).abs().max()
-    )
 
 
 def test_scores_equal_a_full_forward_with_multi_token_labels(tmp_path: Path) -> None:
@@ -85,25 +73,8 @@ def test_scores_equal_a_full_forward_with_multi_token_labels(tmp_path: Path) -> 
     path = build_tiny_model(tmp_path / "pets", labels=PET_LABELS)
     model, processor = _load(path)
     _randomise(model)
-    colours = [(200, 10, 10), (10, 200, 10), (10, 10, 200)]
-    samples = [
-        Sample(f"s{i}", PET_LABELS[i], lambda c=c: Image.new("RGB", (40, 30), c))
-        for i, c in enumerate(colours)
-    ]
-    scores = score_labels(
-        model,
-        processor,
-        PET_LABELS,
-        samples,
-        max_length=512,
-        device=torch.device("cpu"),
-        batch_size=3,
-    )
-    reference = brute_force(model, processor, PET_LABELS, samples)
+    scores = check_against_brute_force(model, processor, PET_LABELS, _pet_samples())
     assert (scores[0] - scores[1]).abs().max() > 1e-3  # the image reaches the scores
-    assert torch.allclose(scores, reference, atol=TOLERANCE, rtol=0), (
-        (scores - reference).abs().max()
-    )
 
 
 def _pet_samples() -> list[Sample]:
@@ -114,21 +85,32 @@ def _pet_samples() -> list[Sample]:
     ]
 
 
-def _check(model: Any, processor: Any, labels: Sequence[str], samples: list[Sample]) -> None:
+def check_against_brute_force(
+    model: Any,
+    processor: Any,
+    labels: Sequence[str],
+    samples: Sequence[Sample],
+    *,
+    max_length: int = 512,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """The scorer's (samples, labels) scores, checked against `brute_force`: within TOLERANCE,
+    and the same predicted labels."""
     scores = score_labels(
         model,
         processor,
         labels,
         samples,
-        max_length=512,
+        max_length=max_length,
         device=torch.device("cpu"),
-        batch_size=len(samples),
+        batch_size=batch_size or len(samples),
     )
     reference = brute_force(model, processor, labels, samples)
     assert torch.allclose(scores, reference, atol=TOLERANCE, rtol=0), (
         (scores - reference).abs().max()
     )
     assert scores.argmax(-1).tolist() == reference.argmax(-1).tolist()
+    return scores
 
 
 def test_a_sliding_window_shorter_than_the_prompt(tmp_path: Path) -> None:
@@ -142,14 +124,14 @@ def test_a_sliding_window_shorter_than_the_prompt(tmp_path: Path) -> None:
     model, processor = _load(path, config=config)
     _randomise(model)
     assert "sliding_attention" in config.text_config.layer_types
-    _check(model, processor, PET_LABELS, _pet_samples())
+    check_against_brute_force(model, processor, PET_LABELS, _pet_samples())
 
 
 def test_eager_attention_takes_the_additive_mask(tmp_path: Path) -> None:
     path = build_tiny_model(tmp_path / "pets", labels=PET_LABELS)
     model, processor = _load(path, attn_implementation="eager")
     _randomise(model)
-    _check(model, processor, PET_LABELS, _pet_samples())
+    check_against_brute_force(model, processor, PET_LABELS, _pet_samples())
 
 
 @pytest.mark.slow
