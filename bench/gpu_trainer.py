@@ -1,29 +1,34 @@
-"""Speed and memory of the trainer on a Gemma-3-4B-architecture model: the original settings, the
-step plan (NF4 and `quantization: auto`), and where a step's time goes.
+"""Speed and memory of the trainer on Gemma 3 architectures (4B; 12B with --with-12b): the
+original settings, the step plan (NF4 and `quantization: auto`), where a step's time goes, and
+the article's 27B pet workload projected to other cards.
 
     pip install -e '.[trainer]'                # where the trainer's packages are missing
-    python bench/gpu_trainer.py                # NVIDIA GPU (H200: about 5 minutes), writes $OUT
-    python bench/gpu_trainer.py --config tiny  # the same flow on CPU, in a minute or two
+    python bench/gpu_trainer.py --with-12b     # NVIDIA GPU (H200: ~7 min; --quick ~5), $OUT
+    python bench/gpu_trainer.py --config tiny  # the same flow on CPU, in a few minutes
 
-Builds a `Gemma3ForConditionalGeneration` with the 4B architecture (random weights; the Hub is
-out of reach), saves it locally in bf16 with a small word-level tokenizer and a Gemma3Processor
-at 896 pixels, and writes an image-folder data set of 37 classes (named like the pet breeds, so
-the prompt has the real length) of 500x375 JPEGs. Then, in this one process:
+Builds a `Gemma3ForConditionalGeneration` per architecture (bench/architectures.py; random
+weights: the Hub is out of reach), saves it locally in bf16 with a small word-level tokenizer and
+a Gemma3Processor at 896 pixels, and writes an image-folder data set of 37 classes (named like the
+pet breeds, so the prompt has the real length) of 500x375 JPEGs. Then, in this one process, per
+architecture:
 
-- the step breakdown (bench/step_profile.py) of the original settings and of the auto plan:
-  per-sample milliseconds of data, vision forward, language forward, backward and optimizer,
-  samples/s, tokens/s, MFU from counted FLOPs, peak memory;
+- the step breakdown (bench/step_profile.py) of the original settings (4B only), the auto plan
+  with NF4 and with `quantization: auto`: per-sample milliseconds of data, vision forward,
+  language forward, backward and optimizer, samples/s, tokens/s, MFU, peak memory beside the
+  planner's estimate (tests/trainer/test_plan_calibration.py checks committed profiles);
 - the trainer itself (`trainer.cli.main`: load -> baseline eval -> training -> final eval ->
-  save) in three settings: "original" (the original script's: batch 1 x accumulation 16, full
-  gradient checkpointing, free generation one sample at a time), "auto" (the same 16 samples
-  per optimizer step split by the step plan, NF4, label scoring in batches of 32) and
+  save) in three settings over the pet workload's 3 epochs (`--epochs`; the same for every row
+  but 12B's original one, 1 epoch): "original" (the original script's: batch 1 x accumulation
+  16, full gradient checkpointing, free generation one sample at a time), "auto" (the same 16
+  samples per optimizer step split by the step plan, NF4, label scoring in batches of 32) and
   "auto-bf16" (the same with `--quantization auto`).
 
-It prints samples/s for training and both evaluations, peak GPU memory (allocated and
-reserved), the step plan and what the api's admission check (api/runs/estimates.py) predicts
-for the real google/gemma-3-4b-it with that plan. Everything goes to `$OUT` when set (else
-WORK_DIR/out): `gpu_trainer.json`, `gpu_trainer.md`, `profiles.json` and each run's
-results.json. Random weights mean accuracy is meaningless here; speed and memory are not.
+It prints every run (samples/s for training and both evaluations, peak GPU memory allocated
+and reserved, the step plan, the api's admission estimate for the real Hub model), the step
+profiles, the 27B projection (bench/projection.py) and last a short summary with ratios and
+issue 16's targets. Everything goes to `$OUT` when set (else WORK_DIR/out): `gpu_trainer.json`,
+`gpu_trainer.md`, `profiles.json` and each run's results.json. Random weights mean accuracy is
+meaningless here; speed and memory are not.
 """
 
 from __future__ import annotations
@@ -52,80 +57,17 @@ PET_BREEDS = [
 ]  # fmt: skip
 
 
-def gemma3_4b_configs() -> tuple[Any, Any, int, int]:
-    """google/gemma-3-4b-it's architecture: (text config, vision config, tokens per image,
-    image size)."""
-    from transformers import Gemma3TextConfig, SiglipVisionConfig
-
-    text = Gemma3TextConfig(
-        vocab_size=262_208,
-        hidden_size=2560,
-        intermediate_size=10_240,
-        num_hidden_layers=34,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=256,
-        query_pre_attn_scalar=256,
-        hidden_activation="gelu_pytorch_tanh",
-        max_position_embeddings=131_072,
-        rms_norm_eps=1e-6,
-        sliding_window=1024,
-        rope_parameters={
-            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-        },
-    )
-    vision = SiglipVisionConfig(  # SigLIP so400m at 896 pixels
-        hidden_size=1152,
-        intermediate_size=4304,
-        num_hidden_layers=27,
-        num_attention_heads=16,
-        image_size=896,
-        patch_size=14,
-        layer_norm_eps=1e-6,
-        vision_use_head=False,
-    )
-    return text, vision, 256, 896
-
-
-def tiny_configs() -> tuple[Any, Any, int, int]:
-    from transformers import Gemma3TextConfig, SiglipVisionConfig
-
-    text = Gemma3TextConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=256,
-    )
-    vision = SiglipVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        vision_use_head=False,
-    )
-    return text, vision, 16, 32
-
-
 def build_model(path: Path, config_name: str) -> dict[str, Any]:
     """Write a random-weight Gemma 3 checkpoint in bf16 with a tokenizer and processor."""
     import torch
     from transformers import Gemma3ForConditionalGeneration
 
+    from bench import architectures
     from trainer import tiny
 
     if (path / "bench-model.json").exists():
         return json.loads((path / "bench-model.json").read_text())
-    text, vision, tokens_per_image, image_size = (
-        gemma3_4b_configs() if config_name == "4b" else tiny_configs()
-    )
+    text, vision, tokens_per_image, image_size = architectures.PARTS[config_name]()
     tokenizer = tiny.build_tokenizer(tiny.vocabulary(PET_BREEDS))
     if len(tokenizer) > text.vocab_size:
         raise SystemExit(f"tokenizer ({len(tokenizer)}) larger than the vocabulary")
@@ -187,23 +129,24 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "auto": {"batch": 8, "accum": 2, "eval_batch": 32, "flags": []},
     "auto-bf16": {"batch": 8, "accum": 2, "eval_batch": 32, "flags": ["--quantization", "auto"]},
 }  # fmt: skip
+HUB_IDS = {"4b": "google/gemma-3-4b-it", "12b": "google/gemma-3-12b-it"}
 
 
-def estimated_gib(results: dict[str, Any], args: argparse.Namespace) -> float | None:
-    """What the api's admission check (api/runs/estimates.py) predicts for google/gemma-3-4b-it
+def estimated_gib(config: str, results: dict[str, Any]) -> float | None:
+    """What the api's admission check (api/runs/estimates.py) predicts for the real Hub model
     with the spec and plan that ran (its micro-batch, checkpointing, weights and evaluation
     mode): the figure this bench exists to check. The api guesses the prompt's length from
     the data set (496 tokens here; the examples have ~465); tests/api/runs/test_memory_measured.py
     compares at the measured length."""
     plan = results.get("step_plan")
-    if args.config != "4b" or not plan:
+    if config not in HUB_IDS or not plan:
         return None
     from api.runs.estimates import estimate
     from trainer.contract.spec import RunSpec
 
     spec = RunSpec.model_validate({
         **results["spec"],
-        "model_id": "google/gemma-3-4b-it",
+        "model_id": HUB_IDS[config],
         "micro_batch_size": plan["micro_batch"],
         "checkpointing": plan["checkpointing"],
         "quantization": plan["quantization"],
@@ -212,33 +155,28 @@ def estimated_gib(results: dict[str, Any], args: argparse.Namespace) -> float | 
     return None if memory is None else memory.total_gib
 
 
-def run_setting(
-    name: str,
-    model_dir: Path,
-    data_dir: Path,
-    out: Path,
-    args: argparse.Namespace,
-    warmup: bool = False,
-) -> dict[str, Any]:
+def run_setting(name: str, suite: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """One whole trainer run (`trainer.cli.main`) of setting `name` in this process."""
     import torch
 
     from trainer.cli import main as trainer_main
 
-    s = SETTINGS[name]
+    s, config = SETTINGS[name], suite["config"]
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     # The run's own output (adapter, checkpoints: hundreds of MB for 4B) stays in the work
     # directory, fresh each time so that nothing is resumed; only results.json goes to `out`.
-    output_dir = args.work_dir / f"run-{name}"
+    output_dir = args.work_dir / f"run-{config}-{name}"
     shutil.rmtree(output_dir, ignore_errors=True)
+    epochs = suite["original_epochs"] if name == "original" else suite["epochs"]
     argv = [
-        "--model-id", str(model_dir),
-        "--dataset", f"imagefolder:{data_dir}",
-        "--train-size", str(16 * (1 if warmup else s.get("steps", args.steps))),
-        "--eval-size", str(16 if warmup else s.get("eval_size", args.eval_size)),
-        "--num-epochs", "1",
+        "--model-id", str(suite["model_dir"]),
+        "--dataset", f"imagefolder:{suite['data_dir']}",
+        "--train-size", str(16 * s.get("steps", suite["steps"])),
+        "--eval-size", str(s.get("eval_size", suite["eval_size"])),
+        "--num-epochs", str(epochs),
         "--learning-rate", "2e-4",
         "--batch-size", str(s["batch"]),
         "--gradient-accumulation-steps", str(s["accum"]),
@@ -254,19 +192,22 @@ def run_setting(
     code = trainer_main(argv)
     wall = time.perf_counter() - t0
     results = json.loads((output_dir / "results.json").read_text())
-    shutil.copyfile(output_dir / "results.json", out / f"results-{name}.json")
+    shutil.copyfile(output_dir / "results.json", suite["out"] / f"results-{config}-{name}.json")
     if code != 0:
-        raise SystemExit(f"{name}: the trainer failed: {results.get('error')}")
+        raise SystemExit(f"{config} {name}: the trainer failed: {results.get('error')}")
     tp = results["throughput"]
     gib = 2**30
     cuda = torch.cuda.is_available()
     return {
+        "config": config,
+        "setting": name,
+        "epochs": epochs,
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 2) if cuda else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 2) if cuda else None,
-        "estimated_gib": estimated_gib(results, args),
+        "estimated_gib": estimated_gib(config, results),
         "baseline_eval_samples_per_second": results["baseline"]["samples_per_second"],
         "final_eval_samples_per_second": results["final"]["samples_per_second"],
-        "setting": name,
+        "eval_tflop_per_sample": suite["eval_tflop"],
         "batch_size": s["batch"],
         "gradient_accumulation_steps": s["accum"],
         "eval_batch_size": s["eval_batch"],
@@ -274,7 +215,6 @@ def run_setting(
         "step_plan": results.get("step_plan"),
         "eval_mode": results.get("eval_mode"),
         "weights": results["model"].get("weights"),
-        "eval_samples_per_second": tp["eval_samples_per_second"],
         "peak_gpu_memory_gb": results["peak_gpu_memory_gb"],
         "timings": results["timings"],
         "steps": results["training"]["step"],
@@ -283,60 +223,9 @@ def run_setting(
     }
 
 
-def table(rows: list[dict[str, Any]], profiles: list[dict[str, Any]]) -> str:
-    def num(v: float | None, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
-
-    lines = [
-        "| setting | plan (micro x accum, checkpointing, weights) | eval | train samples/s "
-        "| baseline eval samples/s | final eval samples/s | peak allocated GiB "
-        "| peak reserved GiB | api estimate GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        p = r["step_plan"] or {}
-        plan = f"{p.get('micro_batch')} x {p.get('accumulation')}, {p.get('checkpointing')}, "
-        lines.append(
-            f"| {r['setting']} | {plan}{r['weights']} | {r['eval_mode']} x{r['eval_batch_size']}"
-            f" | {num(r['train_samples_per_second'], '.2f')} | "
-            f"{num(r['baseline_eval_samples_per_second'], '.2f')} | "
-            f"{num(r['final_eval_samples_per_second'], '.2f')} | "
-            f"{num(r['peak_allocated_gib'], '.1f')} | {num(r['peak_reserved_gib'], '.1f')} | "
-            f"{num(r['estimated_gib'], '.1f')} |"
-        )
-    a = rows[0]
-    lines.append("")
-    for b in rows[1:]:
-        lines.append(
-            f"{b['setting']} / {a['setting']}, same process: training "
-            f"{b['train_samples_per_second'] / a['train_samples_per_second']:.2f}x, final "
-            "evaluation "
-            f"{b['final_eval_samples_per_second'] / a['final_eval_samples_per_second']:.2f}x"
-        )
-    lines += [
-        "",
-        "Step breakdown (ms per sample; CUDA events; data is CPU time, overlapped in the trainer)",
-        "",
-        "| setting | plan | samples/s | tokens/s | MFU | data | vision fwd | language fwd "
-        "| backward | optimizer | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for pr in profiles:
-        p, ms = pr["plan"], pr["ms_per_sample"]
-        lines.append(
-            f"| {pr['setting']} | {p['micro_batch']} x {p['accumulation']}, {p['checkpointing']}"
-            f", {p['quantization']} | {pr['samples_per_second']} | {pr['tokens_per_second']} | "
-            f"{pr['mfu']:.1%} | {ms['data_cpu']} | {ms['vision_forward']} | "
-            f"{ms['language_forward']} | {ms['backward']} | {ms['optimizer']} | "
-            f"{pr['peak_allocated_gib']} |"
-        )
-    return "\n".join(lines)
-
-
-def profile_setting(
-    name: str, model_dir: Path, data_dir: Path, args: argparse.Namespace
-) -> dict[str, Any]:
-    """The step breakdown of one setting's plan (bench/step_profile.py), its own model load."""
+def profile_setting(name: str, suite: dict[str, Any]) -> dict[str, Any]:
+    """The step breakdown of one setting's plan (bench/step_profile.py), its own model load:
+    one warm-up step, then `suite["profile_steps"]` timed ones (original: 1)."""
     import torch
 
     from bench.step_profile import profile
@@ -347,72 +236,112 @@ def profile_setting(
     s = SETTINGS[name]
     gc.collect()
     torch.cuda.empty_cache()
-    flags = ["--model-id", str(model_dir), "--dataset", f"imagefolder:{data_dir}",
+    flags = ["--model-id", str(suite["model_dir"]),
+             "--dataset", f"imagefolder:{suite['data_dir']}",
              "--batch-size", str(s["batch"]), "--gradient-accumulation-steps", str(s["accum"]),
              "--max-length", "1024", *s["flags"]]  # fmt: skip
     spec = RunSpec.from_flags(flags)
-    splits = data.load_splits(spec.data, 16 * args.steps, 1, 0)
+    steps = 1 if name == "original" else suite["profile_steps"]
+    splits = data.load_splits(spec.data, 16 * (steps + 1), 1, 0)
     device = torch.device("cuda")
     loaded = model.load(spec, device, plan_run(spec, device, splits.labels, splits.train[0]))
-    steps = 1 if name == "original" else 3
     result = profile(loaded, spec, splits.labels, splits.train, steps)
     del loaded
     gc.collect()
     torch.cuda.empty_cache()
-    return {"setting": name, **result}
+    return {"config": suite["config"], "setting": name, **result}
+
+
+def run_suite(config: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Every setting on architecture `config`: step profiles first (they also warm CUDA up:
+    the first run in a process pays for context set-up and kernel warm-up), then the runs."""
+    import torch
+
+    from bench.projection import flops
+
+    big = config == "12b"
+    steps = args.steps_12b if big else args.steps
+    eval_size = args.eval_size_12b if big else args.eval_size
+    model_dir = args.work_dir / f"gemma3-{config}-random"
+    info = build_model(model_dir, config)
+    print(f"{config}: {info['parameters'] / 1e9:.2f} B parameters, built and saved in "
+          f"{info['build_and_save_seconds']} s", flush=True)  # fmt: skip
+    per_class_train = -(-16 * max(steps, 4) // len(PET_BREEDS))
+    per_class_test = -(-max(eval_size, 128) // len(PET_BREEDS))
+    suite = {
+        "config": config,
+        "model_dir": model_dir,
+        "data_dir": build_images(args.work_dir / "images", per_class_train, per_class_test),
+        "out": out,
+        "steps": steps,
+        "eval_size": eval_size,
+        "epochs": args.epochs,
+        # The original settings run ~1 sample/s on 4B and ~3x slower on 12B: one epoch there.
+        "original_epochs": 1 if big else args.epochs,
+        "profile_steps": 1 if big else 2,
+        "eval_tflop": None,
+    }
+    profiles = []
+    names = ("auto", "auto-bf16") if big else ("original", "auto", "auto-bf16")
+    for name in names if torch.cuda.is_available() else ():
+        profiles.append(profile_setting(name, suite))
+        print(json.dumps(profiles[-1]), flush=True)
+    if profiles:
+        f = flops(config, profiles[-1]["tokens_per_example"])
+        suite["eval_tflop"] = round((f["vision_forward"] + f["language_forward"]) / 1e12, 3)
+    rows = []
+    for name in SETTINGS:
+        rows.append(run_setting(name, suite, args))
+        print(json.dumps(rows[-1]), flush=True)
+    return {"config": config, "model": info, "steps": steps, "eval_size": eval_size,
+            "epochs": args.epochs, "rows": rows, "profiles": profiles}  # fmt: skip
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=["4b", "tiny"], default="4b")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps of 16 samples")
-    parser.add_argument("--eval-size", type=int, default=96)
+    parser.add_argument("--config", choices=["4b", "12b", "tiny"], default="4b")
+    parser.add_argument("--with-12b", action="store_true", help="then the same on 12B")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps (of 16) an epoch")
+    parser.add_argument("--epochs", type=int, default=3, help="the pet workload's 3")
+    parser.add_argument("--eval-size", type=int, default=128)
+    parser.add_argument("--steps-12b", type=int, default=2)
+    parser.add_argument("--eval-size-12b", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="2 (12B: 1) steps an epoch, "
+                        "96 (12B: 64) evaluations, for a short device lease")  # fmt: skip
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/tuneplane-bench"))
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.eval_size, args.steps_12b, args.eval_size_12b = 2, 96, 1, 64
 
     import torch
 
+    from bench.gpu_tables import summary, table
+    from bench.projection import project
+
     out = Path(os.environ.get("OUT") or args.work_dir / "out")
     out.mkdir(parents=True, exist_ok=True)
-    if args.config == "4b" and not torch.cuda.is_available():
-        raise SystemExit("the 4B configuration needs an NVIDIA GPU; use --config tiny on CPU")
+    if args.config != "tiny" and not torch.cuda.is_available():
+        raise SystemExit("the 4B and 12B configurations need an NVIDIA GPU; --config tiny on CPU")
     t0 = time.perf_counter()
-    model_dir = args.work_dir / f"gemma3-{args.config}-random"
-    info = build_model(model_dir, args.config)
-    print(f"model: {info['parameters'] / 1e9:.2f} B parameters, built and saved in "
-          f"{info['build_and_save_seconds']} s", flush=True)  # fmt: skip
-    per_class_train = -(-16 * args.steps // len(PET_BREEDS))
-    per_class_test = -(-args.eval_size // len(PET_BREEDS))
-    data_dir = build_images(args.work_dir / "images", per_class_train, per_class_test)
-
-    # The step profiles first: they also warm CUDA up (the first run in a process pays for
-    # context set-up and kernel warm-up, which would otherwise go to whichever setting is first).
-    profiles = []
-    for name in ("original", "auto") if torch.cuda.is_available() else ():
-        profiles.append(profile_setting(name, model_dir, data_dir, args))
-        print(json.dumps(profiles[-1]), flush=True)
+    configs = [args.config] + (["12b"] if args.with_12b and args.config != "12b" else [])
+    suites = []
+    for config in configs:
+        suites.append(run_suite(config, args, out))
+        # Written after each architecture: a lease that ends during the next keeps these.
+        (out / "gpu_trainer.json").write_text(json.dumps({"suites": suites}, indent=1))
+        profiles = [p for s in suites for p in s["profiles"]]
         (out / "profiles.json").write_text(json.dumps(profiles, indent=1))
-    rows = []
-    for name in SETTINGS:
-        rows.append(run_setting(name, model_dir, data_dir, out, args))
-        print(json.dumps(rows[-1]), flush=True)
-    report = {
-        "config": args.config,
-        "model": info,
-        "steps": args.steps,
-        "eval_size": args.eval_size,
-        "max_new_tokens": args.max_new_tokens,
-        "torch": torch.__version__,
-        "rows": rows,
-        "profiles": profiles,
-        "total_seconds": round(time.perf_counter() - t0, 1),
-    }
-    rendered = table(rows, profiles)
+    rows = [r for s in suites for r in s["rows"]]
+    tokens = profiles[-1]["tokens_per_example"] if profiles else 466
+    rendered = "\n\n".join([table(rows, profiles), project(profiles, rows, tokens)])
+    report = {"suites": suites, "torch": torch.__version__,
+              "total_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     (out / "gpu_trainer.json").write_text(json.dumps(report, indent=1))
-    (out / "gpu_trainer.md").write_text(rendered + "\n")
+    (out / "gpu_trainer.md").write_text(rendered + "\n\n" + summary(rows) + "\n")
     print(rendered)
     print(f"total {report['total_seconds']} s; written to {out}")
+    print(summary(rows))
     return 0
 
 

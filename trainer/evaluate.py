@@ -20,10 +20,13 @@ from trainer import collator, prompts
 from trainer.contract.chat import strip_thinking
 from trainer.contract.events import ClassMetrics, Metrics, Prediction
 from trainer.data import Sample
+from trainer.features import FeatureCache
 
 NO_LABEL = "no label"
 _UNKNOWN = "\x00unknown"  # sklearn needs a value for "no label" that no class can be named
 MAX_RAW_ANSWER = 500
+# CPU memory for the evaluation images' vision features (Gemma 3: 9.4 MB an image, so ~870).
+EVAL_FEATURE_BYTES = 8 * 2**30
 
 
 def normalize(text: str) -> str:
@@ -241,6 +244,9 @@ class Evaluator:
     ) -> None:
         self.loaded, self.spec, self.splits = loaded, spec, splits
         self.stop_ids, self.check, self.on_metrics = stop_ids, check, on_metrics
+        # The final evaluation scores the baseline's images through the same frozen tower.
+        self.features = FeatureCache.for_model(loaded.model, max_bytes=EVAL_FEATURE_BYTES)
+        self.known: dict[Any, Any] = {}  # label scoring's continuations by prompt
 
     def __call__(self, stage: str) -> Metrics:
         if getattr(self.spec, "eval_mode", "generate") == "score":
@@ -255,6 +261,8 @@ class Evaluator:
                 device=self.loaded.device,
                 batch_size=self.spec.eval_batch_size,
                 on_batch=lambda done, total: self.check(),
+                features=self.features,
+                known=self.known,
             )
             self.on_metrics(stage, metrics)
             return metrics

@@ -4,7 +4,8 @@ With the tower frozen (no LoRA on it, `lora_vision: false`) and no augmentation 
 pipeline has none: an image decodes to the same pixels every epoch), the tower's output for an
 image never changes, yet a plain loop recomputes it every epoch: a third of a Gemma 3 step's
 FLOPs. The cache wraps the tower's `forward`: for a batch whose every image is cached it returns
-the stored rows, else it runs the tower and stores the rows it may keep. Rows live in CPU memory
+the stored rows, for a batch with some images cached it runs the tower on the others only, else
+it runs the tower; it stores the rows it may keep. Rows live in CPU memory
 up to `max_bytes` (Gemma 3: 9.4 MB an image), first come first kept; past that, images are
 simply computed. The projector after the tower is trained, so it is not cached.
 
@@ -42,6 +43,7 @@ class FeatureCache:
         self._rows: dict[str, torch.Tensor] = {}
         self._keys: list[str] | None = None
         self._bare = False
+        self._seen = False  # the tower's output has been split by row once
         self._forward = tower.forward
         tower.forward = self._cached
 
@@ -66,21 +68,50 @@ class FeatureCache:
         keys = self._keys
         if keys is None or len(keys) != pixel_values.shape[0]:
             return self._forward(pixel_values, *args, **kwargs)
-        if all(k in self._rows for k in keys):
+        known = [k in self._rows for k in keys]
+        if all(known):
             self.hits += len(keys)
             rows = torch.stack([self._rows[k] for k in keys]).to(pixel_values.device)
             return rows if self._bare else _wrap(rows)
+        per_row_only = not any(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values()))
+        if any(known) and self._seen and per_row_only:
+            return self._partial(pixel_values, keys, known, args, kwargs)
         self.misses += len(keys)
         out = self._forward(pixel_values, *args, **kwargs)
-        hidden = _hidden(out)
         self._bare = isinstance(out, torch.Tensor)
+        hidden = _hidden(out)
         if hidden is not None and hidden.shape[0] == len(keys):
-            for k, row in zip(keys, hidden.detach(), strict=True):
-                size = row.numel() * row.element_size()
-                if k not in self._rows and self.bytes + size <= self.max_bytes:
-                    self._rows[k] = row.to("cpu", copy=True)
-                    self.bytes += size
+            self._seen = True
+            self._store(keys, hidden)
         return out
+
+    def _partial(
+        self, pixels: torch.Tensor, keys: list[str], known: list[bool], args: Any, kwargs: Any
+    ) -> Any:
+        """Run the tower on the uncached images only (a data set larger than the bound keeps
+        part of its images: without this, a batch would almost never be all cached)."""
+        missing = [i for i, k in enumerate(known) if not k]
+        hidden = _hidden(self._forward(pixels[missing], *args, **kwargs))
+        if hidden is None or hidden.shape[0] != len(missing):
+            return self._forward(pixels, *args, **kwargs)
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        self._store([keys[i] for i in missing], hidden)
+        computed = dict(zip(missing, hidden, strict=True))
+        rows = torch.stack(
+            [
+                computed[i] if i in computed else self._rows[k].to(pixels.device)
+                for i, k in enumerate(keys)
+            ]
+        )
+        return rows if self._bare else _wrap(rows)
+
+    def _store(self, keys: list[str], hidden: torch.Tensor) -> None:
+        for k, row in zip(keys, hidden.detach(), strict=True):
+            size = row.numel() * row.element_size()
+            if k not in self._rows and self.bytes + size <= self.max_bytes:
+                self._rows[k] = row.to("cpu", copy=True)
+                self.bytes += size
 
 
 def _hidden(out: Any) -> torch.Tensor | None:

@@ -12,10 +12,12 @@ measures them: the model's parameter count from its config on the meta device, t
 real training example from the collator, and `torch.cuda.mem_get_info`.
 
 Activation memory per sample is `layers x tokens x hidden x bytes-per-element factor`. The
-factors are calibrated on the H200 measurements of issue 16 (Gemma 3 4B, LoRA r16, no
-checkpointing: bf16 weights ~3.4 GB per sample, NF4 about twice that, since bitsandbytes keeps
-its own copies for the backward pass), and bench/gpu_trainer.py prints the estimate beside the
-measured peak so the factors can be re-checked.
+factors are calibrated on H200 measurements of the training step alone (Gemma 3 4B, LoRA r16,
+answer-only logits, no checkpointing): NF4 from bench/results/gpu_trainer_plan/profiles.json
+(40.8 GiB at micro-batch 8, 466 tokens: ~113 bytes; the first factor, 230, predicted 76.6 GiB),
+bf16 from issue 16's measurement (36 GB at micro-batch 8, 63 GB at 16: ~82 bytes).
+tests/trainer/test_plan_calibration.py checks every committed bench profile against the
+estimate (within 20%), and bench/gpu_trainer.py prints the estimate beside the measured peak.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 GIB = 2**30
 # Bytes per (layer x token x hidden unit) kept for the backward pass, without checkpointing.
-ACT_FACTOR = {"none": 110.0, "nf4": 230.0}
+ACT_FACTOR = {"none": 82.0, "nf4": 113.0}
 # With full checkpointing each layer keeps its bf16 input; one layer is recomputed at a time.
 CHECKPOINTED_FACTOR = 2.0
 # What the plan leaves free: a fraction of the free memory plus a fixed reserve (allocator
@@ -163,42 +165,50 @@ def choose(
     )
 
 
-def measure(spec: Any, device: Any, labels: list[str], example: Any) -> MemoryInputs:
-    """The figures `choose` needs, for this spec's model on `device`, before any weight loads:
-    parameter counts from the config on the meta device, one real example's tokens."""
+def model_memory(config: Any, lora_r: int, tokens: int, free: float | None) -> MemoryInputs:
+    """The figures `choose` needs for a model of `config` (parameter counts on the meta device,
+    no weights) training examples of `tokens` tokens with LoRA rank `lora_r`."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
-    from trainer.collator import TrainCollator
-    from trainer.model import load_processor
-
-    config = AutoConfig.from_pretrained(spec.model_id)
     with torch.device("meta"):
         meta = AutoModelForImageTextToText.from_config(config)
     text = config.get_text_config()
-    # What NF4 quantizes: the language model's linear layers (trainer.model.NF4_SKIP).
-    linear = sum(
-        m.weight.numel() for m in meta.get_decoder().modules() if isinstance(m, torch.nn.Linear)
-    )
-    total = sum(p.numel() for p in meta.parameters())
     decoder = meta.get_decoder()
-    lora = sum(
-        spec.lora_r * (m.in_features + m.out_features)
-        for m in decoder.modules()
-        if isinstance(m, torch.nn.Linear)
-    )
-    processor = load_processor(spec.model_id)
-    batch = TrainCollator(processor, labels, spec.max_length)([example])
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    linears = [m for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
+    # What NF4 quantizes: the language model's linear layers (trainer.model.NF4_SKIP).
+    linear = sum(m.weight.numel() for m in linears)
+    total = sum(p.numel() for p in meta.parameters())
+    lora = sum(lora_r * (m.in_features + m.out_features) for m in linears)
     return MemoryInputs(
-        free=float(free) if free is not None else None,
+        free=free,
         # NF4: 4 bits per language-model linear weight plus ~0.127 bits of double-quantized
         # block constants; peft's prepare_model_for_kbit_training casts the rest to fp32.
         weights={"nf4": linear * 4.127 / 8 + (total - linear) * 4, "none": total * 2.0},
         layers=text.num_hidden_layers,
         hidden=text.hidden_size,
-        tokens=int(batch["attention_mask"][0].sum()),
+        tokens=tokens,
         fixed=lora * 16.0 + GIB,  # fp32 adapter, gradient and two AdamW moments; CUDA context
+    )
+
+
+def measure(spec: Any, device: Any, labels: list[str], example: Any) -> MemoryInputs:
+    """The figures `choose` needs, for this spec's model on `device`, before any weight loads:
+    parameter counts from the config, one real example's tokens, the GPU's free memory."""
+    import torch
+    from transformers import AutoConfig
+
+    from trainer.collator import TrainCollator
+    from trainer.model import load_processor
+
+    processor = load_processor(spec.model_id)
+    batch = TrainCollator(processor, labels, spec.max_length)([example])
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    return model_memory(
+        AutoConfig.from_pretrained(spec.model_id),
+        spec.lora_r,
+        int(batch["attention_mask"][0].sum()),
+        float(free) if free is not None else None,
     )
 
 

@@ -1,9 +1,12 @@
 """Evaluation by label scoring: the model's log-probability of every label's answer, over a
 prompt it reads once.
 
-Per batch of samples: one prefill over the prompt (image and instruction, left padded, KV cache
-kept), then one forward over the label continuations of every (sample, label) pair, each row
-reading its sample's cached prefix. The predicted label is the argmax of the *summed*
+Per batch of samples whose prompts are the same tokens: one forward over the prompt (image and
+instruction, KV cache kept, the model's own attention mask), then ONE forward over every label's
+answer at once, the answers packed as a token tree over that cache with a mask that lets each
+answer token see the prompt and its own answer only (trainer.label_tree). So a sample costs its
+prompt plus the label tree's tokens (~150 for 37 pet breeds), whatever the number of labels.
+The predicted label is the argmax of the *summed*
 log-probabilities of the label's answer tokens, end-of-answer marker included. Summed, not
 length-normalised: with the end marker scored, the sum is the model's probability of answering
 exactly that label (what greedy generation approximates), and a label that is a prefix of
@@ -20,28 +23,38 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
 from trainer import collator as collate
+from trainer import label_tree
 from trainer.data import Sample
+from trainer.features import FeatureCache
 
-# What the per-chunk copies of the prefix's KV cache may take: this fraction of the GPU's free
-# memory (CPU: a fixed budget). More rows per forward, fewer launches.
+# What one continuation forward's logits (and the copy of its rows' prompt cache) may take:
+# this fraction of the GPU's free memory (CPU: a fixed budget). More rows per forward, fewer
+# launches; the rows of one forward all share one label tree.
 CUDA_FREE_FRACTION = 0.4
-CPU_CACHE_BYTES = 1 << 30
+CPU_BUDGET_BYTES = 1 << 30
+# Rows of the (rows, nodes, vocabulary) logits turned into fp32 log-probabilities at a time.
+LOGSUMEXP_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
 class Continuations:
     """The label answers as token rows after the shared prompt prefix `prefix_ids`:
-    `ids[l]` is fed, `scored[l]` marks the tokens whose log-probability counts."""
+    `ids[l]` is fed, `scored[l]` marks the tokens whose log-probability counts; `tree` is the
+    same rows as one token tree (trainer.label_tree)."""
 
     prefix_ids: list[int]
     ids: list[list[int]]
     scored: list[list[bool]]
+    tree: label_tree.LabelTree
 
 
 def continuations(train_collator: Any, labels: Sequence[str], sample: Sample) -> Continuations:
@@ -60,20 +73,23 @@ def continuations(train_collator: Any, labels: Sequence[str], sample: Sample) ->
     first = rows[0][0][:start]
     if any(ids[:start] != first for ids, _ in rows):
         raise ValueError("the label answers do not share the prompt's tokens; cannot score them")
-    return Continuations(first, [ids[start:] for ids, _ in rows], [m[start:] for _, m in rows])
+    ids = [r[start:] for r, _ in rows]
+    scored = [m[start:] for _, m in rows]
+    return Continuations(first, ids, scored, label_tree.build(ids, scored))
 
 
-def _row_budget(cache: Any, rows: int, device: torch.device) -> int:
-    """How many (sample, label) rows one continuation forward may hold: each copies its
-    sample's prefix cache."""
+def _row_budget(cache: Any, rows: int, nodes: int, vocab: int, device: torch.device) -> int:
+    """How many sample rows one continuation forward may hold: each gets its logits over the
+    tree's nodes and (when the rows are a subset) a copy of its prompt cache."""
     per_row = sum(t.nbytes for t in _cache_tensors(cache)) / max(rows, 1)
+    per_row += nodes * vocab * 2 * 2  # bf16 logits, and as much again for the model's head
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         # Memory PyTorch's allocator holds but does not use (training's) is free to us too.
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = free * CUDA_FREE_FRACTION
     else:
-        budget = CPU_CACHE_BYTES
+        budget = CPU_BUDGET_BYTES
     return max(1, int(budget // max(per_row, 1)))
 
 
@@ -93,15 +109,63 @@ def _select(cache: Any, index: torch.Tensor) -> Any:
     sub = copy.copy(cache)
     sub.layers = [copy.copy(layer) for layer in cache.layers]
     for layer in sub.layers:
-        layer.batch_select_indices(index)
+        if isinstance(getattr(layer, "keys", None), torch.Tensor):
+            layer.batch_select_indices(index)
     return sub
+
+
+def _log_probs(logits: torch.Tensor, nodes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(rows, k) fp32 log-probabilities of `targets[k]` after node `nodes[k]`, the fp32
+    log-softmax taken over a few rows at a time (the whole (rows, nodes, 262k) tensor in fp32
+    would be the largest of the evaluation)."""
+    per_row = logits.shape[1] * logits.shape[2] * 4
+    step = max(1, LOGSUMEXP_BYTES // max(per_row, 1))
+    out = []
+    for lo in range(0, logits.shape[0], step):
+        rows = logits[lo : lo + step]
+        lse = torch.logsumexp(rows.float(), dim=-1)  # (r, N)
+        out.append(rows[:, nodes, targets].float() - lse[:, nodes])
+    return torch.cat(out)
+
+
+class _PromptPositions:
+    """The position ids the model gives the prompt's language-model forward (a hook on the
+    decoder): families differ (PaliGemma counts from 1, Qwen2-VL's M-RoPE puts text after an
+    image at index + delta on three axes), and the answer continues from the last one."""
+
+    def __init__(self, model: Any) -> None:
+        self.seen: torch.Tensor | None = None
+        self.model = model
+
+    def __enter__(self) -> _PromptPositions:
+        def hook(_module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+            self.seen = kwargs.get("position_ids")
+
+        self.handle = self.model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+    def after(self, length: int, rows: int) -> torch.Tensor:
+        """(rows,) the position of the token after the prompt (`length` tokens, no padding)."""
+        seen = self.seen
+        if seen is None:  # the decoder's own default: 0, 1, 2, ...
+            return torch.full((rows,), length)
+        # (B, L) text positions, or (3 or 4, B, L) M-RoPE ones: text continues past the largest.
+        last = seen[..., -1].reshape(-1, seen.shape[-2]).amax(0) if seen.dim() == 3 else seen[:, -1]
+        return last.expand(rows) + 1 if last.numel() == 1 else last + 1
 
 
 def score_batch(
     model: Any, inputs: dict[str, Any], cont: Continuations, device: torch.device
 ) -> torch.Tensor:
     """(samples, labels) summed log-probabilities of each label's answer for one prompt batch
-    (`inputs`: the processor's left-padded prompts, already on `device`)."""
+    (`inputs`: the processor's prompts, on `device`, every row the same tokens: no padding).
+
+    Two forwards: the prompt (the model builds its own mask: bidirectional image blocks, a
+    prefix-LM's prefix), then every label's answer at once as a token tree over the prompt's
+    cache (trainer.label_tree)."""
     from transformers import DynamicCache
 
     cut = inputs["input_ids"].shape[1] - _prompt_tail(inputs, cont)
@@ -111,53 +175,39 @@ def score_batch(
         if k != "labels"  # a prefix-LM processor (PaliGemma) returns some; nothing to learn here
     }
     attn = prefix["attention_mask"]
-    positions = (attn.long().cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    out = model(**prefix, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+    # No position ids: the model's own, as in training.
+    with _PromptPositions(model) as positions:
+        out = model(**prefix, cache=cache, use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
-    n, n_labels = attn.shape[0], len(cont.ids)
-    width = max(len(ids) for ids in cont.ids)
-    ids = torch.zeros(n_labels, width, dtype=torch.long, device=device)
-    scored = torch.zeros(n_labels, width, dtype=torch.bool, device=device)
-    for i, (row, sc) in enumerate(zip(cont.ids, cont.scored, strict=True)):
-        ids[i, : len(row)] = torch.tensor(row, device=device)
-        scored[i, : len(row)] = torch.tensor(sc, device=device)
-    # Token 0 of each answer is predicted by the prefill's last position, token j by
-    # continuation position j - 1; the last token is never fed.
-    scores = first[:, ids[:, 0]] * scored[:, 0]  # (B, L)
-    if width == 1:
+    tree = cont.tree
+    n = attn.shape[0]
+    pred = torch.tensor(tree.predictor, device=device)
+    target = torch.tensor(tree.target, device=device)
+    label = torch.tensor(tree.label, device=device)
+    scores = torch.zeros(n, len(cont.ids), device=device)
+    root = pred < 0
+    scores.index_add_(1, label[root], first[:, target[root]])
+    if not tree.tokens:
         return scores
-    pairs = torch.cartesian_prod(
-        torch.arange(n, device=device), torch.arange(n_labels, device=device)
-    )
-    chunk = _row_budget(cache, n, device)
-    end = positions[:, -1] + 1
-    for lo in range(0, len(pairs), chunk):
-        s, lab = pairs[lo : lo + chunk].unbind(-1)
-        feed = ids[lab, :-1]
-        mask = torch.cat(
-            [
-                attn[s],
-                (torch.arange(width - 1, device=device) < _lengths(cont, lab) - 1).to(attn.dtype),
-            ],
-            dim=1,
-        )
-        pos = end[s, None] + torch.arange(width - 1, device=device)
+    depth = torch.tensor(tree.depth, device=device)
+    start = positions.after(cut, n).to(device)
+    feed = torch.tensor(tree.tokens, device=device)
+    chunk = _row_budget(cache, n, len(tree.tokens), first.shape[-1], device)
+    for lo in range(0, n, chunk):
+        rows = torch.arange(lo, min(lo + chunk, n), device=device)
+        sub = cache if len(rows) == n else _select(cache, rows)
+        mask = label_tree.masks(tree, sub, model.config, cut, attn[rows])
         logits = model(
-            input_ids=feed,
+            input_ids=feed[None, :].expand(len(rows), -1),
             attention_mask=mask,
-            position_ids=pos,
-            cache=_select(cache, s),
+            position_ids=start[rows, None] + depth[None, :],
+            cache=sub,
             use_cache=True,
-        ).logits.float()
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[lab, 1:, None])[..., 0]
-        scores[s, lab] += (logp * scored[lab, 1:]).sum(-1)
+        ).logits
+        logp = _log_probs(logits, pred[~root], target[~root])
+        scores[rows] += torch.zeros_like(scores[rows]).index_add_(1, label[~root], logp)
     return scores
-
-
-def _lengths(cont: Continuations, lab: torch.Tensor) -> torch.Tensor:
-    lengths = torch.tensor([len(r) for r in cont.ids], device=lab.device)
-    return lengths[lab][:, None]
 
 
 def _prompt_tail(inputs: dict[str, Any], cont: Continuations) -> int:
@@ -189,44 +239,94 @@ def score_labels(
     device: torch.device,
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
+    features: FeatureCache | None = None,
+    known: dict[tuple[int, ...], Continuations] | None = None,
 ) -> torch.Tensor:
-    """(samples, labels) summed answer log-probabilities over the evaluation set."""
+    """(samples, labels) summed answer log-probabilities over the evaluation set. The next
+    batch's images are decoded and processed in a thread while the GPU scores this one.
+    `features`: a frozen vision tower's cache (the final evaluation reads the images the
+    baseline's encoded); `known`: the label continuations by prompt, kept across passes (37
+    collator runs of an image each, once per prompt rather than once per evaluation)."""
     from trainer.evaluate import autocast, to_device
 
     if not samples:
         return torch.zeros(0, len(labels))
     train_collator = collate.TrainCollator(processor, labels, max_length)
-    by_size: dict[Any, Continuations] = {}
+    by_prompt = known if known is not None else {}
     float_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out: list[tuple[int, torch.Tensor]] = []
+    starts = range(0, len(samples), batch_size)
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start : start + batch_size]
-            for size, group in _by_image_size(chunk):
-                if size not in by_size:
-                    by_size[size] = continuations(train_collator, labels, group[0][1])
-                batch = collate.eval_batch(processor, labels, [s for _, s in group])
-                inputs = to_device(batch, device, float_dtype)
-                with torch.inference_mode(), autocast(device):
-                    scores = score_batch(model, inputs, by_size[size], device)
-                out += [(start + i, row.cpu()) for (i, _), row in zip(group, scores, strict=True)]
-            if on_batch:
-                on_batch(min(start + batch_size, len(samples)), len(samples))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # Every processor call happens in this one thread: a fast tokenizer used from two
+            # threads at once fails ("Already borrowed").
+            prepare = partial(_prepared, processor, labels, train_collator, by_prompt)
+            ahead = pool.submit(prepare, samples[0:batch_size])
+            for start in starts:
+                groups = ahead.result()
+                nxt = start + batch_size
+                if nxt < len(samples):
+                    ahead = pool.submit(prepare, samples[nxt : nxt + batch_size])
+                for rows, batch, cont in groups:
+                    inputs = to_device(batch, device, float_dtype)
+                    ids = [samples[start + i].sample_id for i in rows]
+                    cached = features.keys(ids) if features else nullcontext()
+                    with torch.inference_mode(), autocast(device), cached:
+                        scores = score_batch(model, inputs, cont, device)
+                    out += [(start + i, row.cpu()) for i, row in zip(rows, scores, strict=True)]
+                if on_batch:
+                    on_batch(min(start + batch_size, len(samples)), len(samples))
     finally:
         model.train(was_training)
     return torch.stack([row for _, row in sorted(out, key=lambda p: p[0])])
 
 
-def _by_image_size(chunk: Sequence[Sample]) -> list[tuple[Any, list[tuple[int, Sample]]]]:
-    """Samples grouped by image size: the number of image tokens (so the prompt's tokens) may
-    depend on it (Qwen2-VL), and each group shares one set of continuations."""
-    groups: dict[Any, list[tuple[int, Sample]]] = {}
+def _prepared(
+    processor: Any,
+    labels: Sequence[str],
+    train_collator: Any,
+    by_prompt: dict[tuple[int, ...], Continuations],
+    chunk: Sequence[Sample],
+) -> list[tuple[list[int], Any, Continuations]]:
+    """`chunk`'s prompt batches with their label continuations (computed once per prompt)."""
+    out = []
+    for rows, batch in _uniform_groups(processor, labels, chunk):
+        key = tuple(batch["input_ids"][0].tolist())
+        if key not in by_prompt:
+            by_prompt[key] = continuations(train_collator, labels, chunk[rows[0]])
+        out.append((rows, batch, by_prompt[key]))
+    return out
+
+
+def _uniform(batch: Any) -> bool:
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    return bool(mask.all()) and bool((ids == ids[:1]).all())
+
+
+def _uniform_groups(
+    processor: Any, labels: Sequence[str], chunk: Sequence[Sample]
+) -> list[tuple[list[int], Any]]:
+    """`chunk`'s prompts as processor batches whose rows are the same tokens (one label tree
+    each, no padding): the whole chunk when its images give the same number of image tokens
+    (Gemma 3 resizes every image to one size), else one batch per image size (Qwen2-VL's
+    token count follows the size), else one per sample."""
+    whole = collate.eval_batch(processor, labels, chunk)
+    if _uniform(whole):
+        return [(list(range(len(chunk))), whole)]
+    groups: dict[Any, list[int]] = {}
     for i, s in enumerate(chunk):
         # The size without decoding: PIL reads it from the header.
-        groups.setdefault(s.load().size, []).append((i, s))
-    return list(groups.items())
+        groups.setdefault(s.load().size, []).append(i)
+    out = []
+    for rows in groups.values():
+        batch = collate.eval_batch(processor, labels, [chunk[i] for i in rows])
+        if _uniform(batch):
+            out.append((rows, batch))
+        else:
+            out += [([i], collate.eval_batch(processor, labels, [chunk[i]])) for i in rows]
+    return out
 
 
 def evaluate_by_scoring(
@@ -239,6 +339,8 @@ def evaluate_by_scoring(
     device: torch.device,
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
+    features: FeatureCache | None = None,
+    known: dict[tuple[int, ...], Continuations] | None = None,
 ) -> Any:
     """Metrics of one scored pass; a prediction's raw answer is the label with its summed
     log-probability, so the run page shows how sure the model was."""
@@ -256,6 +358,8 @@ def evaluate_by_scoring(
         device=device,
         batch_size=batch_size,
         on_batch=on_batch,
+        features=features,
+        known=known,
     )
     seconds = time.perf_counter() - started
     best = scores.argmax(-1).tolist() if len(samples) else []

@@ -60,3 +60,33 @@ def test_no_cache_for_a_trained_tower_and_none_past_its_bound(tiny_model: Path) 
         loaded.model(**batch)
         loaded.model(**batch)
     assert (cache.bytes, cache.hits, cache.misses) == (0, 0, 4)
+
+
+def test_a_partly_cached_batch_runs_the_tower_on_the_rest_only(tiny_model: Path) -> None:
+    """A data set larger than the cache's bound: batches mix cached and new images. The tower
+    sees only the new ones, and the loss and gradients are the plain ones (fp32 on the CPU,
+    the tower run on fewer rows: within 1e-6)."""
+    spec = RunSpec(model_id=str(tiny_model), dataset="digits", lora_dropout=0.0)
+    torch.manual_seed(0)
+    loaded = model_setup.load(spec, torch.device("cpu"))
+    model = loaded.model.train()
+    splits = data.load_splits("digits", 6, 1, seed=0)
+    collate = TrainCollator(loaded.processor, splits.labels, 512)
+    batch = collate(splits.train)
+    ids = [s.sample_id for s in splits.train]
+    plain_loss, plain_grads = _loss_and_grads(model, batch)
+    cache = FeatureCache.for_model(model)
+    assert cache is not None
+    tower_rows: list[int] = []
+    # The tower's patch embeddings run once per tower pass, on the rows it was given.
+    embeddings = next(m for n, m in cache.tower.named_modules() if n.endswith("embeddings"))
+    hook = embeddings.register_forward_hook(lambda m, a, out: tower_rows.append(out.shape[0]))
+    with cache.keys(ids[::2]):
+        _loss_and_grads(model, collate(splits.train[::2]))
+    with cache.keys(ids):
+        loss, grads = _loss_and_grads(model, batch)
+    hook.remove()
+    assert tower_rows == [3, 3] and (cache.hits, cache.misses) == (3, 6)
+    assert abs(loss - plain_loss) <= 1e-6
+    for name, g in grads.items():
+        assert torch.allclose(g, plain_grads[name], atol=1e-6, rtol=1e-5), name

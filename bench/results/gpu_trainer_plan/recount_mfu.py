@@ -6,14 +6,13 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+from transformers import Gemma3ForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from bench.gpu_trainer import gemma3_4b_configs
+from bench import architectures
 from bench.step_profile import RATE_TFLOPS, flops_per_sample
 
-text, vision, tokens_per_image, _ = gemma3_4b_configs()
-config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_image)
+config = architectures.config("4b")
 with torch.device("meta"):
     model = Gemma3ForConditionalGeneration(config)
 out = []
