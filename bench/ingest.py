@@ -54,6 +54,8 @@ from api.runs.models import Run  # noqa: E402
 from api.runs.states import RunStatus  # noqa: E402
 from trainer.contract.spec import RunSpec  # noqa: E402
 
+from sqlmodel import col, func, select  # noqa: E402  (after the path: the api's own venv)
+
 OUT = ROOT / "bench" / "results" / "ingest"
 
 
@@ -104,7 +106,11 @@ def _bodies(target: str, mode: str, run: str, batch: int, n: int) -> tuple[str, 
     ]
     if mode == "single":
         return f"/api/v1/runs/{run}/events", events[0].encode(), 1
-    return f"/api/v1/runs/{run}/events:batch", ('{"events":[' + ",".join(events) + "]}").encode(), count
+    return (
+        f"/api/v1/runs/{run}/events:batch",
+        ('{"events":[' + ",".join(events) + "]}").encode(),
+        count,
+    )
 
 
 async def _client(
@@ -217,9 +223,9 @@ class Tuneplane:
         return [(r.id, mint_token(self.settings.signing_key, r.id, expires)) for r in made]
 
     def stored(self, run_ids: list[str]) -> int:
+        query = select(func.count()).select_from(RunEvent).where(col(RunEvent.run_id).in_(run_ids))
         with session_scope(self.engine) as session:
-            rows = session.query(RunEvent).filter(RunEvent.run_id.in_(run_ids))  # type: ignore[attr-defined]
-            return int(rows.count())
+            return int(session.exec(query).one())
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -266,6 +272,25 @@ class Mlflow:
 # -- the cases ---------------------------------------------------------------------------------
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children that were waited for, plus its live children
+    (MLflow's workers): what serving cost, whatever else the shared machine was doing."""
+    total = 0.0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def _run_case(
     server: Tuneplane | Mlflow, target: str, mode: str, clients: int, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -273,10 +298,14 @@ def _run_case(
     cmd = [sys.executable, __file__, "client", "--target", target, "--mode", mode]
     cmd += ["--port", str(server.port), "--duration", str(args.duration)]
     cmd += ["--batch-size", str(args.batch_size), "--runs", json.dumps(runs)]
+    cpu = _cpu_seconds(server.proc.pid)
     result: dict[str, Any] = json.loads(
         subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     )
+    cpu = _cpu_seconds(server.proc.pid) - cpu
     result |= {"target": target, "mode": mode, "clients": clients}
+    result["server_cpu_ms_per_request"] = round(1000 * cpu / max(1, result["requests"]), 2)
+    result["server_cpu_us_per_point"] = round(1e6 * cpu / max(1, result["points"]), 1)
     if isinstance(server, Tuneplane):
         result["stored"] = server.stored([r for r, _ in runs])
     print(json.dumps(result), flush=True)
@@ -303,6 +332,7 @@ def _table(results: list[dict[str, Any]]) -> str:
             if r is None:
                 return "-"
             extra = f", p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms" if mode == "single" else ""
+            extra += f"; server CPU {r['server_cpu_us_per_point']:,} µs/event"
             bad = sum(v for k, v in r["statuses"].items() if not k.startswith("2"))
             return f"{r[key]:,} {unit}{extra}" + (f", {bad} non-2xx" if bad else "")
 

@@ -39,7 +39,7 @@ def apply_event(
         return EventState.rejected, f"recorded, not applied: the run is already {status.value}"
     if isinstance(event, ev.ProgressEvent):
         return _on_progress(run, event, writes, data)
-    writes.flush(session)  # what the batch collected so far, for the handler to read
+    writes.flush(session, run)  # what the batch collected so far, for the handler to read
     handler = _HANDLERS[event.type]
     return handler(session, run, event)
 
@@ -133,9 +133,7 @@ def _on_progress(
     data = event.data
     point = {"run_id": run.id, **values, "segment": event.segment, "time": event.time}
     writes.points[data.step] = point
-    if data.step >= run.last_step:
-        run.last_step = data.step
-        run.total_steps = data.total_steps
+    writes.advance(run, data.step, data.total_steps)
     return APPLIED, "applied"
 
 

@@ -163,12 +163,17 @@ async def post_event(
     )
 
 
-def _parse_batch(body: bytes) -> tuple[list[ev.Event], dict[int, BatchReceipt], int]:
+# Receipts are plain dicts in BatchReceipt's shape: a pydantic object per event and its dump
+# were half the CPU a 1,000-event batch took (the profile); BatchReceipts documents the shape.
+Receipt = dict[str, Any]
+
+
+def _parse_batch(body: bytes) -> tuple[list[ev.Event], dict[int, Receipt], int]:
     """The batch's valid events in order, a receipt for each invalid one (by its index), and
     the number of events. Raises a 422 Problem when the body is not a batch at all."""
     try:  # the common case, every event valid: one pass of pydantic's JSON parser
-        events = ev.EventBatch.model_validate_json(body).events
-        return events, {}, len(events)
+        valid = ev.EventBatch.model_validate_json(body).events
+        return valid, {}, len(valid)
     except ValidationError:
         pass  # find out which events are not valid, and why
     try:
@@ -182,43 +187,49 @@ def _parse_batch(body: bytes) -> tuple[list[ev.Event], dict[int, BatchReceipt], 
         message = f"at most {MAX_BATCH_EVENTS} events a batch (got {len(items)}); send several"
         raise _invalid([{"field": "events", "message": message}])
     events: list[ev.Event] = []
-    refused: dict[int, BatchReceipt] = {}
+    refused: dict[int, Receipt] = {}
     for i, item in enumerate(items):
         try:
             events.append(ev.EVENT_ADAPTER.validate_python(item))
         except ValidationError as exc:
             errors = _field_errors(exc)
             raw_id = item.get("id") if isinstance(item, dict) else None
-            refused[i] = BatchReceipt(
-                index=i,
-                id=raw_id if isinstance(raw_id, str) else None,
-                status=422,
-                duplicate=False,
-                state=None,
-                outcome="; ".join(f"{e['field']}: {e['message']}" for e in errors[:5]),
-                errors=errors,
+            refused[i] = _refusal(
+                i,
+                raw_id if isinstance(raw_id, str) else None,
+                422,
+                "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5]),
+                errors,
             )
     return events, refused, len(items)
 
 
-def _receipt(index: int, event: ev.Event, result: service.IngestResult | Problem) -> BatchReceipt:
+def _refusal(
+    index: int, event_id: str | None, status: int, why: str, errors: Any = None
+) -> Receipt:
+    return {
+        "index": index,
+        "id": event_id,
+        "status": status,
+        "duplicate": False,
+        "state": None,
+        "outcome": why,
+        "errors": errors,
+    }
+
+
+def _receipt(index: int, event: ev.Event, result: service.IngestResult | Problem) -> Receipt:
     if isinstance(result, Problem):
-        return BatchReceipt(
-            index=index,
-            id=event.id,
-            status=result.status,
-            duplicate=False,
-            state=None,
-            outcome=result.detail or result.title,
-        )
-    return BatchReceipt(
-        index=index,
-        id=result.event_id,
-        status=200 if result.duplicate else 201,
-        duplicate=result.duplicate,
-        state=result.state,
-        outcome=result.outcome,
-    )
+        return _refusal(index, event.id, result.status, result.detail or result.title)
+    return {
+        "index": index,
+        "id": result.event_id,
+        "status": 200 if result.duplicate else 201,
+        "duplicate": result.duplicate,
+        "state": result.state.value,
+        "outcome": result.outcome,
+        "errors": None,
+    }
 
 
 @router.post(
@@ -234,14 +245,15 @@ async def post_events(
     outcome = await run_in_threadpool(service.ingest_with, get_engine(request), run_id, events)
     applied = iter(zip(events, outcome.results, strict=True))
     ordered = [receipts.get(i) or _receipt(i, *next(applied)) for i in range(total)]
-    answer = BatchReceipts(
-        run_status=outcome.run_status,
-        stored=sum(r.status == 201 for r in ordered),
-        duplicates=sum(r.status == 200 for r in ordered),
-        refused=sum(r.status >= 400 for r in ordered),
-        receipts=ordered,
-    )
-    return JSONResponse(answer.model_dump(mode="json"))
+    statuses = [r["status"] for r in ordered]
+    answer = {
+        "run_status": outcome.run_status.value,
+        "stored": statuses.count(201),
+        "duplicates": statuses.count(200),
+        "refused": sum(s >= 400 for s in statuses),
+        "receipts": ordered,
+    }
+    return JSONResponse(answer)
 
 
 @router.get(

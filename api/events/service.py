@@ -27,6 +27,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, and_, or_
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -34,7 +35,7 @@ from api.db import session_scope, utcnow
 from api.errors import Problem
 from api.events.apply import apply_event
 from api.events.models import EventState, RunEvent
-from api.events.writes import Writes
+from api.events.writes import EVENTS, Writes
 from api.runs.models import Run
 from api.runs.service import lock_run
 from api.runs.states import RunStatus
@@ -125,20 +126,14 @@ def _ingest_locked(
     taken: dict[Place, str] = {}
     if events:
         seqs = [e.seq for e in events]
-        found = session.exec(
-            select(
-                RunEvent.id,
-                RunEvent.run_id,
-                RunEvent.segment,
-                RunEvent.attempt,
-                RunEvent.seq,
-                RunEvent.state,
-                RunEvent.outcome,
-            ).where(
+        columns = (EVENTS.c.id, EVENTS.c.run_id, EVENTS.c.segment, EVENTS.c.attempt)
+        found = session.execute(
+            sa_select(*columns, EVENTS.c.seq, EVENTS.c.state, EVENTS.c.outcome).where(
                 or_(
-                    col(RunEvent.id).in_({e.id for e in events}),
+                    EVENTS.c.id.in_({e.id for e in events}),
                     and_(
-                        RunEvent.run_id == run_id, col(RunEvent.seq).between(min(seqs), max(seqs))
+                        EVENTS.c.run_id == run_id,
+                        EVENTS.c.seq.between(min(seqs), max(seqs)),
                     ),
                 )
             )
@@ -149,7 +144,7 @@ def _ingest_locked(
                 taken[(segment, attempt, seq)] = event_id
     writes = Writes(run_id)
     results = [_ingest_one(session, run, event, stored, taken, writes) for event in events]
-    writes.flush(session)
+    writes.flush(session, run)
     return run, results
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from api.events.models import ProgressPoint, RunEvent
+from api.runs.models import Run
 
 # Core statements on the tables, not ORM ones: the ORM's bulk path costs more per statement
 # than SQLite takes to run it (the profile of single posts).
@@ -42,8 +43,19 @@ class Writes:
     run_id: str
     events: list[dict[str, Any]] = field(default_factory=list)
     points: dict[int, dict[str, Any]] = field(default_factory=dict)  # by step: the last wins
+    # The run's newest (step, total_steps) so far, set on the run at `flush`: setting a mapped
+    # attribute per event was a third of a batch's time.
+    newest: tuple[int, int] | None = None
 
-    def flush(self, session: Session) -> None:
+    def advance(self, run: Run, step: int, total_steps: int) -> None:
+        """The run is at `step` of `total_steps` unless it has reported a later step."""
+        if step >= (self.newest[0] if self.newest else run.last_step):
+            self.newest = (step, total_steps)
+
+    def flush(self, session: Session, run: Run) -> None:
+        if self.newest is not None:
+            run.last_step, run.total_steps = self.newest
+            self.newest = None
         conn = session.connection()
         if self.events:
             conn.execute(EVENTS.insert(), self.events)
