@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sqlmodel import col, func, select  # noqa: E402  (after the path: the api's own venv)
+
 from api.auth.callback import mint_token  # noqa: E402
 from api.config import Settings  # noqa: E402
 from api.db import make_engine, session_scope  # noqa: E402
@@ -53,8 +54,6 @@ from api.events.models import RunEvent  # noqa: E402
 from api.runs.models import Run  # noqa: E402
 from api.runs.states import RunStatus  # noqa: E402
 from trainer.contract.spec import RunSpec  # noqa: E402
-
-from sqlmodel import col, func, select  # noqa: E402  (after the path: the api's own venv)
 
 OUT = ROOT / "bench" / "results" / "ingest"
 
@@ -98,10 +97,10 @@ def _bodies(target: str, mode: str, run: str, batch: int, n: int) -> tuple[str, 
             return "/api/2.0/mlflow/runs/log-metric", json.dumps(body).encode(), 1
         body = {"run_id": run, "metrics": metrics}
         return "/api/2.0/mlflow/runs/log-batch", json.dumps(body).encode(), count
+    data = '"total_steps":100000000,"epoch":0.5,"loss":1.5,"learning_rate":0.0002'
     events = [
-        '{"type":"progress","id":"%s-%d","run_id":"%s","seq":%d,"data":{"step":%d,'
-        '"total_steps":100000000,"epoch":0.5,"loss":1.5,"learning_rate":0.0002}}'
-        % (run, s, run, s, s)
+        f'{{"type":"progress","id":"{run}-{s}","run_id":"{run}","seq":{s},'
+        f'"data":{{"step":{s},{data}}}}}'
         for s in steps
     ]
     if mode == "single":
@@ -273,22 +272,15 @@ class Mlflow:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its children that were waited for, plus its live children
-    (MLflow's workers): what serving cost, whatever else the shared machine was doing."""
-    total = 0.0
-    pids = [pid]
+    """CPU time of a process and all its live descendants (MLflow's server runs its workers a
+    level below): what serving cost, whatever else the shared machine was doing."""
     try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
     except OSError:
-        pass
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(f) for f in fields[11:13]) / os.sysconf("SC_CLK_TCK")
-    return total
+        return 0.0
+    own = sum(int(f) for f in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+    return own + sum(_cpu_seconds(int(c)) for c in children)
 
 
 def _run_case(
@@ -317,27 +309,28 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, int]]:
     return single + [("batch", int(c)) for c in args.batch_clients.split(",")]
 
 
+def _cell(r: dict[str, Any] | None, mode: str) -> str:
+    if r is None:
+        return "-"
+    if mode == "single":
+        text = f"{r['requests_per_second']:,} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms"
+    else:
+        text = f"{r['points_per_second']:,} events/s"
+    text += f"; server CPU {r['server_cpu_us_per_point']:,} µs/event"
+    bad = sum(v for k, v in r["statuses"].items() if not k.startswith("2"))
+    return text + (f", {bad} non-2xx" if bad else "")
+
+
 def _table(results: list[dict[str, Any]]) -> str:
     by = {(r["target"], r["mode"], r["clients"]): r for r in results}
-    lines = [
-        "| case | tuneplane | MLflow | ratio |",
-        "|---|---|---|---|",
-    ]
+    lines = ["| case | tuneplane | MLflow | ratio |", "|---|---|---|---|"]
     for mode, clients in sorted({(r["mode"], r["clients"]) for r in results}, reverse=True):
         t, m = by.get(("tuneplane", mode, clients)), by.get(("mlflow", mode, clients))
         key = "requests_per_second" if mode == "single" else "points_per_second"
-        unit = "req/s" if mode == "single" else "events/s"
-
-        def cell(r: dict[str, Any] | None) -> str:
-            if r is None:
-                return "-"
-            extra = f", p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms" if mode == "single" else ""
-            extra += f"; server CPU {r['server_cpu_us_per_point']:,} µs/event"
-            bad = sum(v for k, v in r["statuses"].items() if not k.startswith("2"))
-            return f"{r[key]:,} {unit}{extra}" + (f", {bad} non-2xx" if bad else "")
-
         ratio = f"{t[key] / m[key]:.1f}x" if t and m and m[key] else "-"
-        lines.append(f"| {mode}, {clients} client(s) | {cell(t)} | {cell(m)} | {ratio} |")
+        lines.append(
+            f"| {mode}, {clients} client(s) | {_cell(t, mode)} | {_cell(m, mode)} | {ratio} |"
+        )
     return "\n".join(lines)
 
 
@@ -376,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(server, Mlflow):
                 meta["mlflow_version"] = server.version
             try:
+                # Not counted: MLflow's workers import and connect on their first requests.
+                _run_case(
+                    server, target, "single", 8, argparse.Namespace(**{**vars(args), "duration": 3})
+                )
                 for mode, clients in _cases(args):
                     results.append(_run_case(server, target, mode, clients, args))
             finally:

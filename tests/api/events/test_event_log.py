@@ -4,18 +4,17 @@ and one event per place (run, segment, attempt, seq) — in the api and in the d
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from alembic import command
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from api.config import Settings
-from api.db import _alembic_config, make_engine, migrate, session_scope
+from api.db import session_scope
 from api.events.models import ClassMetric, Evaluation, ProgressPoint, RunEvent
 from api.runs.states import RunStatus
 from tests.api.events.test_callbacks import count, load, post
@@ -224,73 +223,6 @@ def test_the_database_refuses_a_second_event_at_one_place(engine: Engine) -> Non
         s.add(row("c"))
         with pytest.raises(IntegrityError):
             s.commit()
-
-
-def test_0005_keeps_every_stored_event_and_numbers_shared_places_by_arrival(
-    settings: Settings,
-) -> None:
-    """Before 0005 a platform retry's events (and a second id at one seq) were stored at taken
-    places. The migration keeps them all: at each place the first received keeps attempt 0, the
-    later ones get 1, 2, ... by arrival; then the unique constraint is created."""
-    engine = make_engine(settings.db_url)
-    try:
-        migrate(engine, "0004")
-        now = datetime.now(UTC)
-        with engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO runs (id, name, notes, status, spec, model_id, dataset, gpu_type,"
-                    " created_at, updated_at, segment, last_step, dispatch_attempts)"
-                    " VALUES ('run_1', '', '', 'running', '{}', 'm', 'd', 'nvidia-l4', :now, :now,"
-                    " 0, 0, 0)"
-                ),
-                {"now": now},
-            )
-            rows = [  # id, segment, seq, received (seconds after now)
-                ("late", 0, 1, 30),
-                ("first", 0, 1, 10),
-                ("middle", 0, 1, 20),
-                ("alone", 0, 2, 5),
-                ("next-segment", 1, 1, 40),
-            ]
-            for event_id, segment, seq, received in rows:
-                conn.execute(
-                    text(
-                        "INSERT INTO run_events (id, run_id, seq, segment, type, time,"
-                        " received_at, data, state, outcome) VALUES (:id, 'run_1', :seq,"
-                        " :segment, 'phase', :now, :received, '{}', 'recorded', 'recorded')"
-                    ),
-                    {
-                        "id": event_id,
-                        "seq": seq,
-                        "segment": segment,
-                        "now": now,
-                        "received": now + timedelta(seconds=received),
-                    },
-                )
-        migrate(engine)
-        with engine.connect() as conn:
-            attempts = dict(conn.execute(text("SELECT id, attempt FROM run_events")).all())
-        assert attempts == {"first": 0, "middle": 1, "late": 2, "alone": 0, "next-segment": 0}
-        with pytest.raises(IntegrityError), engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO run_events (id, run_id, seq, segment, attempt, type, time,"
-                    " received_at, data, state, outcome) VALUES ('again', 'run_1', 1, 0, 1,"
-                    " 'phase', :now, :now, '{}', 'recorded', 'recorded')"
-                ),
-                {"now": now},
-            )
-        # And back: the downgrade drops the column and the constraint.
-        migrate_down(engine, "0004")
-        with engine.connect() as conn:
-            assert conn.execute(text("SELECT count(*) FROM run_events")).scalar_one() == 5
-    finally:
-        engine.dispose()
-
-
-def migrate_down(engine: Engine, revision: str) -> None:
-    command.downgrade(_alembic_config(engine), revision)
 
 
 def test_evaluations_of_a_retried_attempt_replace_the_first(
