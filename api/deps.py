@@ -9,10 +9,12 @@ waiting for a slot waits on the event loop, holding no thread and no connection.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Concatenate, ParamSpec, TypeVar
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Engine
 from sqlmodel import Session
 
@@ -23,6 +25,8 @@ from api.errors import Problem
 # Seconds a client is asked to wait after a 503 for busy slots: requests take milliseconds,
 # so a queue that stayed full for `db_wait_seconds` is an overload worth backing off from.
 BUSY_RETRY_AFTER = 2
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def get_settings(request: Request) -> Settings:
@@ -30,7 +34,8 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-async def database_slot(request: Request) -> AsyncIterator[None]:
+@asynccontextmanager
+async def _slot(request: Request) -> AsyncIterator[None]:
     slots: RequestSlots = request.app.state.request_slots
     try:
         await slots.acquire()
@@ -45,6 +50,21 @@ async def database_slot(request: Request) -> AsyncIterator[None]:
         yield
     finally:
         slots.release()
+
+
+async def database_slot(request: Request) -> AsyncIterator[None]:
+    async with _slot(request):
+        yield
+
+
+async def in_database_thread(
+    request: Request, fn: Callable[Concatenate[Engine, P], T], *args: P.args, **kw: P.kwargs
+) -> T:
+    """`fn(engine, *args)` on a worker thread, holding a request slot only while it runs: for
+    async routes whose cheap checks come first (the trainer's callbacks: the credential and the
+    body), so that a slow or unauthenticated client holds no slot while it sends."""
+    async with _slot(request):
+        return await run_in_threadpool(fn, request.app.state.engine, *args, **kw)
 
 
 # `async def`: a plain `def` dependency takes a trip through the thread pool.

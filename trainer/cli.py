@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     env = ExecutionEnv.from_environ()
     reporter = make_reporter(env, args.output_dir, args.events_file)
-    events = EventLog(reporter, env.run_id or "local", env.segment)
+    events = EventLog(reporter, env.run_id or "local", env.segment, env.task_attempt)
     try:
         try:
             spec = RunSpec.from_namespace(args)

@@ -147,10 +147,11 @@ class EventLog:
 
     SEQ_PER_SEGMENT = 1_000_000
 
-    def __init__(self, reporter: Reporter, run_id: str, segment: int = 0) -> None:
+    def __init__(self, reporter: Reporter, run_id: str, segment: int = 0, attempt: int = 0) -> None:
         self.reporter = reporter
         self.run_id = run_id
         self.segment = segment
+        self.attempt = attempt  # a platform retry numbers again; the api keys on both
         self._seq = segment * self.SEQ_PER_SEGMENT
 
     def emit(self, event_type: ev.EventType, data: Any = None) -> ev.Event:
@@ -159,6 +160,7 @@ class EventLog:
             "run_id": self.run_id,
             "seq": self._seq,
             "segment": self.segment,
+            "attempt": self.attempt,
         }
         if data is not None:
             payload["data"] = data.model_dump() if hasattr(data, "model_dump") else data

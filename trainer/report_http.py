@@ -8,8 +8,14 @@ deploying, a network blip), so:
 - While the spool holds anything, new events are appended to it too (order is kept and training
   is not slowed by waiting on a dead api event by event), and the spool is re-sent every
   `resend_interval_seconds` until the api takes it.
-- Other 4xx answers (a malformed event, an expired token) are logged and dropped: retrying cannot
-  fix them, and one bad event must not block the ones behind it.
+- Other 4xx answers (a malformed event, an expired token, a 409 for a place in the log that
+  holds another event) are logged and dropped: retrying cannot fix them, and one bad event must
+  not block the ones behind it.
+- What accumulated while a post was under way (or in the spool) goes in one request to the
+  batch endpoint (`events:batch`, at most MAX_BATCH_EVENTS events and MAX_EVENT_BYTES), in order;
+  its per-event receipts say which were stored and which refused (dropped, as above). A trainer
+  reporting every step thus sends one request per round trip, not one per event. An api without
+  the batch endpoint (404/405) gets single posts from then on.
 - A spool left by an earlier process of the same run (a crashed or finished segment) is re-sent
   at start; `close` keeps trying until its timeout and leaves what is still undelivered on disk.
 The api stores each event once by its id, so re-sending something that did arrive is harmless.
@@ -109,6 +115,8 @@ class HttpReporter:
         self.first_backoff = first_backoff_seconds
         self.max_backoff = max_backoff_seconds
         self.delivered = self.dropped = self.spooled = 0  # counters, for logs and tests
+        self.batches = 0  # batch requests the api took
+        self.batch_url: str | None = ev.batch_url(url)  # None once the api said it has none
 
         headers = {"Content-Type": "application/json", "User-Agent": "tuneplane-trainer"}
         if token:
@@ -228,11 +236,28 @@ class HttpReporter:
                 continue
             item = self._get(None if deadline is None else 0.0)
             if isinstance(item, str):
-                if self._deliver(item) is _Outcome.RETRY:
-                    self._to_spool([item])
+                items = [item, *self._backlog(len(item))]
+                if self._deliver(items) is _Outcome.RETRY:
+                    self._to_spool(items)
                     resend_at = time.monotonic() + self.resend_interval
             elif deadline is not None and self._queue.empty():
                 return  # closing, and everything is delivered
+
+    def _backlog(self, size: int) -> list[str]:
+        """The events queued behind the one at hand that fit in its batch (without waiting)."""
+        out: list[str] = []
+        while self.batch_url and len(out) + 1 < ev.MAX_BATCH_EVENTS:
+            try:
+                item = self._queue.queue[0]  # a peek: an event that does not fit stays queued
+            except IndexError:
+                break
+            if isinstance(item, str) and size + len(item) + 16 > ev.MAX_EVENT_BYTES:
+                break
+            self._queue.get_nowait()
+            if isinstance(item, str):  # (_STOP only wakes the loop; close set the deadline)
+                out.append(item)
+                size += len(item) + 1
+        return out
 
     def _get(self, timeout: float | None) -> object | None:
         try:
@@ -255,26 +280,44 @@ class HttpReporter:
         before the next try, or None when the spool is empty."""
         items = self._spool.read()
         done, pause = 0, None
-        for item in items:
+        for chunk in self._chunks(items):
             if self._deadline is not None and time.monotonic() >= self._deadline:
                 pause = 0.0
                 break
-            outcome, retry_after = self._attempt(item)
+            outcome, retry_after = self._attempt(chunk)
             if outcome is _Outcome.RETRY:
                 pause = retry_after if retry_after is not None else self.resend_interval
                 break
-            done += 1
+            done += len(chunk)
         self._spool.drop_first(done)
         if done:
             log.info("re-sent %d spooled events; %d left", done, self._spool.count)
         return pause if self._spool.count else None
 
-    def _deliver(self, body: str) -> _Outcome:
+    def _chunks(self, items: list[str]) -> list[list[str]]:
+        """`items` in order, cut into batches that the api takes (one each without batches)."""
+        if not self.batch_url:
+            return [[item] for item in items]
+        chunks: list[list[str]] = []
+        size = 0
+        for item in items:
+            if (
+                not chunks
+                or len(chunks[-1]) >= ev.MAX_BATCH_EVENTS
+                or size + len(item) + 16 > ev.MAX_EVENT_BYTES
+            ):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(item)
+            size += len(item) + 1
+        return chunks
+
+    def _deliver(self, items: list[str]) -> _Outcome:
         """Post with retries for the retry budget (bounded by close's deadline)."""
         give_up = time.monotonic() + self.retry_budget
         delay = self.first_backoff
         while True:
-            outcome, retry_after = self._attempt(body)
+            outcome, retry_after = self._attempt(items)
             if outcome is not _Outcome.RETRY:
                 return outcome
             wait = retry_after if retry_after is not None else delay
@@ -285,28 +328,58 @@ class HttpReporter:
                 self._wake.clear()
             delay = min(delay * 2, self.max_backoff)
 
-    def _attempt(self, body: str) -> tuple[_Outcome, float | None]:
+    def _attempt(self, items: list[str]) -> tuple[_Outcome, float | None]:
+        """One request: a single post, or a batch when there are several events."""
         timeout = self.request_timeout
         if self._deadline is not None:
             timeout = max(0.5, min(timeout, self._deadline - time.monotonic()))
+        batch = len(items) > 1 and self.batch_url is not None
+        url = self.batch_url if batch and self.batch_url else self.url
+        body = '{"events": [' + ", ".join(items) + "]}" if batch else items[0]
         try:
-            response = self._client.post(self.url, content=body, timeout=timeout)
+            response = self._client.post(url, content=body, timeout=timeout)
         except httpx.TransportError as exc:
-            log.debug("posting an event failed: %r", exc)
+            log.debug("posting events failed: %r", exc)
             return _Outcome.RETRY, None
         status = response.status_code
-        if 200 <= status < 300:
-            self.delivered += 1
-            return _Outcome.DELIVERED, None
         if status == 429 or status >= 500:
             return _Outcome.RETRY, _retry_after(response)
-        self.dropped += 1
+        if batch and status in (404, 405) and "receipts" not in response.text:
+            # An api without the batch endpoint (a 404 of an unknown run is a problem
+            # document, and single posts would get it too): one post each from now on.
+            log.info("the api has no batch endpoint; posting events one by one")
+            self.batch_url = None
+            outcomes = [self._attempt([item])[0] for item in items]
+            return (_Outcome.RETRY if _Outcome.RETRY in outcomes else _Outcome.DELIVERED), None
+        if 200 <= status < 300:
+            refused = _refused(response) if batch else []
+            self.batches += batch
+            self.delivered += len(items) - len(refused)
+            self.dropped += len(refused)
+            for receipt in refused[:5]:
+                log.warning("the api refused an event of a batch and it is dropped: %s", receipt)
+            return _Outcome.DELIVERED, None
+        self.dropped += len(items)
         log.warning(
-            "the api refused an event with %d and it is dropped (retrying cannot fix it): %s",
+            "the api refused %d event(s) with %d and they are dropped (retrying cannot fix it): %s",
+            len(items),
             status,
             response.text[:500],
         )
         return _Outcome.DROPPED, None
+
+
+def _refused(response: httpx.Response) -> list[str]:
+    """The receipts of a batch's refused events (each final: a 409 or a 422), in words."""
+    try:
+        receipts = response.json().get("receipts", [])
+    except (ValueError, AttributeError):
+        return []
+    return [
+        f"{r.get('status')} {r.get('id')}: {r.get('outcome')}"
+        for r in receipts
+        if isinstance(r, dict) and isinstance(r.get("status"), int) and r["status"] >= 400
+    ]
 
 
 def _retry_after(response: httpx.Response, cap: float = 300.0) -> float | None:

@@ -294,8 +294,9 @@ class Trainer:
                 step=self.state.step,
                 total_steps=self.total_steps,
                 epoch=self.state.micro_batches / self.per_epoch,
-                loss=loss,
-                learning_rate=lr,
+                # A diverged loss has no number to report; the api refuses NaN (contract/events.py).
+                loss=loss if math.isfinite(loss) else None,
+                learning_rate=lr if math.isfinite(lr) else None,
                 samples_per_second=window.samples / elapsed if elapsed > 0 else None,
                 gpu_memory_gb=gpu_memory_gb(),
             )

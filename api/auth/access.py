@@ -33,8 +33,9 @@ from api.deps import EngineDep, SettingsDep
 from api.errors import Problem
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-# The callback endpoint: a concrete path or its route template, whatever the parameter's name.
-_CALLBACK = re.compile(r"^/api/v1/runs/[^/]+/events/?$")
+# The callback endpoints (one event, a batch): a concrete path or its route template, whatever
+# the parameter's name.
+_CALLBACK = re.compile(r"^/api/v1/runs/[^/]+/events(:batch)?/?$")
 _REALM = 'Bearer realm="tuneplane"'
 
 

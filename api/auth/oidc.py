@@ -39,14 +39,15 @@ from collections.abc import Mapping
 from typing import Annotated, Any
 
 import httpx
-from fastapi import Header
+from fastapi import Header, Request
 from google.auth import exceptions as gauth_exc
 from google.auth import jwt
+from sqlalchemy import Engine
 
 from api.auth.callback import require_run_token
 from api.config import Settings
 from api.db import session_scope
-from api.deps import EngineDep, SettingsDep
+from api.deps import get_settings, in_database_thread
 from api.dispatch.base import DispatchError
 from api.errors import Problem
 from api.runs.models import Run
@@ -275,16 +276,19 @@ def _short(name: str) -> str:
     return name.rstrip("/").rsplit("/", 1)[-1]
 
 
-def require_callback_credential(
+async def require_callback_credential(
     run_id: str,
-    settings: SettingsDep,
-    engine: EngineDep,
+    request: Request,
     authorization: Annotated[str | None, Header()] = None,
     x_tuneplane_execution: Annotated[str | None, Header()] = None,
 ) -> str:
     """FastAPI dependency of the callback route: the run id, once its credential checks out —
     a Google ID token bound to the run's execution (`callback_auth=oidc`), or the run's HMAC
-    token (always accepted: runs dispatched before a switch to `oidc` keep reporting)."""
+    token (always accepted: runs dispatched before a switch to `oidc` keep reporting).
+    Async on purpose: the HMAC check takes microseconds and runs on the event loop (a sync
+    dependency costs a worker-thread hop per request, the callback path's largest cost under
+    load); only the ID token's check, which may ask Google or Cloud Run, goes to a thread."""
+    settings = get_settings(request)
     scheme, _, token = (authorization or "").partition(" ")
     token = token.strip()
     if (
@@ -293,6 +297,15 @@ def require_callback_credential(
         or not (token and looks_like_id_token(token))
     ):
         return require_run_token(run_id, settings, authorization)
+    await in_database_thread(
+        request, _check_id_token, run_id, token, settings, x_tuneplane_execution
+    )
+    return run_id
+
+
+def _check_id_token(
+    engine: Engine, run_id: str, token: str, settings: Settings, execution: str | None
+) -> None:
     try:
         # The token first: nobody without a valid one learns whether the run exists.
         verify_id_token(token, settings)
@@ -300,7 +313,7 @@ def require_callback_credential(
             run = session.get(Run, run_id)
             execution_name = run.execution_name if run is not None else None
             queued = run is not None and run.status == RunStatus.queued
-        check_binding(x_tuneplane_execution, execution_name, awaiting_dispatch=queued)
+        check_binding(execution, execution_name, awaiting_dispatch=queued)
         if settings.dispatcher == "cloudrun" and execution_name:
             check_execution(settings, execution_name, run_id)
     except OidcRejected as exc:
@@ -313,4 +326,3 @@ def require_callback_credential(
             retry = {"Retry-After": str(exc.retry_after or DISPATCH_RETRY_AFTER)}
             raise Problem(503, "Service Unavailable", exc.message, headers=retry) from None
         raise Problem(403, "Forbidden", exc.message) from None
-    return run_id

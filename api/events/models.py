@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import JSON, Column, String
+from sqlalchemy import JSON, Column, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from api.db import UTCDateTime, utcnow
@@ -24,11 +24,16 @@ class EventState(StrEnum):
 
 class RunEvent(SQLModel, table=True):
     __tablename__ = "run_events"
+    # One event per place in the log: a second id for a taken seq is a 409 (api/events/service.py);
+    # a platform retry of the segment numbers again under its own attempt.
+    __table_args__ = (
+        UniqueConstraint("run_id", "segment", "attempt", "seq", name="uq_run_events_place"),
+    )
     id: str = Field(primary_key=True, max_length=64)
     run_id: str = Field(foreign_key="runs.id", index=True, max_length=40)
-    # Ordering only, not unique: a retried task of the same segment numbers its events again.
     seq: int
     segment: int = 0
+    attempt: int = 0
     type: str = Field(max_length=20)
     time: datetime = Field(sa_type=UTCDateTime)
     received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
@@ -42,9 +47,10 @@ class RunEvent(SQLModel, table=True):
 class RunEventPublic(BaseModel):
     id: str
     run_id: str
-    # Ordering only, not unique: a retried task of the same segment numbers its events again.
+    # Unique with segment and attempt: a platform retry of a segment numbers its events again.
     seq: int
     segment: int
+    attempt: int
     type: str
     time: datetime
     received_at: datetime

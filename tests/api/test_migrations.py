@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel, select
 
 import api.tables  # noqa: F401  (registers every table on SQLModel.metadata)
 from api.config import Settings
-from api.db import make_engine, migrate, session_scope
+from api.db import _alembic_config, make_engine, migrate, session_scope
 from api.dispatch.models import ExecutionStop
 
 
@@ -40,21 +41,26 @@ OLD_OUTCOMES = {
 }
 
 
+def insert_old_run(conn: Connection, now: datetime) -> None:
+    """Run `run_1`, written with the columns every revision since 0001 has."""
+    conn.execute(
+        text(
+            "INSERT INTO runs (id, name, notes, status, spec, model_id, dataset, gpu_type,"
+            " created_at, updated_at, segment, last_step, dispatch_attempts)"
+            " VALUES ('run_1', '', '', 'running', '{}', 'm', 'd', 'nvidia-l4', :now, :now,"
+            " 0, 0, 0)"
+        ),
+        {"now": now},
+    )
+
+
 def test_0004_reads_each_stored_events_state_from_its_outcome(settings: Settings) -> None:
     engine = make_engine(settings.db_url)
     try:
         migrate(engine, "0003")  # the schema before the state column
         now = datetime.now(UTC)
         with engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO runs (id, name, notes, status, spec, model_id, dataset, gpu_type,"
-                    " created_at, updated_at, segment, last_step, dispatch_attempts)"
-                    " VALUES ('run_1', '', '', 'running', '{}', 'm', 'd', 'nvidia-l4', :now, :now,"
-                    " 0, 0, 0)"
-                ),
-                {"now": now},
-            )
+            insert_old_run(conn, now)
             for i, outcome in enumerate(OLD_OUTCOMES):
                 conn.execute(
                     text(
@@ -116,3 +122,62 @@ def test_0005_queues_the_stops_that_were_implied_by_ended_runs(settings: Setting
         assert stops[0].created_at == ended
     finally:
         engine.dispose()
+
+
+def test_0006_keeps_every_stored_event_and_numbers_shared_places_by_arrival(
+    settings: Settings,
+) -> None:
+    """Before 0006 a platform retry's events (and a second id at one seq) were stored at taken
+    places. The migration keeps them all: at each place the first received keeps attempt 0, the
+    later ones get 1, 2, ... by arrival; then the unique constraint is created."""
+    engine = make_engine(settings.db_url)
+    try:
+        migrate(engine, "0005")
+        now = datetime.now(UTC)
+        with engine.begin() as conn:
+            insert_old_run(conn, now)
+            rows = [  # id, segment, seq, received (seconds after now)
+                ("late", 0, 1, 30),
+                ("first", 0, 1, 10),
+                ("middle", 0, 1, 20),
+                ("alone", 0, 2, 5),
+                ("next-segment", 1, 1, 40),
+            ]
+            for event_id, segment, seq, received in rows:
+                conn.execute(
+                    text(
+                        "INSERT INTO run_events (id, run_id, seq, segment, type, time,"
+                        " received_at, data, state, outcome) VALUES (:id, 'run_1', :seq,"
+                        " :segment, 'phase', :now, :received, '{}', 'recorded', 'recorded')"
+                    ),
+                    {
+                        "id": event_id,
+                        "seq": seq,
+                        "segment": segment,
+                        "now": now,
+                        "received": now + timedelta(seconds=received),
+                    },
+                )
+        migrate(engine)
+        with engine.connect() as conn:
+            attempts = dict(conn.execute(text("SELECT id, attempt FROM run_events")).all())
+        assert attempts == {"first": 0, "middle": 1, "late": 2, "alone": 0, "next-segment": 0}
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO run_events (id, run_id, seq, segment, attempt, type, time,"
+                    " received_at, data, state, outcome) VALUES ('again', 'run_1', 1, 0, 1,"
+                    " 'phase', :now, :now, '{}', 'recorded', 'recorded')"
+                ),
+                {"now": now},
+            )
+        # And back: the downgrade drops the column and the constraint.
+        migrate_down(engine, "0005")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM run_events")).scalar_one() == 5
+    finally:
+        engine.dispose()
+
+
+def migrate_down(engine: Engine, revision: str) -> None:
+    command.downgrade(_alembic_config(engine), revision)

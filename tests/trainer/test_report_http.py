@@ -32,7 +32,9 @@ class CallbackServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api/v1/runs/run_1/events"
         self.accepted: list[dict[str, object]] = []
-        self.requests: list[tuple[float, str, dict[str, object]]] = []  # (time, auth, body)
+        self.requests: list[tuple[float, str, dict[str, object]]] = []  # (time, auth, event)
+        self.batches = 0  # requests to the batch endpoint (each event of one is in `requests`)
+        self.posts = 0  # HTTP requests, single or batch
         self.rule: Rule = lambda body: None
         # Cleared, the server takes requests and answers none until it is set again: an api that
         # hangs, for as long as the test wants, instead of a delay a slow machine could outlast.
@@ -48,25 +50,38 @@ class CallbackServer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                body = json.loads(raw)
+                batch = self.path.endswith(":batch")
+                events = json.loads(raw)["events"] if batch else [json.loads(raw)]
                 with server._lock:
-                    server.requests.append(
-                        (time.monotonic(), self.headers.get("Authorization", ""), body)
-                    )
+                    server.batches += batch
+                    server.posts += 1
+                    for body in events:
+                        server.requests.append(
+                            (time.monotonic(), self.headers.get("Authorization", ""), body)
+                        )
                 server.answering.wait(timeout=600)
                 if server.stopping:  # a held request the client gave up on: never answered
                     return
-                answer = server.rule(body)
-                status, headers = answer if answer else (201, {})
-                if answer is None:
-                    with server._lock:
-                        server.accepted.append(body)
+                answers = [server.rule(body) for body in events]
+                # Like the api: a 429 or 5xx is the whole request's; any other refusal is the
+                # event's own (a batch's receipt says so, the batch itself is a 200).
+                retry = [a for a in answers if a and (a[0] == 429 or a[0] >= 500)]
+                receipts = []
+                for body, answer in zip(events, answers, strict=True):
+                    if answer is None and not retry:
+                        with server._lock:
+                            server.accepted.append(body)
+                    receipts.append({"id": body["id"], "status": answer[0] if answer else 201})
+                status, headers = (
+                    retry[0] if retry else (200, {}) if batch else answers[0] or (201, {})
+                )
+                reply = json.dumps({"receipts": receipts} if batch else {}).encode()
                 self.send_response(status)
                 for name, value in headers.items():
                     self.send_header(name, value)
-                self.send_header("Content-Length", "2")
+                self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
-                self.wfile.write(b"{}")
+                self.wfile.write(reply)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -120,13 +135,16 @@ def test_emit_never_waits_and_close_delivers_in_order_with_the_token(
     reporter = HttpReporter(server.url, "tok-123", tmp_path / "spool.jsonl")
     log = EventLog(reporter, "run_1")
     _progress(log, 20)  # returns while the first post is still unanswered
-    _wait_for(lambda: len(server.requests) == 1)
+    _wait_for(lambda: server.posts == 1)
     assert server.accepted == [] and reporter.delivered == 0
     server.answering.set()
     reporter.close(timeout=120)
     assert server.accepted_seqs() == list(range(20))
     assert {auth for _, auth, _ in server.requests} == {"Bearer tok-123"}
     assert reporter.delivered == 20 and reporter.spooled == 0
+    # What queued up went in batches, not one post each: the first request took what was
+    # queued when it left, the second (if any) everything queued behind it.
+    assert server.posts <= 2 and server.batches == reporter.batches >= 1
     assert not (tmp_path / "spool.jsonl").exists()
 
 

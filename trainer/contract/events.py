@@ -2,8 +2,11 @@
 
 The trainer posts these to `POST /api/v1/runs/{id}/events`; the api validates them with the same
 models. Every event has a unique `id` (a retried post is stored once) and a per-run `seq` (so the
-api can order them even when they arrive out of order). Sizes are bounded so one bad payload
-cannot fill the database. Imports nothing heavier than pydantic.
+api can order them even when they arrive out of order); one (segment, attempt, seq) holds one
+event, so a second id for a taken seq is refused (409). Sizes are bounded so one bad payload
+cannot fill the database, and no number may be NaN or infinite (JSON's `NaN`, `Infinity`, and
+`1e999`, which parses to infinity, are refused naming the field): a diverged loss is sent as
+null. Imports nothing heavier than pydantic.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
-# A request body larger than this is refused with 413 before it is parsed.
+# A request body larger than this is refused with 413 before it is parsed (a batch too).
 MAX_EVENT_BYTES = 8 * 1024 * 1024
+# The most events one `POST /runs/{id}/events:batch` may carry (more is a 422).
+MAX_BATCH_EVENTS = 1_000
 MAX_CLASSES = 2_000
 # Every evaluated sample travels in one event (and bounds the spec's eval_size): 20,000
 # predictions with Oxford-IIIT Pet's long breed names are about 4 MB, half the body limit.
@@ -35,7 +40,9 @@ Count = Annotated[int, Field(ge=0, le=MAX_INT)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity have no JSON form to store or answer with; refusing them here names the
+    # field in the 422 (the api used to store a NaN loss as null and call it applied).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ClassMetrics(_Strict):
@@ -143,6 +150,9 @@ class _Envelope(_Strict):
     segment: int = Field(
         0, ge=0, le=MAX_SEGMENT, description="which execution of a segmented run sent it"
     )
+    # A platform retry of a task (Cloud Run's CLOUD_RUN_TASK_ATTEMPT) numbers its events from
+    # the segment's start again: the attempt keeps its seqs apart from the failed attempt's.
+    attempt: int = Field(0, ge=0, le=MAX_INT, description="the platform's retry of the segment")
     time: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @field_validator("time")
@@ -230,5 +240,16 @@ EventType = Literal[
 FINAL_TYPES = frozenset({"completed", "failed", "segment_done"})
 
 
+class EventBatch(_Strict):
+    """The body of `POST /runs/{id}/events:batch`: events in the order they happened."""
+
+    events: Annotated[list[Event], Field(max_length=MAX_BATCH_EVENTS)]
+
+
 def parse_event(raw: bytes | str) -> Event:
     return EVENT_ADAPTER.validate_json(raw)
+
+
+def batch_url(events_url: str) -> str:
+    """Where a backlog of events goes in one request: the callback URL plus `:batch`."""
+    return events_url + ":batch"

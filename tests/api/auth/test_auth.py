@@ -45,7 +45,7 @@ TOKENS = {
 }
 # Path parameters that pass every route's pattern and name nothing that exists.
 SAMPLE_PARAMS = {"run_id": "run_0000000000000000000a", "name": "no-such-template"}
-_CALLBACK = re.compile(r"^/api/v1/runs/\{[^}]+\}/events$")
+_CALLBACK = re.compile(r"^/api/v1/runs/\{[^}]+\}/events(:batch)?$")  # the run's own token
 
 
 @dataclass

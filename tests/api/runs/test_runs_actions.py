@@ -138,12 +138,15 @@ def test_retrain_validates_overrides_like_a_new_spec(client: TestClient) -> None
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body.override"
 
 
-def _event(run_id: str, seq: int, suffix: str = "", received_offset: float = 0) -> RunEvent:
+def _event(
+    run_id: str, seq: int, suffix: str = "", received_offset: float = 0, attempt: int = 0
+) -> RunEvent:
     now = utcnow()
     return RunEvent(
         id=f"ev-{seq}{suffix}",
         run_id=run_id,
         seq=seq,
+        attempt=attempt,
         type="progress",
         time=now,
         received_at=now + timedelta(seconds=received_offset),
@@ -157,11 +160,12 @@ def test_events_in_order_and_paged_without_splitting_a_seq(
     run = create(client)
     other = create(client)
     with session_scope(engine) as s:
-        # Stored out of order; seq 2 twice (a retried task numbers its events again).
+        # Stored out of order; seq 2 twice (a platform retry of the task, its attempt 1,
+        # numbers its events again).
         for ev in [
             _event(run["id"], 3),
             _event(run["id"], 0),
-            _event(run["id"], 2, "b", received_offset=1),
+            _event(run["id"], 2, "b", received_offset=1, attempt=1),
             _event(run["id"], 1),
             _event(run["id"], 2, "a"),
             _event(other["id"], 0, "other"),
