@@ -100,11 +100,16 @@ def test_demo_exit_runs_green_and_the_model_learns(tmp_path: Path) -> None:
     }
     assert set(figures) == {"baseline", "final"}, out
     (base_acc, _), (final_acc, final_f1) = figures["baseline"], figures["final"]
-    # README quotes this run's figures with the versions of trainer/constraints.txt: on CPU
-    # they come out the same every time (tests/trainer/test_cli.py checks it bit for bit).
+    # README quotes this run's figures with the versions of trainer/constraints.txt. On one
+    # machine they come out the same every time (tests/trainer/test_cli.py checks it bit for
+    # bit), but not on every CPU: the float kernels torch picks (AVX2 or AVX-512) round
+    # differently, and 352 steps carry the difference into the result (0.872 and 0.844 on two
+    # 2-core EPYC VMs). So the figure must hold to within 0.05, not to the last digit.
     readme = (ROOT / "README.md").read_text()
     quoted = re.search(r"^  final\s+([\d.]+)\s+([\d.]+)$", readme, re.M)
-    assert quoted and (float(quoted[1]), float(quoted[2])) == (final_acc, final_f1), out
+    assert quoted, "README's demo figures moved"
+    assert abs(float(quoted[1]) - final_acc) <= 0.05, out
+    assert abs(float(quoted[2]) - final_f1) <= 0.05, out
     # Ten classes: chance is 0.1. The tiny model must learn, not just run.
     assert final_acc >= 0.3 and final_acc > base_acc and final_f1 > 0.2, out
     link = re.search(rf"Dashboard: http://127\.0\.0\.1:{port}/runs/(run_\w+)", out)

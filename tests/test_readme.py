@@ -274,5 +274,7 @@ def _check_what_the_blocks_did(out: str, data: Path, tmp: Path) -> None:
         r"reached the same ([\d.]+) accuracy", section("Running the trainer by hand")
     )
     assert quoted, "README's trainer-by-hand figure moved"
-    assert f"{results['final']['accuracy']:.3f}" == quoted[1]
+    # To within 0.05, not to the last digit: the CPU's float kernels decide those
+    # (tests/test_demo.py says more).
+    assert abs(results["final"]["accuracy"] - float(quoted[1])) <= 0.05
     assert len((tmp / "tiny-out" / "events.jsonl").read_text().splitlines()) > 10
