@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal, Protocol, runtime_checkable
 
+from api.config import Settings
 from trainer.contract.execution import ExecutionEnv
 from trainer.contract.spec import RunSpec
 
@@ -93,3 +95,14 @@ class Interruptible(Dispatcher, Protocol):
 def owned(dispatcher: Dispatcher, execution_name: str) -> bool:
     """Whether `dispatcher` may judge the execution (every one, unless it is `Owning`)."""
     return not isinstance(dispatcher, Owning) or dispatcher.owns(execution_name)
+
+
+def segment_length(settings: Settings, spec: RunSpec, cap: timedelta | None = None) -> timedelta:
+    """The spec's time budget, or `segment_seconds_max` or the dispatcher's cap when shorter:
+    a budget longer than one Cloud Run task may run becomes several segments."""
+    budget = timedelta(minutes=spec.time_budget_minutes)
+    if settings.segment_seconds_max is not None:
+        budget = min(budget, timedelta(seconds=settings.segment_seconds_max))
+    if cap is not None:
+        budget = min(budget, cap)
+    return budget

@@ -44,6 +44,7 @@ from api.dispatch.base import (
     ExecutionStatus,
     Launch,
     owned,
+    segment_length,
 )
 from api.dispatch.shutdown import checkpoint_and_stop
 from api.dispatch.sweep import Adopting, sweep_orphans
@@ -393,14 +394,3 @@ class Worker:
                 log.warning("%s: a spooled event was refused: %s", run_id, exc.detail)
         log.info("%s: took %d events the trainer had spooled", run_id, taken)
         self.dispatcher.clear_leftover_events(name)
-
-
-def segment_length(settings: Settings, spec: RunSpec, cap: timedelta | None = None) -> timedelta:
-    """The spec's time budget, or `segment_seconds_max` or the dispatcher's cap when shorter:
-    a budget longer than one Cloud Run task may run becomes several segments."""
-    budget = timedelta(minutes=spec.time_budget_minutes)
-    if settings.segment_seconds_max is not None:
-        budget = min(budget, timedelta(seconds=settings.segment_seconds_max))
-    if cap is not None:
-        budget = min(budget, cap)
-    return budget
