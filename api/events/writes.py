@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Table, update
+from sqlalchemy import Table, bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session
@@ -38,6 +38,12 @@ def _upsert_points(dialect: str) -> object:
 
 
 _UPSERTS = {name: _upsert_points(name) for name in ("sqlite", "postgresql")}
+# Built once: building a statement per post cost as much as running it.
+_SET_PROGRESS = (
+    update(RUNS)
+    .where(RUNS.c.id == bindparam("run"))
+    .values(last_step=bindparam("step"), total_steps=bindparam("total"))
+)
 
 
 @dataclass
@@ -60,10 +66,9 @@ class Writes:
             # A Core UPDATE, and the values set on the run as already stored: the ORM's flush
             # of the changed run was an eighth of a single post's time (the profile).
             step, total = self.newest
-            progress = {"last_step": step, "total_steps": total}
-            conn.execute(update(RUNS).where(RUNS.c.id == run.id).values(progress))
-            for name, value in progress.items():
-                set_committed_value(run, name, value)
+            conn.execute(_SET_PROGRESS, {"run": run.id, "step": step, "total": total})
+            set_committed_value(run, "last_step", step)
+            set_committed_value(run, "total_steps", total)
             self.newest = None
         if self.events:
             conn.execute(EVENTS.insert(), self.events)
