@@ -28,6 +28,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +36,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import DateTime, Engine, create_engine, event, inspect, update
+from sqlalchemy import DateTime, Engine, bindparam, create_engine, event, inspect, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session, SQLModel
@@ -151,10 +152,17 @@ def lock_row(session: Session, model: type[Row], key: Any) -> Row | None:
     (FOR UPDATE). SQLite ignores FOR UPDATE, so a no-op UPDATE of the row's `updated_at` takes
     the database's write lock first, and the row read after it cannot go stale."""
     if session.get_bind().dialect.name == "sqlite":
-        table: Any = model
-        pk = inspect(model).primary_key[0]
-        session.execute(update(model).where(pk == key).values(updated_at=table.updated_at))
+        session.connection().execute(_touch(model), {"key": key})
     return session.get(model, key, populate_existing=True, with_for_update=True)
+
+
+@cache
+def _touch(model: type[SQLModel]) -> Any:
+    """`lock_row`'s no-op UPDATE of a row, built once a table, on the table rather than the
+    model: the ORM's bulk UPDATE path and the building cost more than the statement."""
+    table: Any = model.__table__  # type: ignore[attr-defined]
+    pk = inspect(model).primary_key[0]
+    return update(table).where(pk == bindparam("key")).values(updated_at=table.c.updated_at)
 
 
 def utcnow() -> datetime:

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, and_, or_
+from sqlalchemy import Engine, and_, bindparam, or_
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -44,6 +44,19 @@ from trainer.contract import events as ev
 _STATUS_TYPES = ("started", "segment_done", "completed", "failed")
 _sqlite_writes = threading.Lock()
 Place = tuple[int, int, int]  # (segment, attempt, seq)
+# The ids stored before (by any run) and the places this run has taken in a seq range; built
+# once (building it per post cost about as much as running it).
+_STORED_OR_TAKEN = sa_select(
+    *(EVENTS.c[name] for name in ("id", "run_id", "segment", "attempt", "seq", "state", "outcome"))
+).where(
+    or_(
+        EVENTS.c.id.in_(bindparam("ids", expanding=True)),
+        and_(
+            EVENTS.c.run_id == bindparam("run"),
+            EVENTS.c.seq.between(bindparam("lo"), bindparam("hi")),
+        ),
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -126,17 +139,9 @@ def _ingest_locked(
     taken: dict[Place, str] = {}
     if events:
         seqs = [e.seq for e in events]
-        columns = (EVENTS.c.id, EVENTS.c.run_id, EVENTS.c.segment, EVENTS.c.attempt)
-        found = session.execute(
-            sa_select(*columns, EVENTS.c.seq, EVENTS.c.state, EVENTS.c.outcome).where(
-                or_(
-                    EVENTS.c.id.in_({e.id for e in events}),
-                    and_(
-                        EVENTS.c.run_id == run_id,
-                        EVENTS.c.seq.between(min(seqs), max(seqs)),
-                    ),
-                )
-            )
+        ids = list({e.id for e in events})
+        found = session.connection().execute(
+            _STORED_OR_TAKEN, {"ids": ids, "run": run_id, "lo": min(seqs), "hi": max(seqs)}
         )
         for event_id, owner, segment, attempt, seq, state, outcome in found:
             stored[event_id] = _Stored(owner, state, outcome)
