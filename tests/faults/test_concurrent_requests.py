@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 from sqlalchemy import Engine, func, text
 from sqlmodel import Session, select
 
+from api.auth.callback import mint_token
 from api.runs.models import Run
 from api.runs.states import RunStatus
 from tests.api.factories import insert_runs
@@ -124,3 +126,37 @@ def test_deliberate_overload_is_a_503_with_retry_after(
     assert all(a.headers.get("Retry-After") == "2" for a in busy)
     assert all(a.body["title"] == "Server busy" for a in busy)  # type: ignore[index]
     assert server.faults_in_log() == []
+
+
+def test_concurrent_callbacks_beyond_the_slots_are_all_taken(
+    tmp_path: Path, db_url: str, engine: Engine, db_kind: str
+) -> None:
+    """The callback routes ask for a slot around their database work while `authorize` (every
+    /api/v1 route) already holds one for the request: the second ask must reuse it. Taking two
+    deadlocked every slot once more callbacks than slots arrived together."""
+    key = "k" * 40
+    run_ids = insert_runs(engine, CLIENTS, status=RunStatus.running)
+    expires = datetime.now(UTC) + timedelta(hours=1)
+    tokens = {r: mint_token(key.encode(), r, expires) for r in run_ids}
+
+    async def report(c: httpx.AsyncClient, i: int) -> httpx.Response:
+        run_id = run_ids[i]
+        event = {
+            "id": f"ev-{i}",
+            "run_id": run_id,
+            "seq": 1,
+            "type": "progress",
+            "time": datetime.now(UTC).isoformat(),
+            "data": {"step": 1, "total_steps": 2, "epoch": 0.5, "loss": 1.0},
+        }
+        headers = {"Authorization": f"Bearer {tokens[run_id]}"}
+        return await c.post(f"/api/v1/runs/{run_id}/events", json=event, headers=headers)
+
+    # A few slots and a wait longer than the hang guard: a deadlock is a hang, never a 503.
+    with Served(
+        tmp_path, db_url, db_pool_size="4", db_wait_seconds="600", callback_signing_key=key
+    ) as served:
+        answers, wall = burst(served.url, CLIENTS, report)
+        figure(f"{db_kind} callbacks on 4 slots", answers, wall)
+        _clean(served, answers)
+    assert Counter(a.status for a in answers) == {201: CLIENTS}
