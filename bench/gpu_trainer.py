@@ -105,8 +105,13 @@ def build_images(root: Path, per_class_train: int, per_class_test: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    if (root / "done").exists():
+    # The marker holds the counts: a set built by an earlier, smaller call is built again
+    # (once it was silently reused, and a 128-sample run trained on 74).
+    counts = f"{per_class_train} {per_class_test}"
+    done = root / "done"
+    if done.exists() and done.read_text() == counts:
         return root
+    shutil.rmtree(root, ignore_errors=True)
     rng = np.random.default_rng(0)
     for split, n in (("train", per_class_train), ("test", per_class_test)):
         for label in PET_BREEDS:
@@ -115,7 +120,7 @@ def build_images(root: Path, per_class_train: int, per_class_test: int) -> Path:
             for i in range(n):
                 pixels = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=85)
-    (root / "done").write_text("")
+    done.write_text(counts)
     return root
 
 
@@ -123,7 +128,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # The original script: batch 1, accumulation 16, checkpointing, one sample per generate().
     "original": {
         "batch": 1, "accum": 16, "eval_batch": 1, "steps": 1, "eval_size": 8,
-        "flags": ["--micro-batch-size", "1", "--checkpointing", "full", "--eval-mode", "generate"],
+        "flags": ["--micro-batch-size", "1", "--checkpointing", "full", "--eval-mode", "generate",
+                  "--kernels", "plain"],
     },
     # The same 16 samples per optimizer step, split by the step plan; label scoring.
     "auto": {"batch": 8, "accum": 2, "eval_batch": 32, "flags": []},

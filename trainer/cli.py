@@ -218,10 +218,10 @@ class Execution:
         if self.restored:
             self.trainer.restore(self.restored)
         log(
-            f"model: {spec.model_id} on {device}, {loaded.weights}"
+            f"model: {spec.model_id} on {device}, {loaded.weights}, {loaded.kernels} kernels"
             f", {loaded.trainable_params:,} of {loaded.total_params:,} parameters trained"
         )
-        keys = ("weights", "trainable_params", "total_params")
+        keys = ("weights", "kernels", "trainable_params", "total_params")
         self.results.model = {"model_id": spec.model_id, "quantized_4bit": loaded.quantized}
         self.results.model.update({k: getattr(loaded, k) for k in keys})
         return loaded

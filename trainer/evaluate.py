@@ -21,6 +21,7 @@ from trainer.contract.chat import strip_thinking
 from trainer.contract.events import ClassMetrics, Metrics, Prediction
 from trainer.data import Sample
 from trainer.features import FeatureCache
+from trainer.scoring import Memo, evaluate_by_scoring
 
 NO_LABEL = "no label"
 _UNKNOWN = "\x00unknown"  # sklearn needs a value for "no label" that no class can be named
@@ -246,12 +247,10 @@ class Evaluator:
         self.stop_ids, self.check, self.on_metrics = stop_ids, check, on_metrics
         # The final evaluation scores the baseline's images through the same frozen tower.
         self.features = FeatureCache.for_model(loaded.model, max_bytes=EVAL_FEATURE_BYTES)
-        self.known: dict[Any, Any] = {}  # label scoring's continuations by prompt
+        self.memo = Memo()  # what the baseline's label scoring leaves to the final one
 
     def __call__(self, stage: str) -> Metrics:
         if getattr(self.spec, "eval_mode", "generate") == "score":
-            from trainer.scoring import evaluate_by_scoring
-
             metrics = evaluate_by_scoring(
                 self.loaded.model,
                 self.loaded.processor,
@@ -262,7 +261,7 @@ class Evaluator:
                 batch_size=self.spec.eval_batch_size,
                 on_batch=lambda done, total: self.check(),
                 features=self.features,
-                known=self.known,
+                memo=self.memo,
             )
             self.on_metrics(stage, metrics)
             return metrics

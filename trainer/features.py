@@ -44,6 +44,9 @@ class FeatureCache:
         self._keys: list[str] | None = None
         self._bare = False
         self._seen = False  # the tower's output has been split by row once
+        # One pixel of the tower's input (its channels and dtype), once it has run on a batch
+        # split by row: what a batch of cached images stands in with (trainer.scoring.Memo).
+        self.sample_pixels: torch.Tensor | None = None
         self._forward = tower.forward
         tower.forward = self._cached
 
@@ -55,6 +58,9 @@ class FeatureCache:
         if tower is None or any(p.requires_grad for p in tower.parameters()):
             return None
         return cls(tower, max_bytes)
+
+    def holds(self, ids: Sequence[str]) -> bool:
+        return all(k in self._rows for k in ids)
 
     @contextmanager
     def keys(self, ids: Sequence[str] | None) -> Iterator[None]:
@@ -82,6 +88,10 @@ class FeatureCache:
         hidden = _hidden(out)
         if hidden is not None and hidden.shape[0] == len(keys):
             self._seen = True
+            if self.sample_pixels is None and pixel_values.dim() == 4:
+                self.sample_pixels = torch.zeros(
+                    (1, pixel_values.shape[1], 1, 1), dtype=pixel_values.dtype
+                )
             self._store(keys, hidden)
         return out
 

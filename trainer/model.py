@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from trainer import quiet
+from trainer import kernels, quiet
 from trainer.contract.spec import RunSpec
 from trainer.plan import StepPlan, apply_checkpointing
 
@@ -55,6 +55,7 @@ class Loaded:
     trainable_params: int
     total_params: int
     plan: StepPlan | None = None
+    kernels: str = kernels.PLAIN  # trainer.kernels: which kernels run
 
     @property
     def weights(self) -> str:
@@ -278,6 +279,7 @@ def load(spec: RunSpec, device: torch.device, plan: StepPlan | None = None) -> L
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     if cuda or plan:
         apply_checkpointing(base, mode)
+    fused = kernels.fuse(base, device, spec.kernels)
 
     config = lora_config(spec, resolve_targets(base, spec))
     model = get_peft_model(base, config)
@@ -291,7 +293,7 @@ def load(spec: RunSpec, device: torch.device, plan: StepPlan | None = None) -> L
                 p.data = p.data.float()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return Loaded(model, processor, device, quantized, trainable, total, plan)
+    return Loaded(model, processor, device, quantized, trainable, total, plan, fused)
 
 
 def _is_linear(module: Any) -> bool:

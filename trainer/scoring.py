@@ -25,7 +25,7 @@ import copy
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -126,6 +126,46 @@ def _log_probs(logits: torch.Tensor, nodes: torch.Tensor, targets: torch.Tensor)
         lse = torch.logsumexp(rows.float(), dim=-1)  # (r, N)
         out.append(rows[:, nodes, targets].float() - lse[:, nodes])
     return torch.cat(out)
+
+
+@dataclass
+class Memo:
+    """What a scoring pass leaves to the next one over the same samples (the final evaluation
+    after the baseline): the label continuations by prompt (37 collator runs of an image each,
+    once per prompt rather than once per pass), and the prompt batch's text when every image
+    gives the same prompt tokens (Gemma 3 resizes every image to one size). With that text, a
+    batch whose every image the frozen tower's cache holds is made without decoding an image:
+    measured on the H200, preparing a batch took 15-18 ms of CPU a sample, in a thread that
+    competes with the one feeding the GPU (bench/results/gpu_trainer_v4/)."""
+
+    continuations: dict[tuple[int, ...], Continuations] = field(default_factory=dict)
+    text: dict[str, torch.Tensor] | None = None  # one row of the uniform prompt batch
+    mixed: bool = False  # some chunk's prompts differed: the text is not reused
+
+    def remember(self, groups: list[tuple[list[int], Any]], size: int) -> None:
+        batch = groups[0][1]
+        text = {k: v[:1].clone() for k, v in batch.items() if _per_token(k, v, batch)}
+        # Anything beside the text and the pixels (image sizes, grids) is not rebuilt here.
+        if len(groups) != 1 or len(groups[0][0]) != size or set(batch) - {*text, "pixel_values"}:
+            self.mixed = True
+        elif self.text is None:
+            self.text = text
+
+    def batch_without_images(
+        self, ids: list[str], features: FeatureCache | None
+    ) -> dict[str, torch.Tensor] | None:
+        """The prompt batch of samples `ids` when the tower's cache holds all their outputs,
+        else None. The pixel values stand in by their number only (the cache answers by sample
+        id, trainer.features); one pixel each, so that a tower that did run on them would
+        fail, not score noise."""
+        if features is None or self.text is None or self.mixed:
+            return None
+        pixels = features.sample_pixels
+        if pixels is None or not features.holds(ids):
+            return None
+        batch = {k: v.expand(len(ids), -1).clone() for k, v in self.text.items()}
+        batch["pixel_values"] = pixels.expand(len(ids), -1, -1, -1).clone()
+        return batch
 
 
 class _PromptPositions:
@@ -240,19 +280,18 @@ def score_labels(
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
     features: FeatureCache | None = None,
-    known: dict[tuple[int, ...], Continuations] | None = None,
+    memo: Memo | None = None,
 ) -> torch.Tensor:
     """(samples, labels) summed answer log-probabilities over the evaluation set. The next
     batch's images are decoded and processed in a thread while the GPU scores this one.
     `features`: a frozen vision tower's cache (the final evaluation reads the images the
-    baseline's encoded); `known`: the label continuations by prompt, kept across passes (37
-    collator runs of an image each, once per prompt rather than once per evaluation)."""
+    baseline's encoded); `memo`: what an earlier pass over these samples left (Memo)."""
     from trainer.evaluate import autocast, to_device
 
     if not samples:
         return torch.zeros(0, len(labels))
     train_collator = collate.TrainCollator(processor, labels, max_length)
-    by_prompt = known if known is not None else {}
+    memo = memo if memo is not None else Memo()
     float_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out: list[tuple[int, torch.Tensor]] = []
     starts = range(0, len(samples), batch_size)
@@ -262,7 +301,7 @@ def score_labels(
         with ThreadPoolExecutor(max_workers=1) as pool:
             # Every processor call happens in this one thread: a fast tokenizer used from two
             # threads at once fails ("Already borrowed").
-            prepare = partial(_prepared, processor, labels, train_collator, by_prompt)
+            prepare = partial(_prepared, processor, labels, train_collator, memo, features)
             ahead = pool.submit(prepare, samples[0:batch_size])
             for start in starts:
                 groups = ahead.result()
@@ -274,8 +313,8 @@ def score_labels(
                     ids = [samples[start + i].sample_id for i in rows]
                     cached = features.keys(ids) if features else nullcontext()
                     with torch.inference_mode(), autocast(device), cached:
-                        scores = score_batch(model, inputs, cont, device)
-                    out += [(start + i, row.cpu()) for i, row in zip(rows, scores, strict=True)]
+                        scores = score_batch(model, inputs, cont, device).cpu()
+                    out += [(start + i, row) for i, row in zip(rows, scores, strict=True)]
                 if on_batch:
                     on_batch(min(start + batch_size, len(samples)), len(samples))
     finally:
@@ -287,16 +326,24 @@ def _prepared(
     processor: Any,
     labels: Sequence[str],
     train_collator: Any,
-    by_prompt: dict[tuple[int, ...], Continuations],
+    memo: Memo,
+    features: FeatureCache | None,
     chunk: Sequence[Sample],
 ) -> list[tuple[list[int], Any, Continuations]]:
-    """`chunk`'s prompt batches with their label continuations (computed once per prompt)."""
+    """`chunk`'s prompt batches with their label continuations (computed once per prompt);
+    without decoding its images when the tower's cache holds them all (Memo)."""
+    cached = memo.batch_without_images([s.sample_id for s in chunk], features)
+    if cached is not None:
+        key = tuple(cached["input_ids"][0].tolist())
+        return [(list(range(len(chunk))), cached, memo.continuations[key])]
+    groups = _uniform_groups(processor, labels, chunk)
+    memo.remember(groups, len(chunk))
     out = []
-    for rows, batch in _uniform_groups(processor, labels, chunk):
+    for rows, batch in groups:
         key = tuple(batch["input_ids"][0].tolist())
-        if key not in by_prompt:
-            by_prompt[key] = continuations(train_collator, labels, chunk[rows[0]])
-        out.append((rows, batch, by_prompt[key]))
+        if key not in memo.continuations:
+            memo.continuations[key] = continuations(train_collator, labels, chunk[rows[0]])
+        out.append((rows, batch, memo.continuations[key]))
     return out
 
 
@@ -340,7 +387,7 @@ def evaluate_by_scoring(
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
     features: FeatureCache | None = None,
-    known: dict[tuple[int, ...], Continuations] | None = None,
+    memo: Memo | None = None,
 ) -> Any:
     """Metrics of one scored pass; a prediction's raw answer is the label with its summed
     log-probability, so the run page shows how sure the model was."""
@@ -359,7 +406,7 @@ def evaluate_by_scoring(
         batch_size=batch_size,
         on_batch=on_batch,
         features=features,
-        known=known,
+        memo=memo,
     )
     seconds = time.perf_counter() - started
     best = scores.argmax(-1).tolist() if len(samples) else []

@@ -40,7 +40,7 @@ FIELD_GROUPS: list[tuple[str, list[str]]] = [
     ("Model and data", ["model_id", "dataset", "train_size", "eval_size"]),
     ("Training", ["num_epochs", "learning_rate", "batch_size", "gradient_accumulation_steps",
                   "max_length", "gradient_checkpointing", "checkpointing", "micro_batch_size",
-                  "quantization", "save_steps", "seed"]),
+                  "quantization", "kernels", "save_steps", "seed"]),
     ("LoRA", ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_vision"]),
     ("Evaluation", ["eval_mode", "eval_batch_size", "max_new_tokens"]),
     ("Execution", ["gpu_type", "time_budget_minutes"]),

@@ -142,6 +142,8 @@ def test_results_json_holds_what_the_gates_need(learned: dict[str, Any]) -> None
     assert results["throughput"]["train_samples_per_second"] > 0
     assert results["throughput"]["eval_samples_per_second"] > 0
     assert results["data"]["train_samples"] == 1400 and results["data"]["eval_samples"] == 100
+    # On the CPU nothing is fused (trainer/kernels.py); the record says which kernels ran.
+    assert results["model"]["kernels"] == "plain" and results["model"]["weights"] == "fp32"
     for stage in ("baseline", "final"):
         predictions = results[stage]["predictions"]
         assert len(predictions) == 100

@@ -19,7 +19,7 @@ from PIL import Image
 from trainer import data
 from trainer.collator import IGNORE_INDEX, TrainCollator
 from trainer.data import Sample
-from trainer.scoring import evaluate_by_scoring, score_labels
+from trainer.scoring import Memo, evaluate_by_scoring, score_labels
 from trainer.tiny import build_tiny_model
 
 PET_LABELS = ["Cocker Spaniel", "English Cocker Spaniel", "Great Pyrenees", "Pug"]
@@ -175,22 +175,39 @@ def test_a_trained_model_scores_at_least_as_well_as_it_generates(
 
 def test_a_second_pass_reads_the_vision_features_and_scores_the_same(tiny_model: Path) -> None:
     """The final evaluation reads the baseline's image features (frozen tower) and label
-    continuations: the same scores, every image a cache hit, one prompt's continuations."""
+    continuations: the same scores, every image a cache hit, one prompt's continuations, and
+    not one image decoded (Memo: the batches are made from the first pass's text)."""
     from trainer.features import FeatureCache
 
     model, processor = _load(tiny_model)
     _randomise(model)
     splits = data.load_splits("digits", 1, 5, seed=0)
+    decoded: list[str] = []
+
+    def counted(sample: Sample) -> Sample:
+        def load() -> Any:
+            decoded.append(sample.sample_id)
+            return sample.load()
+
+        return Sample(sample.sample_id, sample.label, load)
+
+    samples = [counted(s) for s in splits.eval]
     model.requires_grad_(False)  # frozen, as the trainer leaves the tower
     cache = FeatureCache.for_model(model)
     assert cache is not None
-    known: dict[Any, Any] = {}
+    memo = Memo()
     kwargs: dict[str, Any] = dict(
-        max_length=512, device=torch.device("cpu"), batch_size=2, features=cache, known=known
+        max_length=512, device=torch.device("cpu"), batch_size=2, features=cache, memo=memo
     )
-    first = score_labels(model, processor, splits.labels, splits.eval, **kwargs)
+    first = score_labels(model, processor, splits.labels, samples, **kwargs)
     assert (cache.hits, cache.misses) == (0, 5)
-    second = score_labels(model, processor, splits.labels, splits.eval, **kwargs)
+    assert set(decoded) == {s.sample_id for s in samples}
+    decoded.clear()
+    second = score_labels(model, processor, splits.labels, samples, **kwargs)
     assert (cache.hits, cache.misses) == (5, 5)
     assert torch.equal(first, second)
-    assert len(known) == 1  # digits: one image size, one prompt
+    assert decoded == []
+    assert len(memo.continuations) == 1  # digits: one image size, one prompt
+    # Without the cache, nothing is taken for granted: every image is decoded again.
+    third = score_labels(model, processor, splits.labels, samples, **{**kwargs, "features": None})
+    assert torch.allclose(first, third, atol=1e-5) and len(decoded) >= len(samples)

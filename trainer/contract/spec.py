@@ -114,6 +114,9 @@ class RunSpec(BaseModel):
     quantization: Literal["nf4", "none", "auto"] = Field(
         "nf4", description="nf4 (QLoRA) | none (bf16 LoRA) | auto (bf16 when it fits with margin)"
     )
+    kernels: Literal["auto", "plain"] = Field(
+        "auto", description="auto: fused GPU kernels where measured good (Gemma 3); plain: off"
+    )
     eval_mode: Literal["score", "generate"] = Field(
         "score", description="score: the likeliest label; generate: free generation, then match"
     )
