@@ -68,6 +68,7 @@ def spec_form(**changes: str) -> dict[str, str]:
         "checkpointing": "auto",
         "micro_batch_size": "auto",
         "quantization": "nf4",
+        "kernels": "auto",
         "eval_mode": "score",
         "save_steps": "50",
         "seed": "7",
