@@ -8,7 +8,6 @@ run, plus the template (name, version) and CI context it came from.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -20,7 +19,6 @@ from api.errors import Problem
 from api.notify.address_guard import refuse_internal
 from api.runs import idempotency
 from api.runs import service as runs_service
-from api.runs.local_paths import LocalPaths
 from api.runs.models import Run
 from api.templates.champions import current_champion
 from api.templates.gates import Gates
@@ -35,7 +33,6 @@ from api.templates.models import (
     TemplateVersionPublic,
     WebhookOut,
 )
-from trainer.contract.spec import GpuType
 
 TRIGGER_SCOPE = "templates.trigger"
 
@@ -136,18 +133,14 @@ def list_versions(session: Session, name: str) -> list[TemplateVersionPublic]:
 # ---- writing ---------------------------------------------------------------------------------
 
 
-def _content(
-    body: TemplateBody,
-    default_gpu_type: GpuType | None,
-    webhook_secret_set: bool,
-    allowed_networks: Sequence[str] = (),
-) -> dict[str, Any]:
+def _content(body: TemplateBody, settings: Settings) -> dict[str, Any]:
     """The stored form of a template's content. The spec is stored with every default filled
     in, so a later change of a default does not change what the template's runs do."""
-    spec = runs_service.with_default_gpu(body.spec, default_gpu_type)
-    runs_service.estimate_or_refuse(spec, "body.spec")
+    spec = runs_service.with_default_gpu(body.spec, settings.default_gpu_type)
+    runs_service.estimate_or_refuse(spec, settings, "body.spec")
+    webhook_secret_set = settings.webhook_secret is not None
     for i, hook in enumerate(body.webhooks):
-        refused = refuse_internal(hook.url, allowed_networks)
+        refused = refuse_internal(hook.url, settings.webhook_allowed_networks)
         if refused is not None:
             raise Problem(
                 422,
@@ -177,15 +170,13 @@ def _content(
 def create_template(
     session: Session,
     body: TemplateCreate,
+    settings: Settings,
     *,
     created_by: str = "",
-    default_gpu_type: GpuType | None = None,
-    webhook_secret_set: bool = False,
-    allowed_networks: Sequence[str] = (),
 ) -> TemplatePublic:
     """A new template at version 1 (or, for a name that was deleted, the next version number:
     a (name, version) pair never names two different specs)."""
-    content = _content(body, default_gpu_type, webhook_secret_set, allowed_networks)
+    content = _content(body, settings)
     existing = session.get(RunTemplate, body.name)
     if existing is not None and existing.deleted_at is None:
         raise Problem(
@@ -220,15 +211,13 @@ def update_template(
     session: Session,
     name: str,
     body: TemplateBody,
+    settings: Settings,
     *,
     created_by: str = "",
-    default_gpu_type: GpuType | None = None,
-    webhook_secret_set: bool = False,
-    allowed_networks: Sequence[str] = (),
 ) -> tuple[TemplatePublic, bool]:
     """Replace the content, making a new version; (template, whether a version was made).
     Content equal to the current version's makes none, so a retried PUT is harmless."""
-    content = _content(body, default_gpu_type, webhook_secret_set, allowed_networks)
+    content = _content(body, settings)
     template = _find(session, name, lock=True)
     current = _version(session, name, template.version)
     if all(getattr(current, k) == v for k, v in content.items()):
@@ -279,7 +268,7 @@ def trigger_run(
         fingerprint=idempotency.request_hash(request, template=name),
         idempotency_key=idempotency_key,
         name=run_name,
-        paths=LocalPaths.of(settings),
+        settings=settings,
         notes=request.notes or "",
         tags=[f"template:{name}", *(request.tags or [])],
         base="template spec",

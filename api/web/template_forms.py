@@ -183,16 +183,6 @@ def _kept_secrets(session: Session, t: TemplatePublic) -> dict[str, str | None]:
     return service.webhook_secrets(session, t.name, t.version)
 
 
-def _write_options(request: Request, settings: Settings) -> dict[str, Any]:
-    """What the REST routes pass to the service besides the body."""
-    return {
-        "created_by": principal_of(request).name,
-        "default_gpu_type": settings.default_gpu_type,
-        "webhook_secret_set": settings.webhook_secret is not None,
-        "allowed_networks": settings.webhook_allowed_networks,
-    }
-
-
 # ---- create ------------------------------------------------------------------------------------
 
 
@@ -222,7 +212,9 @@ async def create_template_form(
         return _form(request, None, shown, errors, 422, "Fix the fields marked below.")
     assert isinstance(body, TemplateCreate)
     try:
-        created = service.create_template(session, body, **_write_options(request, settings))
+        created = service.create_template(
+            session, body, settings, created_by=principal_of(request).name
+        )
     except Problem as exc:
         session.rollback()
         errors = _problem_errors(exc)
@@ -264,7 +256,7 @@ async def edit_template_form(
         return _form(request, t, shown, errors, 422, "Fix the fields marked below.")
     try:
         _, changed = service.update_template(
-            session, name, body, **_write_options(request, settings)
+            session, name, body, settings, created_by=principal_of(request).name
         )
     except Problem as exc:
         session.rollback()
