@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +257,8 @@ def api_estimate(model_dir: Path, results: dict[str, Any], seq: int) -> dict[str
         "quantization": plan["quantization"],
         "max_length": seq,
     })  # fmt: skip
-    est = estimate(spec, config)
+    # Only the memory is read: the segment length changes the time alone.
+    est = estimate(spec, timedelta(minutes=spec.time_budget_minutes), config)
     assert est.memory is not None
     return {"architecture": est.architecture, "parameters": est.parameters,
             **est.memory.model_dump()}  # fmt: skip

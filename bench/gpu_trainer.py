@@ -40,6 +40,7 @@ import os
 import shutil
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,8 @@ def estimated_gib(config: str, results: dict[str, Any]) -> float | None:
         "checkpointing": plan["checkpointing"],
         "quantization": plan["quantization"],
     })  # fmt: skip
-    memory = estimate(spec).memory
+    # Only the memory is read: the segment length changes the time alone.
+    memory = estimate(spec, timedelta(minutes=spec.time_budget_minutes)).memory
     return None if memory is None else memory.total_gib
 
 

@@ -97,12 +97,37 @@ def owned(dispatcher: Dispatcher, execution_name: str) -> bool:
     return not isinstance(dispatcher, Owning) or dispatcher.owns(execution_name)
 
 
-def segment_length(settings: Settings, spec: RunSpec, cap: timedelta | None = None) -> timedelta:
-    """The spec's time budget, or `segment_seconds_max` or the dispatcher's cap when shorter:
-    a budget longer than one Cloud Run task may run becomes several segments."""
+# https://cloud.google.com/run/docs/configuring/task-timeout: "For tasks using GPUs, the maximum
+# available timeout is 1 hour", or "12 hours (preview)" as "Long running GPU jobs". Here, not in
+# cloudrun_job.py, because the api's estimate needs the cap too, without the Google libraries.
+GPU_TASK_SECONDS_GA = 3600
+GPU_TASK_SECONDS_PREVIEW = 12 * 3600
+
+
+def max_task_seconds(settings: Settings) -> int:
+    """The longest task timeout Cloud Run takes for a GPU task with these settings."""
+    return GPU_TASK_SECONDS_PREVIEW if settings.cloud_run_long_gpu_tasks else GPU_TASK_SECONDS_GA
+
+
+def segment_cap(settings: Settings) -> timedelta | None:
+    """The longest segment the configured dispatcher allows: on Cloud Run, what the task timeout
+    cap leaves beside the margin for the final save; locally, none."""
+    if settings.dispatcher != "cloudrun":
+        return None
+    margin = settings.cloud_run_timeout_margin_minutes * 60
+    return timedelta(seconds=max_task_seconds(settings) - margin)
+
+
+def segment_length(settings: Settings, spec: RunSpec) -> timedelta:
+    """How long one execution of `spec` may run: the spec's time budget, or
+    `segment_seconds_max` or the dispatcher's cap when shorter, so a budget longer than one
+    Cloud Run task may run becomes several segments (each resumes from the last checkpoint),
+    never a timeout over the cap. The one formula behind the worker's deadlines and the run's
+    estimate (api/runs/estimates.py), so the estimate counts the segments the run will get."""
     budget = timedelta(minutes=spec.time_budget_minutes)
     if settings.segment_seconds_max is not None:
         budget = min(budget, timedelta(seconds=settings.segment_seconds_max))
+    cap = segment_cap(settings)
     if cap is not None:
         budget = min(budget, cap)
     return budget

@@ -257,10 +257,6 @@ class CloudRunDispatcher:
                 return None
             raise
 
-    def max_segment(self) -> timedelta:
-        """The longest segment a task timeout allows (the worker cuts long budgets into these)."""
-        return cj.max_segment(self.settings)
-
     def close(self) -> None:
         for client in (self.jobs, self.executions):
             client.transport.close()

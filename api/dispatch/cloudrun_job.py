@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from google.api import launch_stage_pb2
@@ -19,6 +19,7 @@ from google.cloud import run_v2
 from google.protobuf import duration_pb2
 
 from api.config import Settings
+from api.dispatch.base import GPU_TASK_SECONDS_GA, max_task_seconds
 from trainer.contract.execution import ExecutionEnv
 from trainer.contract.spec import GPU_TYPES, RunSpec
 
@@ -51,12 +52,9 @@ GPU_RESOURCES: dict[str, tuple[str, str]] = {
 GPU_JOB_SUFFIX: dict[str, str] = {"nvidia-l4": "l4", "nvidia-rtx-pro-6000": "rtx-pro-6000"}
 assert set(GPU_RESOURCES) == set(GPU_TYPES) == set(GPU_JOB_SUFFIX)
 # Preview ("Pre-GA") features need the Job at launch stage BETA, or Cloud Run refuses it:
-# https://cloud.google.com/run/docs/configuring/jobs/gpu marks the RTX PRO 6000 "Preview";
-# https://cloud.google.com/run/docs/configuring/task-timeout: "For tasks using GPUs, the maximum
-# available timeout is 1 hour", or "12 hours (preview)" as "Long running GPU jobs".
+# https://cloud.google.com/run/docs/configuring/jobs/gpu marks the RTX PRO 6000 "Preview"; a
+# GPU task timeout over 1 hour is "Long running GPU jobs" (api/dispatch/base.py, the caps).
 PREVIEW_GPUS = frozenset({"nvidia-rtx-pro-6000"})
-GPU_TASK_SECONDS_GA = 3600
-GPU_TASK_SECONDS_PREVIEW = 12 * 3600
 
 # Execution names add ~6 characters to the Job's; Cloud Run caps names at 63.
 _JOB_ID = re.compile(r"^[a-z](?:[a-z0-9-]{0,47}[a-z0-9])?$")
@@ -112,18 +110,6 @@ def job_name(settings: Settings, gpu_type: str) -> str:
 def run_prefix(settings: Settings, run_id: str) -> str:
     """`gs://BUCKET/runs/RUN_ID`: the run's artifacts; its checkpoints live under `/checkpoints`."""
     return f"gs://{settings.bucket}/runs/{run_id}"
-
-
-def max_task_seconds(settings: Settings) -> int:
-    """The longest task timeout Cloud Run takes for a GPU task with these settings."""
-    return GPU_TASK_SECONDS_PREVIEW if settings.cloud_run_long_gpu_tasks else GPU_TASK_SECONDS_GA
-
-
-def max_segment(settings: Settings) -> timedelta:
-    """The longest segment a task timeout leaves room for: a longer time budget becomes several
-    segments (each resumes from the last checkpoint), never a timeout over the cap."""
-    margin = settings.cloud_run_timeout_margin_minutes * 60
-    return timedelta(seconds=max_task_seconds(settings) - margin)
 
 
 def task_timeout_seconds(settings: Settings, segment_seconds: float) -> int:

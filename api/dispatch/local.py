@@ -20,6 +20,9 @@ trainers; without it, each failed the others' live runs as "supervisor gone", an
 slots under `max_concurrency` while the trainers ran on. Names of four parts (written before
 owners) count as every dispatcher's, as they did.
 
+Before each start the spec's local paths are checked against TUNEPLANE_LOCAL_DATA_ROOTS again
+(api/runs/local_paths.py): the trainer runs as the server's user and reads what they name.
+
 Cancel: SIGTERM to the trainer (it saves a checkpoint and stops, as on Cloud Run), then SIGKILL
 to its process group after `grace_seconds`. `interrupt` (stopping the service) sends the SIGTERM
 alone and marks nothing: the trainer's segment ends with a checkpoint and its run is queued for
@@ -43,6 +46,7 @@ from typing import BinaryIO
 from api.config import Settings
 from api.dispatch.base import DispatchError, Execution, ExecutionStatus, Launch
 from api.dispatch.local_supervisor import SUPERVISOR, describe_exit, log_tail, owner_id
+from api.runs.local_paths import LocalPaths
 from trainer.contract.execution import PREFIX, ExecutionEnv
 from trainer.contract.spool import spool_file
 
@@ -109,6 +113,12 @@ class LocalDispatcher:
 
     def start(self, launch: Launch) -> Execution:
         run_id, segment = launch.run_id, launch.env.segment
+        # Checked at creation too, but the roots may have been narrowed since (a restart with
+        # new settings) while the run waited in the queue or between segments.
+        refused = LocalPaths.of(self.settings).refusal(launch.spec)
+        if refused is not None:
+            field, message = refused
+            raise DispatchError("permanent", f"spec.{field}: {message}")
         paths = self._paths(run_id, segment)
         run_dir = self.settings.runs_dir.resolve() / run_id
         output_dir, checkpoint_dir = run_dir / "output", run_dir / "checkpoints"

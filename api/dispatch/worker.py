@@ -69,13 +69,6 @@ class LeftoverEvents(Protocol):
     def clear_leftover_events(self, execution_name: str) -> None: ...
 
 
-@runtime_checkable
-class SegmentCap(Protocol):
-    """A dispatcher whose executions may not run longer than this (Cloud Run's task timeout)."""
-
-    def max_segment(self) -> timedelta: ...
-
-
 class Worker:
     def __init__(
         self,
@@ -289,14 +282,11 @@ class Worker:
             run_id=run_id,
             callback_url=f"{self.settings.public_url.rstrip('/')}/api/v1/runs/{run_id}/events",
             callback_token=SecretStr(mint_token(self.settings.signing_key, run_id, expires)),
-            deadline=now + segment_length(self.settings, spec, self._segment_cap()),
+            deadline=now + segment_length(self.settings, spec),
             segment=segment,
             segment_max_steps=self.settings.segment_max_steps,
         )
         return Launch(run_id=run_id, spec=spec, env=env)
-
-    def _segment_cap(self) -> timedelta | None:
-        return self.dispatcher.max_segment() if isinstance(self.dispatcher, SegmentCap) else None
 
     def _failed(self, run_id: str, error: DispatchError) -> None:
         metrics.DISPATCH_ERRORS.labels(error.kind).inc()

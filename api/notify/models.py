@@ -34,17 +34,30 @@ class WebhookDelivery(OutboxRow, table=True):
     delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
+# What `display_url` puts where it left something out.
+HIDDEN = "/…"
+
+
 def display_url(url: str) -> str:
-    """`url` as logs and delivery lists show it: scheme and host only. Many receivers (Slack,
-    Teams, Discord) put their credential in the path or query, so whoever reads a delivery list
-    or a log must not learn it; the template itself still holds the whole URL."""
+    """`url` as logs, delivery lists and template views show it: scheme, host and port only,
+    and `/…` where anything else was left out. Many receivers (Slack, Teams, Discord) put their
+    credential in the path or query, and a user:password is one, so whoever reads a delivery
+    list, a template or a log must not learn it; the template itself still holds the whole URL
+    (and a template body that sends a URL back in this form keeps it, api/templates/service.py).
+    """
     parts = urlsplit(url)
-    hidden = (parts.path not in ("", "/")) or parts.query or parts.fragment
+    hidden = parts.path not in ("", "/") or parts.query or parts.fragment or parts.netloc.count("@")
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
     port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}" + ("/…" if hidden else "/")
+    return f"{parts.scheme}://{host}{port}" + (HIDDEN if hidden else "/")
+
+
+def is_display_form(url: str) -> bool:
+    """Whether `url` is what `display_url` shows of some URL with a part left out (so it
+    stands for a stored URL, and is never a URL to post to)."""
+    return url.endswith(HIDDEN) and display_url(url) == url
 
 
 class WebhookDeliveryPublic(BaseModel):

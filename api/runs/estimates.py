@@ -17,7 +17,11 @@ evaluation's peak; it is checked against the H200 measurements in bench/results
 (tests/api/runs/test_memory_measured.py). Time is calibrated on the published
 Gemma 3 27B figures on one RTX PRO 6000 (1,000 / 2,500 / 3,600 samples in 1.1 / 2.3 / 3.3 h,
 500 evaluation samples each side); the L4 figures are scaled by its peak bf16 throughput and
-memory bandwidth. Prices are Cloud Run list prices (us-central1, no zonal redundancy) at the
+memory bandwidth. Evaluation follows the spec's `eval_mode` (label scoring reads each prompt
+once; generation adds token-by-token decoding: `_one_eval`). A run needs one execution per
+segment of work, each loading the model again; a segment is what the worker gives an execution
+(`api.dispatch.base.segment_length`: the time budget, capped by Cloud Run's task timeout).
+Prices are Cloud Run list prices (us-central1, no zonal redundancy) at the
 time of writing; they go stale: check https://cloud.google.com/run/pricing.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -86,8 +91,14 @@ class MemoryEstimate(BaseModel):
 class TimeEstimate(BaseModel):
     load_seconds: float = Field(description="download and quantize the model, per segment")
     train_seconds: float
-    eval_seconds: float = Field(description="baseline and final evaluation")
-    segments: int = Field(description="executions needed with the spec's time budget")
+    eval_seconds: float = Field(
+        description="baseline and final evaluation, by the spec's eval_mode"
+    )
+    segment_seconds: float = Field(
+        description="the longest one execution may run: the spec's time budget, or the "
+        "dispatcher's cap (Cloud Run's task timeout less the margin) when shorter"
+    )
+    segments: int = Field(description="executions needed, each at most one segment long")
     total_seconds: float
 
 
@@ -107,7 +118,9 @@ class Estimate(BaseModel):
     notes: list[str]
 
 
-def estimate(spec: RunSpec, config: dict[str, Any] | None = None) -> Estimate:
+def estimate(spec: RunSpec, segment: timedelta, config: dict[str, Any] | None = None) -> Estimate:
+    """`segment`: how long one execution may run, `api.dispatch.base.segment_length` (the
+    worker's own deadline), so that a budget over the dispatcher's cap counts its segments."""
     gpu = GPUS[spec.gpu_type]
     usd_per_second = (
         gpu.gpu_usd_per_second
@@ -133,13 +146,13 @@ def estimate(spec: RunSpec, config: dict[str, Any] | None = None) -> Estimate:
             ],
         )
     memory, trainable = _memory(spec, arch, gpu)
-    time = _time(spec, arch, gpu, params)
+    time = _time(spec, arch, gpu, params, segment)
     notes = []
     if not arch.exact:
         notes.append("architecture inferred from the parameter count: a rough estimate")
     if time.segments > 1:
         notes.append(
-            f"needs {time.segments} executions of at most {spec.time_budget_minutes} min; "
+            f"needs {time.segments} executions of at most {time.segment_seconds / 60:g} min; "
             "each resumes from the previous one's checkpoint and reloads the model"
         )
     host = instance_memory_gib(spec, memory, params)
@@ -186,33 +199,51 @@ def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:
     return memory, mem.lora_params(spec, arch) + arch.projector_params
 
 
-def _time(spec: RunSpec, arch: Arch, gpu: Gpu, params: int) -> TimeEstimate:
+def _time(spec: RunSpec, arch: Arch, gpu: Gpu, params: int, segment: timedelta) -> TimeEstimate:
     flops_rate = gpu.train_tflops * 1e12
     tokens = spec.max_length  # an upper bound: real examples are often shorter
     passes = 8 if spec.gradient_checkpointing else 6  # forward, backward (+ recomputation)
     train = passes * params * tokens * spec.train_size * spec.num_epochs / flops_rate
-    # Evaluation: the prompt in one pass, then the answer token by token, each step reading
-    # every weight (memory-bound; ~30% of peak bandwidth with 4-bit dequantization).
-    weight_bytes = params * 0.55
-    batches = math.ceil(spec.eval_size / spec.eval_batch_size)
-    step = weight_bytes / (gpu.bandwidth_gbs * 1e9 * 0.3)
-    one_eval = (
-        2 * params * tokens * spec.eval_size / flops_rate + batches * spec.max_new_tokens * step
-    )
-    evals = 2 * one_eval
+    evals = 2 * _one_eval(spec, gpu, params, flops_rate)
     # Downloading bf16 weights at ~500 MB/s, then quantizing them (~2 s per billion).
     load = params * 2 / 500e6 + params / 1e9 * 2 + 20
     work = train + evals
-    usable = spec.time_budget_minutes * 60 - load - 60  # a minute to checkpoint and upload
+    # Every execution loads the model again; a minute to checkpoint and upload.
+    usable = segment.total_seconds() - load - 60
     segments = max(1, math.ceil(work / usable)) if usable > 0 else 0
     total = work + max(segments, 1) * load
     return TimeEstimate(
         load_seconds=round(load),
         train_seconds=round(train),
         eval_seconds=round(evals),
+        segment_seconds=round(segment.total_seconds()),
         segments=segments,
         total_seconds=round(total),
     )
+
+
+def _one_eval(spec: RunSpec, gpu: Gpu, params: int, flops_rate: float) -> float:
+    """One evaluation pass over `eval_size` samples. Every sample's prompt is read in one
+    forward (compute-bound). `generate` then decodes the answer token by token, each step
+    reading every weight (memory-bound; ~30% of peak bandwidth with 4-bit dequantization).
+    `score` (trainer/scoring.py) decodes nothing: one forward over the label tree (~150 tokens
+    for 37 labels, trainer/label_tree.py) on the prompt's cache, inside the max_length bound
+    counted here, so a sample costs about one prefill.
+
+    Measured on an H200, Gemma 3 4B architecture (bench/results/gpu_trainer_v3/README.md,
+    `4b-8steps/`, `python3 bench/gpu_trainer.py --config 4b --steps 8 --eval-size 256`):
+    scoring in batches of 32 ran 17.6 / 34.8 samples/s (baseline / final evaluation),
+    generation in batches of 1 (8 samples, 8 new tokens) 1.02 / 6.46, so 17x / 5.4x; the batch
+    size differs as well as the mode, so that ratio is not this model's to reproduce. Scoring
+    reached 296 TFLOP/s there against training's 147 (NF4): counted at the training rate, as
+    here, a scoring evaluation errs long."""
+    prefill = 2 * params * spec.max_length * spec.eval_size / flops_rate
+    if spec.eval_mode == "score":
+        return prefill
+    weight_bytes = params * 0.55
+    batches = math.ceil(spec.eval_size / spec.eval_batch_size)
+    step = weight_bytes / (gpu.bandwidth_gbs * 1e9 * 0.3)
+    return prefill + batches * spec.max_new_tokens * step
 
 
 # -- instance memory (Cloud Run) -----------------------------------------------------------------
@@ -261,8 +292,8 @@ def _gib(value: float) -> float:
     return round(value / GIB, 1)
 
 
-def refusal_detail(spec: RunSpec, est: Estimate) -> str:
-    """Why a run does not fit, and what would make it fit."""
+def refusal_detail(spec: RunSpec, est: Estimate, segment: timedelta) -> str:
+    """Why a run does not fit, and what would make it fit (`segment` as for `estimate`)."""
     assert est.memory is not None
     need, have = est.memory.total_gib, est.memory.gpu_gib
     host, limit = est.memory.instance_gib, est.memory.instance_limit_gib
@@ -276,7 +307,7 @@ def refusal_detail(spec: RunSpec, est: Estimate) -> str:
     ]
     for bs in (bs for bs in (64, 32, 16, 8, 4, 2, 1) if bs < spec.batch_size):
         smaller = spec.model_copy(update={"batch_size": bs})
-        if estimate(smaller).fits:
+        if estimate(smaller, segment).fits:
             accum = math.ceil(spec.effective_batch_size / bs)
             parts.append(
                 f"batch_size {bs} with gradient_accumulation_steps {accum} would fit "
@@ -285,13 +316,14 @@ def refusal_detail(spec: RunSpec, est: Estimate) -> str:
             break
     if (
         spec.quantization == "nf4"
-        and estimate(spec.model_copy(update={"quantization": "none"})).fits
+        and estimate(spec.model_copy(update={"quantization": "none"}), segment).fits
     ):
         # A mixture of experts: bitsandbytes leaves its 3-D expert weights alone, then peft's
         # k-bit preparation makes them fp32 (api/runs/memory.py), twice their bf16 size.
         parts.append("quantization 'none' would fit: NF4 keeps this model's experts in fp32")
     for other in GPUS:
-        if other != spec.gpu_type and estimate(spec.model_copy(update={"gpu_type": other})).fits:
+        other_gpu = spec.model_copy(update={"gpu_type": other})
+        if other != spec.gpu_type and estimate(other_gpu, segment).fits:
             parts.append(f"gpu_type {other!r} would fit as it is")
     if len(parts) == 1:
         parts.append("no batch size or GPU makes it fit: lower max_length or pick a smaller model")

@@ -12,6 +12,10 @@ own directory, so one could name nothing useful there. Hub ids (`org/name`) are 
 With Cloud Run a path names a file in the trainer's container (a mounted bucket), not here, so
 nothing is refused; but the api reads a local model directory for the create-time check
 (api/runs/model_check.py) only under the roots, for the same reason.
+
+The roots are checked when a run is made and again when the local dispatcher starts each of its
+segments (api/dispatch/local.py), with the same words: a run queued (or between segments)
+while the roots were wider fails instead of reading outside the roots the server has now.
 """
 
 from __future__ import annotations
@@ -49,20 +53,27 @@ class LocalPaths:
     def check(self, spec: RunSpec, where: str) -> None:
         """422 for a local path of `spec` outside the roots, when the trainer runs here;
         `where` is where the spec sits in the request (`body.spec`, `body.overrides`)."""
-        if not self.refuse_outside:
-            return
+        refused = self.refusal(spec) if self.refuse_outside else None
+        if refused is not None:
+            field, message = refused
+            raise Problem(
+                422,
+                "Path outside the data roots",
+                f"{where}.{field}: {message}",
+                errors=[{"field": f"{where}.{field}", "message": message}],
+            )
+
+    def refusal(self, spec: RunSpec) -> tuple[str, str] | None:
+        """(field, why) for the first local path of `spec` outside the roots, or None. Asked at
+        creation (`check`) and again by the local dispatcher before each start: a run queued
+        before the roots were narrowed must not read outside the new ones."""
         for field, path in local_paths(spec):
             if self.inside(path) is None:
-                message = (
+                return field, (
                     f"{path!r} is not a directory this server lets runs read: local paths must "
                     f"be absolute and lie under TUNEPLANE_LOCAL_DATA_ROOTS ({self._shown()})"
                 )
-                raise Problem(
-                    422,
-                    "Path outside the data roots",
-                    f"{where}.{field}: {message}",
-                    errors=[{"field": f"{where}.{field}", "message": message}],
-                )
+        return None
 
     def _shown(self) -> str:
         return ", ".join(str(r) for r in self.roots)

@@ -16,6 +16,7 @@ from sqlmodel import Session
 
 from api.config import Settings
 from api.db import lock_row
+from api.dispatch.base import segment_length
 from api.errors import Problem
 from api.runs import idempotency, model_check
 from api.runs.estimates import estimate, refusal_detail
@@ -59,7 +60,9 @@ class NewRun:
     fingerprint: str  # idempotency.request_hash of the request and what the URL names
     idempotency_key: str | None
     name: str
-    paths: LocalPaths  # `LocalPaths.of(settings)`: which of this machine's files it may name
+    # Which of this machine's files the run may name (`LocalPaths.of`), the Hub the model check
+    # reads, and the segment length the estimate counts with.
+    settings: Settings
     notes: str = ""
     tags: Sequence[str] = ()
     base: str = "body.spec"
@@ -67,7 +70,6 @@ class NewRun:
     # directory has them: a model the trainer cannot fine-tune is refused before a GPU is paid
     # for, and its config sharpens the estimate.
     check_model: bool = False
-    hub_url: str = ""  # settings.hub_url, when check_model
     parent_id: str | None = None
     template_name: str | None = None
     template_version: int | None = None
@@ -85,11 +87,12 @@ def new_run(
     spec = merged_spec(base_spec, overrides, meta.base)
     check_storable(meta.request.model_dump(mode="json"), "body")
     where = "body.overrides" if meta.base != "body.spec" else "body.spec"
-    meta.paths.check(spec, where)
+    paths = LocalPaths.of(meta.settings)
+    paths.check(spec, where)
     config = (
-        model_check.check(spec.model_id, meta.hub_url, meta.paths) if meta.check_model else None
+        model_check.check(spec.model_id, meta.settings.hub_url, paths) if meta.check_model else None
     )
-    est = estimate_or_refuse(spec, where, config)
+    est = estimate_or_refuse(spec, meta.settings, where, config)
 
     def insert() -> str:
         run = Run(
@@ -138,11 +141,10 @@ def create_run(
         fingerprint=idempotency.request_hash(data),
         idempotency_key=idempotency_key,
         name=data.name,
-        paths=LocalPaths.of(settings),
+        settings=settings,
         notes=data.notes,
         tags=data.tags,
         check_model=True,
-        hub_url=settings.hub_url,
     )
     return new_run(session, spec.model_dump(), {}, meta)
 
@@ -166,7 +168,7 @@ def retrain_run(
         fingerprint=idempotency.request_hash(request, parent_id=run_id),
         idempotency_key=idempotency_key,
         name=request.name if request.name is not None else parent.name,
-        paths=LocalPaths.of(settings),
+        settings=settings,
         notes=request.notes if request.notes is not None else parent.notes,
         tags=tags,
         base="stored spec",
@@ -237,13 +239,15 @@ def merged_spec(base: dict[str, Any], overrides: dict[str, Any], base_name: str)
 
 
 def estimate_or_refuse(
-    spec: RunSpec, field: str, config: dict[str, Any] | None = None
+    spec: RunSpec, settings: Settings, field: str, config: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The spec's estimate as stored on `Run.estimate`; a 422 problem carrying the estimate
-    when it cannot fit its GPU (`field` is where the spec sits in the request)."""
-    est = estimate(spec, config)
+    """The spec's estimate as stored on `Run.estimate`, with the segments the worker will
+    give it under `settings`; a 422 problem carrying the estimate when it cannot fit its GPU
+    (`field` is where the spec sits in the request)."""
+    segment = segment_length(settings, spec)
+    est = estimate(spec, segment, config)
     if est.fits is False:
-        detail = refusal_detail(spec, est)
+        detail = refusal_detail(spec, est, segment)
         memory_fits = est.memory is not None and est.memory.total_gib <= est.memory.gpu_gib
         too_short = memory_fits and any("max_length" in n for n in est.notes)
         culprit = "max_length" if too_short else "gpu_type"

@@ -74,7 +74,9 @@ class WebhookIn(BaseModel):
     url: str = PField(
         max_length=2000,
         pattern=r"^https?://[^\s/?#]+[^\s]*$",
-        description="receives a signed JSON post when a run of this template ends",
+        description="receives a signed JSON post when a run of this template ends; a URL as "
+        "the api shows it (`https://host/…`) keeps the current version's webhook shown so, its "
+        "whole URL and secret",
     )
     secret: str | None = PField(
         None,
@@ -86,7 +88,10 @@ class WebhookIn(BaseModel):
 
 
 class WebhookOut(BaseModel):
-    url: str
+    url: str = PField(
+        description="scheme and host only, `/…` where the rest is left out (a receiver's "
+        "credential is often its path); send it back as it is to keep the webhook"
+    )
     has_own_secret: bool
 
 

@@ -57,12 +57,7 @@ def create_template(
     response: Response,
 ) -> TemplatePublic:
     template = service.create_template(
-        session,
-        body,
-        created_by=principal_of(request).name,
-        default_gpu_type=settings.default_gpu_type,
-        webhook_secret_set=settings.webhook_secret is not None,
-        allowed_networks=settings.webhook_allowed_networks,
+        session, body, settings, created_by=principal_of(request).name
     )
     response.headers["Location"] = f"/api/v1/templates/{template.name}"
     return template
@@ -101,13 +96,7 @@ def update_template(
     """The body replaces the template's content and becomes its next version; runs already
     made keep the version they came from."""
     template, changed = service.update_template(
-        session,
-        name,
-        body,
-        created_by=principal_of(request).name,
-        default_gpu_type=settings.default_gpu_type,
-        webhook_secret_set=settings.webhook_secret is not None,
-        allowed_networks=settings.webhook_allowed_networks,
+        session, name, body, settings, created_by=principal_of(request).name
     )
     if not changed:
         response.headers["X-Tuneplane-Unchanged"] = "true"

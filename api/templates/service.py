@@ -8,7 +8,6 @@ run, plus the template (name, version) and CI context it came from.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -18,9 +17,9 @@ from api.config import Settings
 from api.db import lock_row, utcnow
 from api.errors import Problem
 from api.notify.address_guard import refuse_internal
+from api.notify.models import display_url, is_display_form
 from api.runs import idempotency
 from api.runs import service as runs_service
-from api.runs.local_paths import LocalPaths
 from api.runs.models import Run
 from api.templates.champions import current_champion
 from api.templates.gates import Gates
@@ -33,9 +32,9 @@ from api.templates.models import (
     TemplateRunRequest,
     TemplateVersion,
     TemplateVersionPublic,
+    WebhookIn,
     WebhookOut,
 )
-from trainer.contract.spec import GpuType
 
 TRIGGER_SCOPE = "templates.trigger"
 
@@ -60,7 +59,10 @@ def _version(session: Session, name: str, version: int) -> TemplateVersion:
 
 
 def _webhooks_out(hooks: list[dict[str, Any]]) -> list[WebhookOut]:
-    return [WebhookOut(url=h["url"], has_own_secret=bool(h.get("secret"))) for h in hooks]
+    # Scheme and host only: a receiver's credential is often the URL's path (Slack, Teams).
+    return [
+        WebhookOut(url=display_url(h["url"]), has_own_secret=bool(h.get("secret"))) for h in hooks
+    ]
 
 
 def _shown(version: TemplateVersion) -> dict[str, Any]:
@@ -136,18 +138,16 @@ def list_versions(session: Session, name: str) -> list[TemplateVersionPublic]:
 # ---- writing ---------------------------------------------------------------------------------
 
 
-def _content(
-    body: TemplateBody,
-    default_gpu_type: GpuType | None,
-    webhook_secret_set: bool,
-    allowed_networks: Sequence[str] = (),
-) -> dict[str, Any]:
+def _content(body: TemplateBody, settings: Settings, kept: list[dict[str, Any]]) -> dict[str, Any]:
     """The stored form of a template's content. The spec is stored with every default filled
-    in, so a later change of a default does not change what the template's runs do."""
-    spec = runs_service.with_default_gpu(body.spec, default_gpu_type)
-    runs_service.estimate_or_refuse(spec, "body.spec")
-    for i, hook in enumerate(body.webhooks):
-        refused = refuse_internal(hook.url, allowed_networks)
+    in, so a later change of a default does not change what the template's runs do. `kept`:
+    the webhooks a URL shown redacted may stand for (`_webhooks`)."""
+    spec = runs_service.with_default_gpu(body.spec, settings.default_gpu_type)
+    runs_service.estimate_or_refuse(spec, settings, "body.spec")
+    webhook_secret_set = settings.webhook_secret is not None
+    webhooks = _webhooks(body.webhooks, kept)
+    for i, hook in enumerate(webhooks):
+        refused = refuse_internal(hook["url"], settings.webhook_allowed_networks)
         if refused is not None:
             raise Problem(
                 422,
@@ -155,7 +155,7 @@ def _content(
                 f"body.webhooks.{i}.url: {refused}",
                 errors=[{"field": f"body.webhooks.{i}.url", "message": refused}],
             )
-        if hook.secret is None and not webhook_secret_set:
+        if hook["secret"] is None and not webhook_secret_set:
             message = "needs a `secret` (the server has no TUNEPLANE_WEBHOOK_SECRET to sign with)"
             raise Problem(
                 422,
@@ -167,25 +167,63 @@ def _content(
         "description": body.description,
         "spec": spec.model_dump(mode="json"),
         "gates": body.gates.model_dump(mode="json"),
-        "webhooks": [h.model_dump(mode="json") for h in body.webhooks],
+        "webhooks": webhooks,
         "auto_promote": body.auto_promote,
     }
     runs_service.check_storable(content, "body")
     return content
 
 
+def _webhooks(hooks: list[WebhookIn], kept: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The webhooks to store. A URL in the form the api shows it (`display_url`, the path
+    left out) stands for the kept webhook shown so: its whole URL and its secret (a `secret`
+    sent with it replaces that one). So a body that sends back what GET returned, or the edit
+    form sent unchanged, keeps every URL and secret; the redacted form is never stored. Kept
+    webhooks that look alike (two on one host) are taken in their order."""
+    unused = list(kept)
+    out: list[dict[str, Any]] = []
+    for i, hook in enumerate(hooks):
+        if not is_display_form(hook.url):
+            out.append(hook.model_dump(mode="json"))
+            continue
+        match = next((h for h in unused if display_url(h["url"]) == hook.url), None)
+        if match is None:
+            message = (
+                f"{hook.url!r} is a webhook URL as the api shows it (its path left out), and "
+                "no webhook of the template is left that it can stand for: give the whole URL"
+            )
+            raise Problem(
+                422,
+                "Invalid request",
+                f"body.webhooks.{i}.url: {message}",
+                errors=[{"field": f"body.webhooks.{i}.url", "message": message}],
+            )
+        unused.remove(match)
+        secret = hook.secret if hook.secret is not None else match.get("secret")
+        out.append({"url": match["url"], "secret": secret})
+    return out
+
+
+def _current_webhooks(session: Session, name: str | None) -> list[dict[str, Any]]:
+    """The webhooks of template `name`'s current version; none when there is no such template."""
+    template = session.get(RunTemplate, name) if name else None
+    if template is None or template.deleted_at is not None:
+        return []
+    return list(_version(session, template.name, template.version).webhooks)
+
+
 def create_template(
     session: Session,
     body: TemplateCreate,
+    settings: Settings,
     *,
     created_by: str = "",
-    default_gpu_type: GpuType | None = None,
-    webhook_secret_set: bool = False,
-    allowed_networks: Sequence[str] = (),
+    copy_of: str | None = None,
 ) -> TemplatePublic:
     """A new template at version 1 (or, for a name that was deleted, the next version number:
-    a (name, version) pair never names two different specs)."""
-    content = _content(body, default_gpu_type, webhook_secret_set, allowed_networks)
+    a (name, version) pair never names two different specs). `copy_of`: the template the body
+    was copied from (the dashboard's Copy), whose webhooks its redacted URLs stand for."""
+    content = _content(body, settings, _current_webhooks(session, copy_of))
     existing = session.get(RunTemplate, body.name)
     if existing is not None and existing.deleted_at is None:
         raise Problem(
@@ -220,17 +258,16 @@ def update_template(
     session: Session,
     name: str,
     body: TemplateBody,
+    settings: Settings,
     *,
     created_by: str = "",
-    default_gpu_type: GpuType | None = None,
-    webhook_secret_set: bool = False,
-    allowed_networks: Sequence[str] = (),
 ) -> tuple[TemplatePublic, bool]:
     """Replace the content, making a new version; (template, whether a version was made).
-    Content equal to the current version's makes none, so a retried PUT is harmless."""
-    content = _content(body, default_gpu_type, webhook_secret_set, allowed_networks)
+    Content equal to the current version's makes none, so a retried PUT is harmless. A webhook
+    URL sent back as the api shows it keeps the current version's URL and secret."""
     template = _find(session, name, lock=True)
     current = _version(session, name, template.version)
+    content = _content(body, settings, current.webhooks)
     if all(getattr(current, k) == v for k, v in content.items()):
         session.rollback()  # release the lock taken above
         return _public(session, template, current), False
@@ -279,7 +316,7 @@ def trigger_run(
         fingerprint=idempotency.request_hash(request, template=name),
         idempotency_key=idempotency_key,
         name=run_name,
-        paths=LocalPaths.of(settings),
+        settings=settings,
         notes=request.notes or "",
         tags=[f"template:{name}", *(request.tags or [])],
         base="template spec",

@@ -7,9 +7,12 @@ the gate fields are built the same way from `Gates`. A form with errors is shown
 was typed and each error beside its field. With auth on, `dashboard_access` lets only a session
 with `runs:write` (what the REST routes need) submit these forms.
 
-Webhooks are a list of URLs, one a line. Their secrets are never shown, so a URL that the
-current version already has keeps its own secret; a new URL is signed with the server's
-TUNEPLANE_WEBHOOK_SECRET (a per-webhook secret is set over REST).
+Webhooks are a list of URLs, one a line. Their secrets are never shown, and their URLs only as
+scheme and host (`display_url`: a receiver's credential is often the path). A line left as it
+is shown keeps that webhook's whole URL and own secret (the service resolves it, for an edit
+against the current version and for a Copy against the template copied); a URL typed whole
+that the current version already has keeps its own secret too; a new URL is signed with the
+server's TUNEPLANE_WEBHOOK_SECRET (a per-webhook secret is set over REST).
 """
 
 from __future__ import annotations
@@ -96,7 +99,10 @@ def _form(
     status_code: int = 200,
     page_error: str | None = None,
     source: TemplatePublic | None = None,
+    copy_of: str | None = None,
 ) -> HTMLResponse:
+    """`copy_of`: the template a new one is copied from, sent back with the form so that its
+    redacted webhook URLs can be resolved (`source`, when given, is that template)."""
     groups = spec_fields()
     return render_page(
         request,
@@ -104,6 +110,7 @@ def _form(
         status_code,
         t=t,
         source=source,
+        copy_of=source.name if source else copy_of,
         groups=groups,
         gate_fields=gate_fields(),
         labels=_labels(groups),
@@ -183,16 +190,6 @@ def _kept_secrets(session: Session, t: TemplatePublic) -> dict[str, str | None]:
     return service.webhook_secrets(session, t.name, t.version)
 
 
-def _write_options(request: Request, settings: Settings) -> dict[str, Any]:
-    """What the REST routes pass to the service besides the body."""
-    return {
-        "created_by": principal_of(request).name,
-        "default_gpu_type": settings.default_gpu_type,
-        "webhook_secret_set": settings.webhook_secret is not None,
-        "allowed_networks": settings.webhook_allowed_networks,
-    }
-
-
 # ---- create ------------------------------------------------------------------------------------
 
 
@@ -218,18 +215,22 @@ async def create_template_form(
     if isinstance(form, HTMLResponse):
         return form
     shown, body, errors = _read(form, {}, create=True)
+    copy_of = str(form.get("from") or "") or None
     if body is None or errors:
-        return _form(request, None, shown, errors, 422, "Fix the fields marked below.")
+        message = "Fix the fields marked below."
+        return _form(request, None, shown, errors, 422, message, copy_of=copy_of)
     assert isinstance(body, TemplateCreate)
     try:
-        created = service.create_template(session, body, **_write_options(request, settings))
+        created = service.create_template(
+            session, body, settings, created_by=principal_of(request).name, copy_of=copy_of
+        )
     except Problem as exc:
         session.rollback()
         errors = _problem_errors(exc)
         if exc.status == 409:
             errors["name"] = "a template with this name exists; pick another or edit that one"
         message = f"{exc.title}: {exc.detail}" if exc.detail else exc.title
-        return _form(request, None, shown, errors, exc.status, message)
+        return _form(request, None, shown, errors, exc.status, message, copy_of=copy_of)
     return RedirectResponse(f"/templates/{created.name}?notice=template-created", status_code=303)
 
 
@@ -264,7 +265,7 @@ async def edit_template_form(
         return _form(request, t, shown, errors, 422, "Fix the fields marked below.")
     try:
         _, changed = service.update_template(
-            session, name, body, **_write_options(request, settings)
+            session, name, body, settings, created_by=principal_of(request).name
         )
     except Problem as exc:
         session.rollback()

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from api.config import Settings
 from api.dispatch import cloudrun_job as cj
+from api.dispatch.base import segment_length
 from tests.cloud.conftest import TRAINER_SA, cloud_values
 from trainer.contract.execution import ExecutionEnv
 from trainer.contract.spec import RunSpec
@@ -231,7 +232,8 @@ def test_preview_features_set_the_launch_stage_and_the_timeout_never_passes_the_
     assert job.template.template.timeout.total_seconds() <= cap
     # The longest budget RunSpec takes (720 min) becomes segments that each fit the cap.
     spec = RunSpec(model_id="google/gemma-3-4b-it", dataset="digits", time_budget_minutes=720)
-    segment = min(timedelta(minutes=720), cj.max_segment(s))
+    segment = segment_length(s, spec)  # what the worker gives the execution
+    assert segment < timedelta(minutes=720)
     now = datetime(2030, 1, 1, tzinfo=UTC)
     env = ExecutionEnv(run_id="run_x", deadline=now + segment)
     overrides = cj.build_overrides(spec, s, env, now)

@@ -1,16 +1,20 @@
-"""`tuneplane serve` as a subprocess that a fault test can kill, stop and start again on the same
-port, data directory and database (a restarted server), and the trainer-run helpers the fault
-tests share."""
+"""`tuneplane serve` as a subprocess, for every fault test: a real server on a free port, its
+own data directory and the given database, with its log in files beside that directory (so a
+test can count what it logged). It can be used as a context manager, or killed, stopped and
+started again on the same port, data directory and database (a restarted server). Also the
+trainer-run helpers the fault tests share."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import httpx
@@ -36,10 +40,16 @@ TRAINING: dict[str, Any] = {
     "gradient_checkpointing": False,
     "save_steps": 1000,  # no periodic checkpoint: the one a SIGTERM makes is the only one
 }
+# What must never be in the server's log: SQLite's lock error, the pool running dry, a 500.
+LOG_FAULTS = re.compile(
+    r'database is locked|QueuePool limit|TimeoutError|Traceback|HTTP/1\.1" 500 '
+)
 
 
 class Serve(RunsClient):
-    """One `tuneplane serve` process at a time, on a fixed port and data directory."""
+    """One `tuneplane serve` process at a time, on a fixed port and data directory; extra
+    settings by name (`db_pool_size="2"` is TUNEPLANE_DB_POOL_SIZE, `run_worker="false"` a
+    server that dispatches nothing, for the tests that load the api alone)."""
 
     def __init__(self, data_dir: Path, db_url: str, **settings: str) -> None:
         self.data_dir, self.db_url = data_dir, db_url
@@ -60,6 +70,14 @@ class Serve(RunsClient):
         self.starts = 0
         super().__init__(self.url, TRAINING, "fault")
 
+    def __enter__(self) -> Serve:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
     def start(self) -> Serve:
         self.starts += 1
         with (self.data_dir.parent / f"serve-{self.port}-{self.starts}.log").open("wb") as log:
@@ -70,7 +88,7 @@ class Serve(RunsClient):
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        wait_until(lambda: self._ready(), "the server never became ready")
+        wait_until(lambda: self._ready(), f"the server never became ready:\n{self.output()}")
         return self
 
     def start_training(self, model: Path) -> str:
@@ -87,13 +105,22 @@ class Serve(RunsClient):
     def _ready(self) -> bool:
         assert self.proc is not None and self.proc.poll() is None, self.output()
         try:
-            return self.client.get("/readyz", timeout=5).status_code == 200
+            return self.client.get("/readyz", timeout=10).status_code == 200
         except httpx.TransportError:
             return False
 
+    def log(self) -> str:
+        """Everything every start of this server logged, in order."""
+        logs = sorted(self.data_dir.parent.glob(f"serve-{self.port}-*.log"))
+        return "\n".join(p.read_text(errors="replace") for p in logs)
+
     def output(self) -> str:
+        """The end of each start's log, for an assert's message."""
         logs = sorted(self.data_dir.parent.glob(f"serve-{self.port}-*.log"))
         return "\n".join(p.read_text(errors="replace")[-4000:] for p in logs)
+
+    def faults_in_log(self) -> list[str]:
+        return [line for line in self.log().splitlines() if LOG_FAULTS.search(line)]
 
     def kill(self, sig: int) -> int:
         """Send `sig` and wait for the process to end; its exit status."""
@@ -104,9 +131,16 @@ class Serve(RunsClient):
         return code
 
     def close(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=60)
+        """Stop the server as Ctrl-C does (so that its shutdown is logged, and checked by
+        `faults_in_log`), SIGKILL it if that hangs, and leave no trainer behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=60)
+        self.proc = None
         self.client.close()
         for pid_file in (self.data_dir / "logs").glob("*.pid"):  # no trainer outlives its test
             if not pid_file.with_suffix(".exit").exists():

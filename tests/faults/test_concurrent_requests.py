@@ -20,17 +20,19 @@ from api.auth.callback import mint_token
 from api.runs.models import Run
 from api.runs.states import RunStatus
 from tests.api.factories import insert_runs
-from tests.faults.served import HANG_GUARD_S, Answer, Served, burst, figure
+from tests.faults.burst import Answer, burst, figure
+from tests.faults.serve import Serve
+from tests.runs_client import HANG_GUARD_S
 
 CLIENTS = 200
 SPEC = {"model_id": "google/gemma-3-4b-it", "dataset": "digits", "train_size": 8}
 
 
 @pytest.fixture
-def served(tmp_path: Path, db_url: str, engine: Engine) -> Iterator[Served]:
+def served(tmp_path: Path, db_url: str, engine: Engine) -> Iterator[Serve]:
     # A slot wait longer than the hang guard: no 503 can come from slow progress, so every
     # request must get its 2xx however loaded the machine is.
-    with Served(tmp_path, db_url, db_wait_seconds="600") as server:
+    with Serve(tmp_path / "data", db_url, run_worker="false", db_wait_seconds="600") as server:
         yield server
 
 
@@ -39,13 +41,13 @@ def _runs(engine: Engine) -> int:
         return s.exec(select(func.count()).select_from(Run)).one()
 
 
-def _clean(served: Served, answers: list[Answer]) -> None:
+def _clean(served: Serve, answers: list[Answer]) -> None:
     assert served.faults_in_log() == [], "\n".join(served.faults_in_log()[:20])
     assert all(a.status < 300 for a in answers), Counter(a.status for a in answers)
 
 
 def test_200_concurrent_creations_with_distinct_keys_make_200_runs(
-    served: Served, engine: Engine, db_kind: str
+    served: Serve, engine: Engine, db_kind: str
 ) -> None:
     async def create(c: httpx.AsyncClient, i: int) -> httpx.Response:
         return await c.post(
@@ -61,7 +63,7 @@ def test_200_concurrent_creations_with_distinct_keys_make_200_runs(
 
 
 def test_200_concurrent_creations_with_one_key_make_one_run(
-    served: Served, engine: Engine, db_kind: str
+    served: Serve, engine: Engine, db_kind: str
 ) -> None:
     async def create(c: httpx.AsyncClient, i: int) -> httpx.Response:
         return await c.post("/api/v1/runs", json={"spec": SPEC}, headers={"Idempotency-Key": "one"})
@@ -76,7 +78,7 @@ def test_200_concurrent_creations_with_one_key_make_one_run(
     assert _runs(engine) == 1
 
 
-def test_200_concurrent_reads_all_answer(served: Served, engine: Engine, db_kind: str) -> None:
+def test_200_concurrent_reads_all_answer(served: Serve, engine: Engine, db_kind: str) -> None:
     insert_runs(engine, 60, status=RunStatus.queued)  # a full page of 50 to read, and more
 
     async def read(c: httpx.AsyncClient, i: int) -> httpx.Response:
@@ -101,7 +103,9 @@ def test_deliberate_overload_is_a_503_with_retry_after(
         # for busy_timeout (30 s) and then fails; that is a race with the machine's speed.
         pytest.skip("PostgreSQL only: a table lock holds requests for as long as the test says")
     with (
-        Served(tmp_path, db_url, db_pool_size="2", db_wait_seconds="1") as server,
+        Serve(
+            tmp_path / "data", db_url, run_worker="false", db_pool_size="2", db_wait_seconds="1"
+        ) as server,
         engine.connect() as holder,
     ):
         holder.execute(text("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE"))
@@ -153,8 +157,13 @@ def test_concurrent_callbacks_beyond_the_slots_are_all_taken(
         return await c.post(f"/api/v1/runs/{run_id}/events", json=event, headers=headers)
 
     # A few slots and a wait longer than the hang guard: a deadlock is a hang, never a 503.
-    with Served(
-        tmp_path, db_url, db_pool_size="4", db_wait_seconds="600", callback_signing_key=key
+    with Serve(
+        tmp_path / "data",
+        db_url,
+        run_worker="false",
+        db_pool_size="4",
+        db_wait_seconds="600",
+        callback_signing_key=key,
     ) as served:
         answers, wall = burst(served.url, CLIENTS, report)
         figure(f"{db_kind} callbacks on 4 slots", answers, wall)

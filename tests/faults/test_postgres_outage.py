@@ -23,7 +23,8 @@ from api.events.models import RunEvent
 from api.runs.states import RunStatus
 from tests.api.factories import insert_runs
 from tests.faults.private_postgres import PrivateCluster, binaries
-from tests.faults.served import HANG_GUARD_S, Served
+from tests.faults.serve import Serve
+from tests.runs_client import HANG_GUARD_S
 from trainer.contract import events as ev
 from trainer.report import EventLog
 from trainer.report_http import HttpReporter
@@ -60,7 +61,9 @@ def test_postgres_outage_is_503_with_retry_after_and_loses_no_event(
         engine = make_engine(pg.url)
         migrate(engine)
         [run_id] = insert_runs(engine, 1, status=RunStatus.running)
-        with Served(tmp_path, pg.url, callback_signing_key=KEY) as server:
+        with Serve(
+            tmp_path / "data", pg.url, run_worker="false", callback_signing_key=KEY
+        ) as server:
             token = mint_token(KEY.encode(), run_id, datetime.now(UTC) + timedelta(hours=1))
             url = f"{server.url}/api/v1/runs/{run_id}/events"
             reporter = HttpReporter(url, token, tmp_path / "spool.jsonl")

@@ -51,7 +51,8 @@ while True:
     time.sleep(0.05)
 """
 
-SPEC = RunSpec(model_id="/models/tiny", dataset="digits", train_size=10, eval_size=5)
+# A Hub id: the stand-in reads no model, and a local path would have to lie under the roots.
+SPEC = RunSpec(model_id="google/gemma-3-4b-it", dataset="digits", train_size=10, eval_size=5)
 # Waits for a process to start or end are hang guards, not measurements: a loaded machine may
 # take seconds to start a Python.
 HANG_GUARD_S = 120.0

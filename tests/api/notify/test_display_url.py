@@ -15,7 +15,7 @@ from api.notify.models import display_url
         ("https://example.com:8443/", "https://example.com:8443/"),
         ("https://example.com", "https://example.com/"),
         ("http://[2001:db8::1]:9000/x", "http://[2001:db8::1]:9000/…"),
-        ("https://user:pass@example.com/", "https://example.com/"),
+        ("https://user:pass@example.com/", "https://example.com/…"),  # a credential too
     ],
 )
 def test_only_scheme_host_and_port_are_shown(url: str, shown: str) -> None:

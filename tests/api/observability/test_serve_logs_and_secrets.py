@@ -6,8 +6,9 @@ delivered to a receiver on loopback. Then:
 - every line the server wrote is a JSON object with the fields Cloud Logging reads (severity,
   message, time), the request's trace where one was sent, and the run id and execution where
   the worker logged about a run;
-- no secret (API token, callback token, webhook secret, signing key, database password) is in
-  the server's output, the trainer's log, any API response or any dashboard page.
+- no secret (API token, callback token, webhook secret, a webhook URL's path, which is the
+  credential of a Slack-style receiver, signing key, database password) is in the server's
+  output, the trainer's log, any API response or any dashboard page.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tests.conftest import free_port
 SIGNING_KEY = "signing-key-5f0e1d2c3b4a59687766554433221100"
 WEBHOOK_SECRET = "server-webhook-secret-0a1b2c3d4e5f"
 OWN_HOOK_SECRET = "own-hook-secret-9f8e7d6c5b4a3210"
+HOOK_PATH = "/services/T0HOOK/B0HOOK/hook-path-credential-7a6b5c4d"
 TRACE = "105445aa7843bc8bf206b12000100000"
 SEVERITIES = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
@@ -52,7 +54,7 @@ def receiver() -> Iterator[tuple[str, list[bytes]]]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", posts
+    yield f"http://127.0.0.1:{server.server_address[1]}{HOOK_PATH}", posts
     server.shutdown()
     server.server_close()
 
@@ -109,11 +111,13 @@ def _flow(base: str, token: str, hook: str, seen: list[str]) -> str:
             time.sleep(0.3)
         for path in ["/api/v1/runs", f"/api/v1/runs/{run_id}/events", "/api/v1/templates",
                      f"/api/v1/runs/{run_id}/metrics", "/api/v1/tokens", "/openapi.json",
-                     "/readyz", "/metrics", f"/api/v1/runs/{run_id}/logs"]:  # fmt: skip
+                     "/readyz", "/metrics", f"/api/v1/runs/{run_id}/logs",
+                     "/api/v1/templates/pets", "/api/v1/templates/pets/versions"]:  # fmt: skip
             keep(c.get(path))
     with httpx.Client(base_url=base, timeout=30, follow_redirects=True) as browser:
         _login(browser, token)
-        for path in ["/", f"/runs/{run_id}", "/templates", "/templates/pets", "/runs/new"]:
+        for path in ["/", f"/runs/{run_id}", "/templates", "/templates/pets", "/runs/new",
+                     "/templates/pets/edit", "/templates/_new?from=pets"]:  # fmt: skip
             assert keep(browser.get(path)).status_code == 200, path
     return run_id
 
@@ -193,6 +197,7 @@ def test_serve_logs_json_and_shows_no_secret(
         "signing key": SIGNING_KEY,
         "webhook secret": WEBHOOK_SECRET,
         "own webhook secret": OWN_HOOK_SECRET,
+        "webhook URL path": HOOK_PATH.rsplit("/", 1)[1],
         "database password": PASSWORD,
     }
     places = {"server output": out, "trainer logs": trainer_logs, "responses": "\n".join(seen)}

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from api.runs.estimates import KNOWN, estimate, model_size, refusal_detail
+from api.runs.estimates import KNOWN, model_size
+from tests.api.runs.local_estimate import estimate, refusal_detail
 from trainer.contract.spec import RunSpec
 
 
@@ -55,6 +56,7 @@ def test_the_published_27b_times_are_reproduced() -> None:
                 gpu_type="nvidia-rtx-pro-6000",
                 train_size=samples,
                 time_budget_minutes=720,
+                eval_mode="generate",  # the formula these figures were fitted with
             )
         )
         assert est.time is not None
@@ -278,3 +280,18 @@ def test_gemma4_global_layers_from_the_config() -> None:
         assert arch is not None
         assert arch.q_dim == round((5 * 32 * 256 + 32 * 512) / 6)
         assert arch.kv_dim == round((5 * 2 * 16 * 256 + 4 * 512) / 6 / 2)
+
+
+def test_evaluation_follows_the_eval_mode() -> None:
+    """Label scoring reads each prompt once and decodes nothing: shorter than generation, and
+    max_new_tokens (generation's decoding steps) does not change it."""
+
+    def eval_seconds(**kw: Any) -> float:
+        est = estimate(spec(model_id="google/gemma-3-12b-it", **kw))
+        assert est.time is not None
+        return est.time.eval_seconds
+
+    score, generate = eval_seconds(eval_mode="score"), eval_seconds(eval_mode="generate")
+    assert score < generate
+    assert eval_seconds(eval_mode="score", max_new_tokens=64) == score
+    assert eval_seconds(eval_mode="generate", max_new_tokens=64) > generate

@@ -4,6 +4,7 @@ the same whether the path exists or not (api/runs/local_paths.py)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from api.config import Settings
+from api.dispatch.local import LocalDispatcher
+from api.dispatch.worker import Worker
 from api.main import create_app
+from api.runs.states import RunStatus
+from tests.api.factories import load_run
 
 MODEL = "google/gemma-3-4b-it"
 
@@ -167,3 +172,43 @@ def test_cloud_run_paths_name_the_trainers_files_and_are_not_refused(
         (roots["allowed"] / "model" / "config.json").write_text('{"model_type": "bert"}')
         r = _create(client, model_id=str(roots["allowed"] / "model"))
         assert r.status_code == 422 and "vision_config" in r.json()["detail"], r.text
+
+
+def test_a_run_queued_under_wider_roots_fails_at_start_instead_of_reading_outside(
+    make_settings: Callable[..., Settings], engine: Engine, roots: dict[str, Path]
+) -> None:
+    """The operator narrows the roots and restarts the server while runs made under the wider
+    ones wait in the queue: the local dispatcher checks again before it starts a trainer, so
+    such a run fails, with the words a creation would have been refused with (the same whether
+    the path exists or not), and no trainer reads the path."""
+    outside = {"exists": roots["outside"] / "images", "missing": roots["outside"] / "gone"}
+    inside = roots["allowed"] / "images"
+    with _client(make_settings, local_data_roots=[roots["allowed"], roots["outside"]]) as c:
+        made = {k: _create(c, dataset=f"imagefolder:{p}") for k, p in outside.items()}
+        made["inside"] = _create(c, dataset=f"imagefolder:{inside}")
+    ids = {k: r.json()["id"] for k, r in made.items() if r.status_code == 201}
+    assert len(ids) == 3, [r.text for r in made.values()]
+
+    narrowed = make_settings(local_data_roots=[roots["allowed"]], max_concurrency=4)
+    with _client(make_settings, local_data_roots=[roots["allowed"]]) as c:
+        words = {k: _refusal(c, "dataset", str(p), dataset=f"imagefolder:{p}")
+                 for k, p in outside.items()}  # fmt: skip
+    # A trainer that only exits: the inside run starts, the others must not.
+    dispatcher = LocalDispatcher(narrowed, trainer_command=[sys.executable, "-c", "pass"])
+    worker = Worker(narrowed, engine, dispatcher)
+    try:
+        assert worker.dispatch_ready() == 1
+    finally:
+        worker.stop()
+        dispatcher.close()
+    reasons = {}
+    for key, path in outside.items():
+        run = load_run(engine, ids[key])
+        assert run.status == RunStatus.failed and run.execution_name is None, run.status_reason
+        prefix = "dispatch failed: spec.dataset: "
+        assert (run.status_reason or "").startswith(prefix), run.status_reason
+        reason = (run.status_reason or "").removeprefix(prefix)
+        reasons[key] = reason.replace(repr(str(path)), "PATH")
+        assert not (narrowed.logs_dir / f"{ids[key]}-0.log").exists()  # nothing started
+    assert reasons == words and reasons["exists"] == reasons["missing"]
+    assert load_run(engine, ids["inside"]).status != RunStatus.failed

@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 from transformers import Gemma4Config
 
-from api.runs.estimates import estimate
 from bench.gpu_families import gemma4_configs
+from tests.api.runs.local_estimate import estimate
 from trainer.contract.spec import RunSpec
 
 RESULTS = Path(__file__).resolve().parents[3] / "bench" / "results"

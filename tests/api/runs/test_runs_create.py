@@ -89,6 +89,44 @@ def test_gpu_type_defaults_to_the_setting(make_settings: Any, engine: Engine) ->
 
 
 @pytest.mark.parametrize(
+    ("dispatcher", "long_tasks", "segment_minutes"),
+    [("local", False, 720), ("cloudrun", False, 55), ("cloudrun", True, 715)],
+)
+def test_the_estimate_counts_the_segments_the_dispatcher_will_run(
+    make_settings: Any, engine: Engine, dispatcher: str, long_tasks: bool, segment_minutes: int
+) -> None:
+    """A 720-minute budget is one segment locally, but a Cloud Run GPU task runs at most 1 hour
+    (12 with long GPU tasks) and the worker cuts the budget into segments of that cap less the
+    5-minute margin: the estimate counts those segments, each loading the model again."""
+    from api.main import create_app
+
+    settings = make_settings(
+        dispatcher=dispatcher,
+        cloud_run_long_gpu_tasks=long_tasks,
+        callback_signing_key="k" * 32,
+        public_url="https://api.example",
+    )
+    spec = {
+        **SPEC,
+        "model_id": "google/gemma-3-27b-it",
+        "gpu_type": "nvidia-rtx-pro-6000",
+        "train_size": 3600,
+    }
+    with TestClient(create_app(settings)) as c:
+        times = {
+            minutes: post(c, {"spec": {**spec, "time_budget_minutes": minutes}}).json()["estimate"]
+            for minutes in (720, segment_minutes)
+        }
+    long, capped = times[720], times[segment_minutes]
+    assert long["time"]["segment_seconds"] == segment_minutes * 60
+    # The same run as one whose own budget is the cap: as many executions, as many loads.
+    assert long["time"] == capped["time"] and long["cost_usd"] == capped["cost_usd"]
+    assert (long["time"]["segments"] > 3) == (segment_minutes == 55)
+    if segment_minutes == 55:
+        assert "needs" in " ".join(long["notes"]) and "at most 55 min" in " ".join(long["notes"])
+
+
+@pytest.mark.parametrize(
     ("spec_change", "field", "message"),
     [
         ({"lora_r": 0}, "body.spec.lora_r", "must be between 1 and 1024 (got 0)"),

@@ -19,6 +19,7 @@ from api.db import session_scope
 from api.notify.models import WebhookDelivery
 from api.runs.models import Run
 from api.runs.states import RunStatus
+from api.templates.models import TemplateVersion
 from tests.api.factories import insert_runs
 from tests.api.templating import SPEC, finish, make_template, trigger
 from tests.conftest import LiveServer
@@ -89,12 +90,55 @@ def test_delete_hides_and_a_recreated_name_continues_its_versions(client: TestCl
     assert again["version"] == 3  # (pets, 1) and (pets, 2) keep meaning what they meant
 
 
-def test_webhook_secrets_are_never_returned(client: TestClient) -> None:
+def test_webhook_secrets_and_url_paths_are_never_returned(client: TestClient) -> None:
+    """A Slack-style URL's path is its credential: the api shows scheme and host only, as the
+    deliveries list and the notifier's log do (api/notify/models.py `display_url`)."""
     secret = "s3cret-" + uuid.uuid4().hex
-    body = make_template(client, webhooks=[{"url": "https://ci.example/hook", "secret": secret}])
-    assert body["webhooks"] == [{"url": "https://ci.example/hook", "has_own_secret": True}]
-    for path in ["/api/v1/templates/pets", "/api/v1/templates", "/api/v1/templates/pets/versions"]:
-        assert secret not in client.get(path).text
+    path = f"/services/T0/B0/{uuid.uuid4().hex}"
+    url = f"https://hooks.slack.example{path}"
+    body = make_template(client, webhooks=[{"url": url, "secret": secret}])
+    assert body["webhooks"] == [{"url": "https://hooks.slack.example/…", "has_own_secret": True}]
+    for p in ["/api/v1/templates/pets", "/api/v1/templates", "/api/v1/templates/pets/versions"]:
+        text = client.get(p).text
+        assert secret not in text and path not in text, p
+
+
+def _stored_webhooks(engine: Engine, version: int) -> list[dict[str, Any]]:
+    with session_scope(engine) as s:
+        row = s.get(TemplateVersion, ("pets", version))
+        assert row is not None
+        return list(row.webhooks)
+
+
+def test_a_webhook_url_sent_back_as_shown_keeps_the_stored_url_and_secret(
+    client: TestClient, engine: Engine
+) -> None:
+    """PUT takes a whole body, and GET shows webhook URLs redacted: sending back what GET
+    returned must keep each webhook's whole URL and secret, never store the redacted form."""
+    hooks = [
+        {"url": f"https://hooks.slack.example/services/{i}/{uuid.uuid4().hex}", "secret": s}
+        for i, s in enumerate(["a" * 16, "b" * 16])
+    ]
+    shown = make_template(client, webhooks=hooks)
+    got = {k: shown[k] for k in ("spec", "gates", "auto_promote", "description")}
+    got["webhooks"] = [{"url": w["url"]} for w in shown["webhooks"]]
+    r = client.put("/api/v1/templates/pets", json=got)
+    assert r.status_code == 200 and r.headers["X-Tuneplane-Unchanged"] == "true", r.text
+    # Two that look alike are kept in their order, each with its own secret; one dropped goes.
+    r = client.put("/api/v1/templates/pets", json={**got, "description": "edited"})
+    assert r.status_code == 200 and r.json()["version"] == 2, r.text
+    assert _stored_webhooks(engine, 2) == hooks
+    new_secret = "c" * 16
+    one = {**got, "webhooks": [{"url": got["webhooks"][0]["url"], "secret": new_secret}]}
+    assert client.put("/api/v1/templates/pets", json=one).json()["version"] == 3
+    assert _stored_webhooks(engine, 3) == [{"url": hooks[0]["url"], "secret": new_secret}]
+    # A redacted URL that stands for no stored webhook is refused, never stored as a URL.
+    extra = {**one, "webhooks": [*one["webhooks"], *one["webhooks"]]}
+    r = client.put("/api/v1/templates/pets", json=extra)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body.webhooks.1.url"
+    r = client.post("/api/v1/templates", json={**one, "name": "copy"})
+    assert r.status_code == 422 and "give the whole URL" in r.json()["detail"]
+    assert _stored_webhooks(engine, 3) == [{"url": hooks[0]["url"], "secret": new_secret}]
 
 
 # ---- triggering ------------------------------------------------------------------------------

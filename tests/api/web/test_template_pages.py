@@ -147,11 +147,22 @@ def test_a_template_named_new_keeps_its_page(client: TestClient) -> None:
     assert "Create template" in client.get("/templates/_new").text
 
 
-def test_copy_prefills_from_another_template(client: TestClient) -> None:
-    make_template(client, name="pets", gates={"min_macro_f1": 0.7})
-    form = browser_form(client.get("/templates/_new?from=pets").text, "/templates/_new")
+def test_copy_prefills_from_another_template(client: TestClient, engine: Engine) -> None:
+    hook = {"url": "https://hooks.example.com/T0/B0-token-path", "secret": "s" * 16}
+    make_template(client, name="pets", gates={"min_macro_f1": 0.7}, webhooks=[hook])
+    page = client.get("/templates/_new?from=pets").text
+    form = browser_form(page, "/templates/_new")
     assert form["name"] == "" and form["train_size"] == "100"
     assert form["gates.min_macro_f1"] == "0.7"
+    # The copy's webhook is shown redacted, and stands for the source's whole URL and secret,
+    # also when the form comes back with an error first.
+    assert form["webhooks"] == "https://hooks.example.com/…" and "B0-token-path" not in page
+    bad = client.post("/templates/_new", data={**form, "name": "Bad Name"})
+    assert bad.status_code == 422
+    again = browser_form(bad.text, "/templates/_new")
+    r = client.post("/templates/_new", data={**again, "name": "copy"}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    assert stored_version(engine, "copy", 1).webhooks == [hook]
     missing = client.get("/templates/_new?from=nope")
     assert missing.status_code == 404 and "there is no template named" in missing.text
 
@@ -221,14 +232,16 @@ def test_edit_saves_version_2_and_keeps_webhook_secrets(
     signing_client: TestClient, engine: Engine
 ) -> None:
     client = signing_client
-    own = {"url": "https://own.example.com/hook", "secret": "x" * 20}
+    own = {"url": "https://own.example.com/hook/T0-credential", "secret": "x" * 20}
+    shown = "https://own.example.com/…"  # a receiver's path is often its credential
     make_template(client, gates={"min_accuracy": 0.8}, webhooks=[own], auto_promote=True)
     page = client.get("/templates/pets/edit").text
     assert "Save as version 2" in page
     form = browser_form(page, "/templates/pets/edit")
     assert form["train_size"] == "100" and form["gates.min_accuracy"] == "0.8"
-    assert form["auto_promote"] == "on" and form["webhooks"] == own["url"]
-    assert own["secret"] not in page  # never shown
+    assert form["auto_promote"] == "on" and form["webhooks"] == shown
+    assert own["secret"] not in page and "T0-credential" not in page  # never shown
+    assert "T0-credential" not in client.get("/templates/pets").text
 
     # The prefilled form, sent unchanged, reproduces the stored content: no new version.
     r = client.post("/templates/pets/edit", data=form, follow_redirects=False)
@@ -245,7 +258,7 @@ def test_edit_saves_version_2_and_keeps_webhook_secrets(
         **form,
         "gates.min_accuracy": "0.85",
         "learning_rate": "0.0001",
-        "webhooks": f"{own['url']}\n{new_hook}",
+        "webhooks": f"{shown}\n{new_hook}",  # the shown line kept as it is
     }
     r = client.post("/templates/pets/edit", data=changed, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/templates/pets?notice=template-saved"
@@ -253,10 +266,10 @@ def test_edit_saves_version_2_and_keeps_webhook_secrets(
     assert t["version"] == 2 and t["gates"]["min_accuracy"] == 0.85
     assert t["spec"]["learning_rate"] == 1e-4 and t["auto_promote"] is True
     assert t["webhooks"] == [
-        {"url": own["url"], "has_own_secret": True},
-        {"url": new_hook, "has_own_secret": False},  # signed with the server's secret
+        {"url": shown, "has_own_secret": True},
+        {"url": "https://new.example.com/…", "has_own_secret": False},  # the server's secret
     ]
-    assert stored_version(engine, "pets", 2).webhooks[0]["secret"] == own["secret"]
+    assert stored_version(engine, "pets", 2).webhooks == [own, {"url": new_hook, "secret": None}]
     v1 = stored_version(engine, "pets", 1)
     assert v1.gates["min_accuracy"] == 0.8 and v1.spec["learning_rate"] == 2e-4  # kept as it was
     page = client.get(r.headers["location"]).text
