@@ -78,7 +78,7 @@ def _step(loaded: Any, inputs: dict[str, Any], params: list[Any], opt: Any) -> f
 
 def contention(loaded: Any, spec: Any, splits: Any, micro: int) -> dict[str, Any]:
     from trainer.collator import TrainCollator
-    from trainer.evaluate import to_device
+    from trainer.device import to_device
 
     collate = TrainCollator(loaded.processor, splits.labels, spec.max_length)
     chunks = [splits.train[i * micro : (i + 1) * micro] for i in range(len(splits.train) // micro)]
@@ -127,7 +127,7 @@ def contention(loaded: Any, spec: Any, splits: Any, micro: int) -> dict[str, Any
 def liger(loaded: Any, spec: Any, splits: Any, micro: int) -> dict[str, Any]:
     from trainer import kernels
     from trainer.collator import TrainCollator
-    from trainer.evaluate import to_device
+    from trainer.device import to_device
     from trainer.loss import training_loss
 
     collate = TrainCollator(loaded.processor, splits.labels, spec.max_length)
@@ -164,7 +164,7 @@ def kernel_equivalence(model_dir: Path, data_dir: Path, quantization: str) -> di
     them at once); tests/trainer/test_gpu_kernels.py holds them to a bound."""
     from trainer import kernels
     from trainer.collator import TrainCollator
-    from trainer.evaluate import to_device
+    from trainer.device import to_device
     from trainer.loss import training_loss
 
     loaded, spec, splits = _load(
@@ -236,7 +236,7 @@ def compiled_tower(loaded: Any, batch: int) -> dict[str, Any]:
 def eval_split(loaded: Any, spec: Any, splits: Any, batch: int) -> dict[str, Any]:
     from trainer import scoring
     from trainer.collator import TrainCollator
-    from trainer.evaluate import autocast, to_device
+    from trainer.device import autocast, to_device
 
     chunk = splits.eval[:batch]
     known: dict[Any, Any] = {}

@@ -76,7 +76,7 @@ def profile(loaded: Any, spec: Any, labels: list[str], samples: list[Any], steps
     """Mean seconds per sample of each phase over `steps` optimizer steps (after one warm-up
     step), peak memory, samples/s and MFU."""
     from trainer.collator import TrainCollator
-    from trainer.evaluate import to_device
+    from trainer.device import to_device
     from trainer.loss import supports_answer_logits, training_loss
 
     model, plan = loaded.model, loaded.plan

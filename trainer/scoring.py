@@ -22,6 +22,7 @@ prefix-LMs alike.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -34,7 +35,9 @@ import torch
 from trainer import collator as collate
 from trainer import label_tree
 from trainer.data import Sample
+from trainer.device import autocast, to_device
 from trainer.features import FeatureCache
+from trainer.metrics import compute_metrics
 
 # What one continuation forward's logits (and the copy of its rows' prompt cache) may take:
 # this fraction of the GPU's free memory (CPU: a fixed budget). More rows per forward, fewer
@@ -286,8 +289,6 @@ def score_labels(
     batch's images are decoded and processed in a thread while the GPU scores this one.
     `features`: a frozen vision tower's cache (the final evaluation reads the images the
     baseline's encoded); `memo`: what an earlier pass over these samples left (Memo)."""
-    from trainer.evaluate import autocast, to_device
-
     if not samples:
         return torch.zeros(0, len(labels))
     train_collator = collate.TrainCollator(processor, labels, max_length)
@@ -391,10 +392,6 @@ def evaluate_by_scoring(
 ) -> Any:
     """Metrics of one scored pass; a prediction's raw answer is the label with its summed
     log-probability, so the run page shows how sure the model was."""
-    import time
-
-    from trainer.evaluate import compute_metrics
-
     started = time.perf_counter()
     scores = score_labels(
         model,

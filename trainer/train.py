@@ -32,7 +32,7 @@ from trainer.contract.events import Progress
 from trainer.contract.spec import RunSpec
 from trainer.data import Sample
 from trainer.deadline import SegmentEnd, Stopper
-from trainer.evaluate import autocast, to_device
+from trainer.device import autocast, to_device
 from trainer.features import FeatureCache
 from trainer.loss import supports_answer_logits, training_loss
 from trainer.model import Loaded

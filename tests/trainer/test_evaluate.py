@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from trainer.contract.events import Evaluation
-from trainer.evaluate import LabelMatcher, clean_answer, compute_metrics, normalize
+from trainer.evaluate import clean_answer
+from trainer.metrics import LabelMatcher, compute_metrics, normalize
 
 
 def test_normalize() -> None:
