@@ -11,6 +11,7 @@ checkpointing):
 - compile: the frozen vision tower's images/s eager and under torch.compile (and its compile
   time);
 - eval: one label-scoring batch of 32: the CPU preparation against the GPU's two forwards;
+- memo: whole scoring passes over cached images, with and without trainer.scoring.Memo;
 - --equivalence: the loss and LoRA gradients of one batch, plain and fused (trainer.kernels).
 
     python3 bench/gpu_experiments.py --quantization auto    # then nf4; $OUT gets the JSON
@@ -157,7 +158,9 @@ def liger(loaded: Any, spec: Any, splits: Any, micro: int) -> dict[str, Any]:
     }
 
 
-def kernel_equivalence(model_dir: Path, data_dir: Path, quantization: str) -> dict[str, Any]:
+def kernel_equivalence(
+    model_dir: Path, data_dir: Path, quantization: str, checkpointing: str = "none"
+) -> dict[str, Any]:
     """The loss and the LoRA gradients of one batch, plain and with trainer.kernels' fused
     kernels, on the same weights (LoRA dropout off: no random masks to line up). Relative
     error of the loss, and of every trainable tensor's gradient (the largest, and over all of
@@ -168,7 +171,10 @@ def kernel_equivalence(model_dir: Path, data_dir: Path, quantization: str) -> di
     from trainer.loss import training_loss
 
     loaded, spec, splits = _load(
-        model_dir, data_dir, quantization, ["--kernels", "plain", "--lora-dropout", "0"]
+        model_dir,
+        data_dir,
+        quantization,
+        ["--kernels", "plain", "--lora-dropout", "0", "--checkpointing", checkpointing],
     )
     collate = TrainCollator(loaded.processor, splits.labels, spec.max_length)
     inputs = to_device(collate(splits.train[:4]), loaded.device, torch.bfloat16)
@@ -181,7 +187,7 @@ def kernel_equivalence(model_dir: Path, data_dir: Path, quantization: str) -> di
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = training_loss(model, inputs, True)
         loss.backward()
-        return float(loss), [p.grad.float().clone() for _, p in named]  # type: ignore[union-attr]
+        return float(loss.detach()), [p.grad.float().clone() for _, p in named]  # type: ignore[union-attr]
 
     plain_loss, plain = loss_and_grads()
     fused_as = kernels.fuse(model.get_base_model(), loaded.device, "auto")
@@ -196,6 +202,7 @@ def kernel_equivalence(model_dir: Path, data_dir: Path, quantization: str) -> di
     worst = max(range(len(errors)), key=errors.__getitem__)
     return {
         "kernels": fused_as,
+        "checkpointing": checkpointing,
         "plain_loss": plain_loss,
         "fused_loss": fused_loss,
         "loss_relative_error": abs(fused_loss - plain_loss) / abs(plain_loss),
@@ -239,11 +246,12 @@ def eval_split(loaded: Any, spec: Any, splits: Any, batch: int) -> dict[str, Any
     from trainer.device import autocast, to_device
 
     chunk = splits.eval[:batch]
-    known: dict[Any, Any] = {}
+    memo = scoring.Memo()
     train_collator = TrainCollator(loaded.processor, splits.labels, spec.max_length)
-    scoring._prepared(loaded.processor, splits.labels, train_collator, known, chunk)
+    # No feature cache: both calls decode and process the images (the second is timed).
+    scoring._prepared(loaded.processor, splits.labels, train_collator, memo, None, chunk)
     t0 = time.perf_counter()
-    groups = scoring._prepared(loaded.processor, splits.labels, train_collator, known, chunk)
+    groups = scoring._prepared(loaded.processor, splits.labels, train_collator, memo, None, chunk)
     prep = time.perf_counter() - t0
     rows, cpu_batch, cont = groups[0]
     inputs = to_device(cpu_batch, loaded.device, torch.bfloat16)
@@ -264,6 +272,37 @@ def eval_split(loaded: Any, spec: Any, splits: Any, batch: int) -> dict[str, Any
     }
 
 
+def memo_passes(loaded: Any, spec: Any, splits: Any, batch: int) -> dict[str, Any]:
+    """Three scoring passes over the same samples with the frozen tower's cache: the first
+    encodes the images; the second keeps the first's Memo (no image decoded), the third starts
+    a fresh one (every image decoded and processed, the tower's outputs still cached). Second
+    against third is what Memo is worth, in one process."""
+    from trainer import scoring
+    from trainer.evaluate import EVAL_FEATURE_BYTES
+    from trainer.features import FeatureCache
+
+    cache = FeatureCache.for_model(loaded.model, max_bytes=EVAL_FEATURE_BYTES)
+    memo = scoring.Memo()
+    kwargs: dict[str, Any] = dict(
+        max_length=spec.max_length, device=loaded.device, batch_size=batch, features=cache
+    )
+    seconds = []
+    for pass_memo in (memo, memo, scoring.Memo()):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        scoring.score_labels(
+            loaded.model, loaded.processor, splits.labels, splits.eval, memo=pass_memo, **kwargs
+        )
+        seconds.append(time.perf_counter() - t0)
+    n = len(splits.eval)
+    return {
+        "samples": n,
+        "first_pass_samples_per_second": round(n / seconds[0], 1),
+        "cached_with_memo_samples_per_second": round(n / seconds[1], 1),
+        "cached_decoding_samples_per_second": round(n / seconds[2], 1),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/tuneplane-bench"))
@@ -271,6 +310,8 @@ def main() -> int:
     # One weight kind a process: Liger patches transformers' Gemma 3 classes for the process.
     parser.add_argument("--quantization", choices=["auto", "nf4"], default="auto")
     parser.add_argument("--equivalence", action="store_true", help="only the kernels' check")
+    parser.add_argument("--only", nargs="*", help="these experiments only (e.g. memo)")
+    parser.add_argument("--checkpointing", default="none", help="for --equivalence")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT") or args.work_dir / "out")
     out.mkdir(parents=True, exist_ok=True)
@@ -278,9 +319,10 @@ def main() -> int:
     build_model(model_dir, "4b")
     data_dir = build_images(args.work_dir / "images", -(-128 // len(PET_BREEDS)), 2)
     if args.equivalence:
-        check = kernel_equivalence(model_dir, data_dir, args.quantization)
+        check = kernel_equivalence(model_dir, data_dir, args.quantization, args.checkpointing)
         print(json.dumps(check), flush=True)
-        name = f"gpu_kernel_equivalence-{args.quantization}.json"
+        suffix = "" if args.checkpointing == "none" else f"-{args.checkpointing}"
+        name = f"gpu_kernel_equivalence-{args.quantization}{suffix}.json"
         (out / name).write_text(json.dumps(check, indent=1))
         return 0
     results: dict[str, Any] = {}
@@ -290,11 +332,14 @@ def main() -> int:
     experiments = {
         "contention": lambda: contention(loaded, spec, splits, micro),
         "eval": lambda: eval_split(loaded, spec, splits, 32),
+        "memo": lambda: memo_passes(loaded, spec, splits, 32),
         "compile": lambda: compiled_tower(loaded, 16),
         "liger": lambda: liger(loaded, spec, splits, micro),  # last: it patches the model
     }
     if args.skip_compile or name != "bf16":
         del experiments["compile"]
+    if args.only:
+        experiments = {k: v for k, v in experiments.items() if k in args.only}
     for what, run in experiments.items():
         try:
             results[f"{name}/{what}"] = run()

@@ -15,18 +15,24 @@ replaces the model's forward, and the answer-only loss (trainer.loss) already co
 at a handful of positions, so it would save nothing and lose `logits_to_keep`. Only Gemma 3 is
 fused: it is what was measured. `kernels: plain` in the spec turns it off.
 
-Liger patches transformers' Gemma 3 and SigLIP classes for the whole process as well as the
-model's own modules; a trainer process loads one model, so that is what we want.
+Liger patches transformers' Gemma 3 module for the whole process (its norm and MLP classes,
+its rotary embedding function) as well as the model's own modules, so a model built after a
+fused one would be fused too, whatever it asked for. `restore` puts the module back as it was;
+trainer.model.load calls it before it builds a model, so every load starts from transformers'
+own classes (the bench loads plain and fused models in one process).
 """
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import torch
 
 FUSED = "liger"
 PLAIN = "plain"
+# Each module Liger patched, and its namespace before it did.
+_PRISTINE: dict[ModuleType, dict[str, Any]] = {}
 
 
 def fuse(base: Any, device: torch.device, setting: str) -> str:
@@ -37,9 +43,22 @@ def fuse(base: Any, device: torch.device, setting: str) -> str:
     if type(base).__name__ != "Gemma3ForConditionalGeneration":
         return PLAIN
     try:
-        from liger_kernel.transformers import apply_liger_kernel_to_gemma3
+        import liger_kernel.transformers  # noqa: F401
     except ImportError:  # an install without the trainer extra's liger-kernel
         return PLAIN
+    patch_gemma3(base)
+    return FUSED
+
+
+def patch_gemma3(base: Any) -> None:
+    """Liger's Gemma 3 kernels into `base` (and, as Liger does, into transformers' module for
+    the process: `restore` undoes that part). No kernel runs here, so this works on any device."""
+    from liger_kernel.transformers import apply_liger_kernel_to_gemma3
+    from transformers.models.gemma3 import modeling_gemma3
+    from transformers.models.siglip import modeling_siglip
+
+    for module in (modeling_gemma3, modeling_siglip):
+        _PRISTINE.setdefault(module, dict(vars(module)))
     apply_liger_kernel_to_gemma3(
         rope=True,
         cross_entropy=False,
@@ -49,4 +68,16 @@ def fuse(base: Any, device: torch.device, setting: str) -> str:
         geglu=True,
         model=base,
     )
-    return FUSED
+
+
+def restore() -> None:
+    """transformers' modules as they were before `patch_gemma3`; a model already fused stays
+    fused (its modules' own forwards), except for the rotary embedding, which its attention
+    looks up in the module at each call."""
+    for module, names in _PRISTINE.items():
+        for added in set(vars(module)) - set(names):
+            delattr(module, added)
+        for name, value in names.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
+    _PRISTINE.clear()

@@ -266,6 +266,7 @@ def load(spec: RunSpec, device: torch.device, plan: StepPlan | None = None) -> L
     CUDA means NF4 with full checkpointing (when the spec allows it), the CPU neither."""
     from peft import get_peft_model
 
+    kernels.restore()  # built from transformers' own classes, whatever an earlier load fused
     processor = load_processor(spec.model_id)
     cuda = device.type == "cuda"
     quantized = cuda and (plan.quantization == "nf4" if plan else True)

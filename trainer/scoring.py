@@ -146,6 +146,8 @@ class Memo:
     mixed: bool = False  # some chunk's prompts differed: the text is not reused
 
     def remember(self, groups: list[tuple[list[int], Any]], size: int) -> None:
+        """Keep a chunk's prompt text when the chunk was one uniform batch; any chunk that was
+        not, or whose text differs from the kept one, ends the reuse for good."""
         batch = groups[0][1]
         text = {k: v[:1].clone() for k, v in batch.items() if _per_token(k, v, batch)}
         # Anything beside the text and the pixels (image sizes, grids) is not rebuilt here.
@@ -153,6 +155,10 @@ class Memo:
             self.mixed = True
         elif self.text is None:
             self.text = text
+        elif text.keys() != self.text.keys() or any(
+            not torch.equal(v, self.text[k]) for k, v in text.items()
+        ):
+            self.mixed = True
 
     def batch_without_images(
         self, ids: list[str], features: FeatureCache | None

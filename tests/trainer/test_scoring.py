@@ -211,3 +211,41 @@ def test_a_second_pass_reads_the_vision_features_and_scores_the_same(tiny_model:
     # Without the cache, nothing is taken for granted: every image is decoded again.
     third = score_labels(model, processor, splits.labels, samples, **{**kwargs, "features": None})
     assert torch.allclose(first, third, atol=1e-5) and len(decoded) >= len(samples)
+
+
+def test_the_memo_keeps_one_prompt_text_and_gives_up_on_any_other() -> None:
+    """Memo reuses the prompt text only while every chunk was the same uniform batch: a chunk
+    of two prompts, another prompt, or a key beside text and pixels (an image grid) ends it."""
+    from trainer.features import FeatureCache
+
+    def batch(ids: list[int], rows: int = 2, **extra: torch.Tensor) -> dict[str, torch.Tensor]:
+        input_ids = torch.tensor([ids] * rows)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": torch.zeros(rows, 3, 4, 4),
+            **extra,
+        }
+
+    tower = torch.nn.Linear(4, 4).requires_grad_(False)  # a frozen "tower" over 4x4 pixels
+    cache = FeatureCache(tower)
+    with cache.keys(["a", "b"]):
+        tower(torch.zeros(2, 3, 4, 4))  # both images encoded once, as by a first pass
+
+    memo = Memo()
+    memo.remember([([0, 1], batch([5, 6, 7]))], 2)
+    memo.remember([([0, 1], batch([5, 6, 7]))], 2)
+    made = memo.batch_without_images(["a", "b"], cache)
+    assert made is not None and made["input_ids"].tolist() == [[5, 6, 7]] * 2
+    assert made["pixel_values"].shape == (2, 3, 1, 1)
+    assert memo.batch_without_images(["a", "c"], cache) is None  # "c" is not cached
+
+    for other in (
+        [([0, 1], batch([5, 6, 8]))],  # another prompt
+        [([0], batch([5, 6, 7], rows=1)), ([1], batch([5, 6], rows=1))],  # two groups
+        [([0, 1], batch([5, 6, 7], image_grid_thw=torch.ones(2, 2)))],  # a grid beside
+    ):
+        memo = Memo()
+        memo.remember([([0, 1], batch([5, 6, 7]))], 2)
+        memo.remember(other, 2)
+        assert memo.mixed and memo.batch_without_images(["a", "b"], cache) is None
