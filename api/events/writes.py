@@ -13,17 +13,15 @@ from typing import Any
 
 from sqlalchemy import Table, bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session
 
+from api.events.locked_run import RUNS, LockedRun
 from api.events.models import ProgressPoint, RunEvent
-from api.runs.models import Run
 
 # Core statements on the tables, not ORM ones: the ORM's bulk path costs more per statement
 # than SQLite takes to run it (the profile of single posts).
 EVENTS: Table = RunEvent.__table__  # type: ignore[attr-defined]
 POINTS: Table = ProgressPoint.__table__  # type: ignore[attr-defined]
-RUNS: Table = Run.__table__  # type: ignore[attr-defined]
 _POINT_VALUES = [c.name for c in POINTS.columns if not c.primary_key]
 
 
@@ -55,20 +53,19 @@ class Writes:
     # attribute per event was a third of a batch's time.
     newest: tuple[int, int] | None = None
 
-    def advance(self, run: Run, step: int, total_steps: int) -> None:
+    def advance(self, run: LockedRun, step: int, total_steps: int) -> None:
         """The run is at `step` of `total_steps` unless it has reported a later step."""
         if step >= (self.newest[0] if self.newest else run.last_step):
             self.newest = (step, total_steps)
 
-    def flush(self, session: Session, run: Run) -> None:
+    def flush(self, session: Session, run: LockedRun) -> None:
         conn = session.connection()
         if self.newest is not None:
             # A Core UPDATE, and the values set on the run as already stored: the ORM's flush
             # of the changed run was an eighth of a single post's time (the profile).
             step, total = self.newest
             conn.execute(_SET_PROGRESS, {"run": run.id, "step": step, "total": total})
-            set_committed_value(run, "last_step", step)
-            set_committed_value(run, "total_steps", total)
+            run.progressed(step, total)
             self.newest = None
         if self.events:
             conn.execute(EVENTS.insert(), self.events)
