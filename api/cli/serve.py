@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import ipaddress
 import sys
 import threading
@@ -104,7 +105,12 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         log_level="info",
         log_config=log_config or uvicorn.config.LOGGING_CONFIG,
+        access_log=settings.access_log,
     )
+    # Everything built so far (the app, its routes and models, the imported libraries) lives as
+    # long as the process: frozen, the garbage collector no longer walks it at every full
+    # collection, which a batch of events (thousands of new objects) triggered again and again.
+    gc.freeze()
     with sock, contextlib.suppress(KeyboardInterrupt):
         # Ctrl-C (SIGINT) stops the server gracefully, then asyncio re-raises it; uvicorn.run
         # swallows it, Server.run does not, and a traceback on a normal stop is noise (and a
