@@ -63,9 +63,8 @@ class Settings(BaseSettings):
     )
     access_log: bool = Field(
         True,
-        description="`tuneplane serve` logs a line for every request (uvicorn's access log); "
-        "off saves CPU on every trainer callback (bench/README.md), and Cloud Run logs every "
-        "request itself",
+        description="`tuneplane serve` logs a line for every request (uvicorn's access log) "
+        "but the trainers' accepted callbacks; off: none, as Cloud Run logs every request itself",
     )
     local_data_roots: list[Path] = Field(
         [],
