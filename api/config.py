@@ -61,6 +61,11 @@ class Settings(BaseSettings):
         description="`json`: one JSON object a line with the fields Cloud Logging reads "
         "(severity, message, time, trace, run_id, execution)",
     )
+    access_log: bool = Field(
+        True,
+        description="`tuneplane serve` logs a line for every request (uvicorn's access log) "
+        "but the trainers' accepted callbacks; off: none, as Cloud Run logs every request itself",
+    )
     local_data_roots: list[Path] = Field(
         [],
         description="directories under which runs may name local data (`imagefolder:/dir`, "

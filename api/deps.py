@@ -34,13 +34,19 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+# `async def`, as every cheap dependency here: a plain `def` one costs a worker-thread hop per
+# request (two of the callback route's three hops were this and a sync `authorize`).
+async def _settings(request: Request) -> Settings:
+    return get_settings(request)
+
+
 @asynccontextmanager
 async def _slot(request: Request) -> AsyncIterator[None]:
-    # One slot a request, however many of its dependencies ask: `authorize` (every /api/v1
-    # route) holds one until the response is sent, and the callback routes ask again around
-    # their database work. Taking a second would deadlock: with more concurrent requests than
-    # slots, every slot is held by a request waiting for its second (measured: 32 callback
-    # clients on 10 slots, all 503 after the 30 s wait).
+    # One slot a request at a time, however many of its dependencies ask: a dashboard page's
+    # `dashboard_access` holds one until the response is sent, and its session asks again.
+    # Taking a second would deadlock: with more concurrent requests than slots, every slot is
+    # held by a request waiting for its second (measured: 32 callback clients on 10 slots, all
+    # 503 after the 30 s wait, when `authorize` still held one for every /api/v1 request).
     if getattr(request.state, "db_slot", False):
         yield
         return
@@ -77,7 +83,6 @@ async def in_database_thread(
         return await run_in_threadpool(fn, request.app.state.engine, *args, **kw)
 
 
-# `async def`: a plain `def` dependency takes a trip through the thread pool.
 async def get_engine(request: Request, _slot: Annotated[None, Depends(database_slot)]) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
@@ -89,6 +94,6 @@ def get_session(engine: Annotated[Engine, Depends(get_engine)]) -> Iterator[Sess
         yield session
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -58,9 +58,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.request_slots = RequestSlots(settings.db_pool_size, settings.db_wait_seconds)
     errors.install(app)
     login.install(app)  # /login, /logout, and the redirect of LoginRequired
+    # /api/v1 first: routes are matched in order, and it has nearly every request (the
+    # trainers' callbacks); no other route's path starts with it.
+    app.include_router(api_router)
     app.include_router(health.router)
     docs.install(app)
-    app.include_router(api_router)
     app.include_router(pages_router)  # the dashboard, behind a login with auth on
     app.mount("/static", dashboard.static_files(), name="static")
     metrics.install(app)  # GET /metrics, and every request counted by its route

@@ -15,8 +15,10 @@ from api.web import new_run, run_actions, run_page, runs_list, template_forms, t
 # Every route under /api/v1 is checked by `authorize` (api/auth/access.py decides the scope by
 # method and path, so a route added later is covered without anyone remembering to protect it).
 api_router = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)])
-api_router.include_router(runs.router)
+# The trainers' callbacks first: routes are matched in order, and a sweep's callbacks are most
+# of the requests. (A GET of /runs/{id}/events passes them by method and goes on to runs.)
 api_router.include_router(callbacks.router)
+api_router.include_router(runs.router)
 api_router.include_router(artifacts.router)
 api_router.include_router(templates.router)
 api_router.include_router(champions.router)

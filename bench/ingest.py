@@ -51,9 +51,8 @@ from api.auth.callback import mint_token  # noqa: E402
 from api.config import Settings  # noqa: E402
 from api.db import make_engine, session_scope  # noqa: E402
 from api.events.models import RunEvent  # noqa: E402
-from api.runs.models import Run  # noqa: E402
+from api.runs.seed import insert_runs  # noqa: E402
 from api.runs.states import RunStatus  # noqa: E402
-from trainer.contract.spec import RunSpec  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "ingest"
 
@@ -203,23 +202,9 @@ class Tuneplane:
         self.engine = make_engine(self.settings.db_url)
 
     def runs(self, n: int) -> list[tuple[str, str | None]]:
-        spec = RunSpec(model_id="google/gemma-3-4b-it", dataset="digits")
-        made = [
-            Run(
-                spec=spec.model_dump(mode="json"),
-                model_id=spec.model_id,
-                dataset=spec.dataset,
-                gpu_type=spec.gpu_type,
-                status=RunStatus.running,
-                execution_name="bench",
-            )
-            for _ in range(n)
-        ]
-        with session_scope(self.engine) as session:
-            session.add_all(made)
-            session.commit()
+        made = insert_runs(self.engine, n, status=RunStatus.running, execution_name="bench")
         expires = datetime.now(UTC) + timedelta(hours=2)
-        return [(r.id, mint_token(self.settings.signing_key, r.id, expires)) for r in made]
+        return [(r, mint_token(self.settings.signing_key, r, expires)) for r in made]
 
     def stored(self, run_ids: list[str]) -> int:
         query = select(func.count()).select_from(RunEvent).where(col(RunEvent.run_id).in_(run_ids))

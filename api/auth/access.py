@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy import Engine
 
 from api.auth.models import ApiToken
 from api.auth.sessions import SESSION_COOKIE, read_session
@@ -29,7 +30,7 @@ from api.auth.tokens import (
     authenticate_id,
 )
 from api.config import Settings
-from api.deps import EngineDep, SettingsDep
+from api.deps import EngineDep, SettingsDep, in_database_thread
 from api.errors import Problem
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -95,15 +96,23 @@ def _unauthorized(detail: str) -> Problem:
     )
 
 
-def resolve_token(engine: object, raw: str) -> Principal:
+def _not_ours() -> Problem:
+    return _unauthorized("that is not a tuneplane API token (they start with `tp_`)")
+
+
+def resolve_token(engine: Engine, raw: str) -> Principal:
     """The principal of a raw token, or a 401 Problem saying what is wrong with it."""
     if not TOKEN_SHAPE.match(raw):
-        raise _unauthorized("that is not a tuneplane API token (they start with `tp_`)")
-    return _principal(lambda: authenticate(engine, raw))  # type: ignore[arg-type]
+        raise _not_ours()
+    return _principal(lambda: authenticate(engine, raw))
 
 
-def authorize(request: Request, settings: SettingsDep, engine: EngineDep) -> None:
-    """The /api/v1 router's dependency: checks the token against `required_scope`."""
+async def authorize(request: Request, settings: SettingsDep) -> None:
+    """The /api/v1 router's dependency: checks the token against `required_scope`.
+    Async, and holding no request slot of its own: the callback routes (their own credential,
+    checked on the event loop) pass through with no thread hop and no slot, and an API token
+    or a session is looked up in a worker thread holding a slot only while it is (the route's
+    own session takes one afterwards; one at a time, so the two can never deadlock)."""
     # The path the app routed on (without a proxy's root_path). This runs only for a request
     # that matched a route of the /api/v1 router, so the path is one of its endpoints.
     path, root = request.scope["path"], request.scope.get("root_path", "")
@@ -117,11 +126,14 @@ def authorize(request: Request, settings: SettingsDep, engine: EngineDep) -> Non
         return
     raw = _bearer(request)
     if raw is not None:
-        principal = resolve_token(engine, raw)
+        if not TOKEN_SHAPE.match(raw):  # refused before it may wait for the database
+            raise _not_ours()
+        principal = await in_database_thread(request, resolve_token, raw)
     elif request.method in SAFE_METHODS and request.cookies.get(SESSION_COOKIE):
         # The dashboard's own pages poll the JSON API with their session cookie; only reads,
         # so a forged cross-site request can never change anything through the cookie.
-        principal = _session_principal(request, settings, engine)
+        cookie = request.cookies.get(SESSION_COOKIE, "")
+        principal = await in_database_thread(request, _cookie_principal, settings, cookie)
     else:
         raise Problem(
             401,
@@ -144,11 +156,16 @@ def authorize(request: Request, settings: SettingsDep, engine: EngineDep) -> Non
 AuthDep = Annotated[None, Depends(authorize)]
 
 
-def _session_principal(request: Request, settings: Settings, engine: object) -> Principal:
-    token_id = read_session(settings, request.cookies.get(SESSION_COOKIE, ""))
+def _session_principal(request: Request, settings: Settings, engine: Engine) -> Principal:
+    return _cookie_principal(engine, settings, request.cookies.get(SESSION_COOKIE, ""))
+
+
+def _cookie_principal(engine: Engine, settings: Settings, cookie: str) -> Principal:
+    """The principal of a dashboard session's cookie, or a 401 Problem."""
+    token_id = read_session(settings, cookie)
     if token_id is None:
         raise _unauthorized("your dashboard session has expired; log in again at /login")
-    return _principal(lambda: authenticate_id(engine, token_id))  # type: ignore[arg-type]
+    return _principal(lambda: authenticate_id(engine, token_id))
 
 
 def _principal(look_up: Callable[[], ApiToken]) -> Principal:

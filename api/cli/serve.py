@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import ipaddress
+import logging
 import sys
 import threading
 from types import FrameType
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         f"{shown_url(settings.db_url)}; trainers call back at {settings.public_url})",
         flush=True,
     )
-    from api.observability.logs import uvicorn_log_config
+    from api.observability.logs import QuietCallbacks, uvicorn_log_config
 
     log_config = uvicorn_log_config(settings.log_format, settings.gcp_project)
     app = create_app(settings)
@@ -104,7 +106,13 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         log_level="info",
         log_config=log_config or uvicorn.config.LOGGING_CONFIG,
+        access_log=settings.access_log,
     )
+    logging.getLogger("uvicorn.access").addFilter(QuietCallbacks())  # after Config's setup
+    # Everything built so far (the app, its routes and models, the imported libraries) lives as
+    # long as the process: frozen, the garbage collector no longer walks it at every full
+    # collection, which a batch of events (thousands of new objects) triggered again and again.
+    gc.freeze()
     with sock, contextlib.suppress(KeyboardInterrupt):
         # Ctrl-C (SIGINT) stops the server gracefully, then asyncio re-raises it; uvicorn.run
         # swallows it, Server.run does not, and a traceback on a normal stop is noise (and a

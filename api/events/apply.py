@@ -1,7 +1,8 @@
 """Applying one stored event to its run: the status events through the state machine
 (`set_status`), only for the run's current segment, and the data events (progress, evaluation,
 checkpoint, artifact) to the run's tables. Nothing applies to a finished run (`apply_event`).
-The caller (api/events/service.py) holds the run's lock, writes `writes` and commits."""
+The caller (api/events/service.py) holds the run's lock, writes `writes` and commits; a
+progress event reads only the run's head (api/events/locked_run.py), every other the ORM run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from sqlmodel import Session, col, delete, select
 
+from api.events.locked_run import LockedRun
 from api.events.models import ClassMetric, Evaluation, EventState, RunEvent
 from api.events.writes import Writes
 from api.runs.finish import finish_run
@@ -27,21 +29,21 @@ APPLIED, RECORDED = EventState.applied, EventState.recorded
 
 
 def apply_event(
-    session: Session, run: Run, event: ev.Event, writes: Writes, data: dict[str, Any]
+    session: Session, run: LockedRun, event: ev.Event, writes: Writes, data: dict[str, Any]
 ) -> Applied:
     """Apply `event` to `run` (locked by the caller) and say what that did. A finished run's
     data never changes: status, metrics, evaluations, predictions, checkpoint and artifacts stay
     as they were when it finished, whatever arrives later (a token that leaked from an execution
     must not rewrite a champion's final metrics). Such an event is kept, as `rejected`.
     `data` is the event's data as JSON (the caller stores it too)."""
-    status = RunStatus(run.status)
+    status = run.status
     if status in TERMINAL:
         return EventState.rejected, f"recorded, not applied: the run is already {status.value}"
     if isinstance(event, ev.ProgressEvent):
         return _on_progress(run, event, writes, data)
     writes.flush(session, run)  # what the batch collected so far, for the handler to read
     handler = _HANDLERS[event.type]
-    return handler(session, run, event)
+    return handler(session, run.orm(), event)
 
 
 def _status_guard(run: Run, event: ev.Event) -> Applied | None:
@@ -128,7 +130,7 @@ def _on_phase(session: Session, run: Run, event: ev.Event) -> Applied:
 
 
 def _on_progress(
-    run: Run, event: ev.ProgressEvent, writes: Writes, values: dict[str, Any]
+    run: LockedRun, event: ev.ProgressEvent, writes: Writes, values: dict[str, Any]
 ) -> Applied:
     data = event.data
     point = {"run_id": run.id, **values, "segment": event.segment, "time": event.time}

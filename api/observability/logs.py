@@ -32,6 +32,8 @@ _run_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("tuneplane_
 _CLOUD_TRACE = re.compile(r"^([0-9a-fA-F]{32})(?:/([0-9]{1,20}))?")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 _RUN_PATH = re.compile(r"^/(?:api/v1/)?runs/(run_[A-Za-z0-9_-]{1,36})(?:/|$)")
+# The trainers' callback endpoints (one event, a batch), as uvicorn's access line names them.
+_CALLBACK_PATH = re.compile(r"^/api/v1/runs/[^/?]+/events(:batch)?$")
 # Python's level names as Cloud Logging's LogSeverity names.
 _SEVERITY = {"WARNING": "WARNING", "CRITICAL": "CRITICAL", "ERROR": "ERROR", "INFO": "INFO"}
 
@@ -95,6 +97,28 @@ class CloudLoggingFormatter(logging.Formatter):
         if execution:
             entry["execution"] = execution
         return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class QuietCallbacks(logging.Filter):
+    """Leaves the trainers' accepted callbacks (a 2xx to a POST of .../events or
+    .../events:batch) out of uvicorn's access log: a sweep posts hundreds a second, the lines
+    say nothing /metrics does not count (`tuneplane_callbacks_total`), and writing them was a
+    sixth of a callback's CPU (bench/ingest.py). Refused callbacks and every other request
+    are logged as before."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        # uvicorn's access line: (client, method, path with query, HTTP version, status).
+        if not isinstance(args, tuple) or len(args) != 5:
+            return True
+        _client, method, path, _version, status = args
+        return not (
+            method == "POST"
+            and isinstance(status, int)
+            and 200 <= status < 300
+            and isinstance(path, str)
+            and _CALLBACK_PATH.match(path) is not None
+        )
 
 
 def uvicorn_log_config(log_format: str, project: str | None) -> dict[str, Any] | None:

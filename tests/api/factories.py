@@ -11,42 +11,11 @@ from api.auth.callback import mint_token
 from api.config import Settings
 from api.db import session_scope
 from api.runs.models import Run
-from api.runs.states import RunStatus
+
+# The runs themselves come from the api package, which the ingest bench shares.
+from api.runs.seed import SPEC as SPEC
+from api.runs.seed import insert_runs as insert_runs
 from trainer.contract import events as ev
-from trainer.contract.spec import RunSpec
-
-SPEC = RunSpec(model_id="google/gemma-3-4b-it", dataset="digits")
-
-
-def insert_runs(
-    engine: Engine,
-    n: int = 1,
-    *,
-    status: RunStatus = RunStatus.dispatched,
-    segment: int = 0,
-    **fields: Any,
-) -> list[str]:
-    """`n` runs in `status`, oldest first (the state a test starts from, set directly)."""
-    base = datetime.now(UTC) - timedelta(hours=1)
-    execution_name = fields.pop("execution_name", None)
-    runs = [
-        Run(
-            spec=SPEC.model_dump(mode="json"),
-            model_id=SPEC.model_id,
-            dataset=SPEC.dataset,
-            gpu_type=SPEC.gpu_type,
-            status=status,
-            segment=segment,
-            created_at=base + timedelta(milliseconds=i),
-            execution_name=execution_name or (f"fake:{i}" if status != RunStatus.queued else None),
-            **fields,
-        )
-        for i in range(n)
-    ]
-    with session_scope(engine) as session:
-        session.add_all(runs)
-        session.commit()
-        return [r.id for r in runs]
 
 
 def load_run(engine: Engine, run_id: str) -> Run:

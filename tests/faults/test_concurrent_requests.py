@@ -135,9 +135,10 @@ def test_deliberate_overload_is_a_503_with_retry_after(
 def test_concurrent_callbacks_beyond_the_slots_are_all_taken(
     tmp_path: Path, db_url: str, engine: Engine, db_kind: str
 ) -> None:
-    """The callback routes ask for a slot around their database work while `authorize` (every
-    /api/v1 route) already holds one for the request: the second ask must reuse it. Taking two
-    deadlocked every slot once more callbacks than slots arrived together."""
+    """More concurrent callbacks than slots queue for them and are all taken. The callback
+    routes take a slot only around their database work; when `authorize` (every /api/v1 route)
+    still held one for the whole request, taking the second deadlocked every slot once more
+    callbacks than slots arrived together."""
     key = "k" * 40
     run_ids = insert_runs(engine, CLIENTS, status=RunStatus.running)
     expires = datetime.now(UTC) + timedelta(hours=1)
