@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 
 from api.config import Settings
 from api.db import lock_row, utcnow
-from api.errors import Problem
+from api.errors import Problem, invalid
 from api.notify.address_guard import refuse_internal
 from api.notify.models import display_url, is_display_form
 from api.runs import idempotency
@@ -149,20 +149,10 @@ def _content(body: TemplateBody, settings: Settings, kept: list[dict[str, Any]])
     for i, hook in enumerate(webhooks):
         refused = refuse_internal(hook["url"], settings.webhook_allowed_networks)
         if refused is not None:
-            raise Problem(
-                422,
-                "Invalid request",
-                f"body.webhooks.{i}.url: {refused}",
-                errors=[{"field": f"body.webhooks.{i}.url", "message": refused}],
-            )
+            raise invalid(f"body.webhooks.{i}.url", refused)
         if hook["secret"] is None and not webhook_secret_set:
             message = "needs a `secret` (the server has no TUNEPLANE_WEBHOOK_SECRET to sign with)"
-            raise Problem(
-                422,
-                "Invalid request",
-                f"body.webhooks.{i}.secret: {message}",
-                errors=[{"field": f"body.webhooks.{i}.secret", "message": message}],
-            )
+            raise invalid(f"body.webhooks.{i}.secret", message)
     content = {
         "description": body.description,
         "spec": spec.model_dump(mode="json"),
@@ -192,12 +182,7 @@ def _webhooks(hooks: list[WebhookIn], kept: list[dict[str, Any]]) -> list[dict[s
                 f"{hook.url!r} is a webhook URL as the api shows it (its path left out), and "
                 "no webhook of the template is left that it can stand for: give the whole URL"
             )
-            raise Problem(
-                422,
-                "Invalid request",
-                f"body.webhooks.{i}.url: {message}",
-                errors=[{"field": f"body.webhooks.{i}.url", "message": message}],
-            )
+            raise invalid(f"body.webhooks.{i}.url", message)
         unused.remove(match)
         secret = hook.secret if hook.secret is not None else match.get("secret")
         out.append({"url": match["url"], "secret": secret})
