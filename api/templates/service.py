@@ -204,7 +204,8 @@ def create_template(
 ) -> TemplatePublic:
     """A new template at version 1 (or, for a name that was deleted, the next version number:
     a (name, version) pair never names two different specs). `copy_of`: the template the body
-    was copied from (the dashboard's Copy), whose webhooks its redacted URLs stand for."""
+    was copied from (the dashboard's Copy), whose webhooks its redacted URLs stand for; they
+    resolve against that template only (by tag), so a line shown for another is refused."""
     content = _content(body, settings, _current_webhooks(session, copy_of))
     existing = session.get(RunTemplate, body.name)
     if existing is not None and existing.deleted_at is None:

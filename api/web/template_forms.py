@@ -210,6 +210,9 @@ async def create_template_form(
     if isinstance(form, HTMLResponse):
         return form
     shown, body, errors = _read(form, create=True)
+    # The template the Copy page was for: its shown lines resolve against it alone (each names
+    # one of its hooks by tag). A `from` changed by hand reads nothing the caller cannot read:
+    # templates have no permissions of their own, and a dashboard session has runs:read.
     copy_of = str(form.get("from") or "") or None
     if body is None or errors:
         message = "Fix the fields marked below."

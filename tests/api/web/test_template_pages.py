@@ -169,6 +169,28 @@ def test_copy_prefills_from_another_template(client: TestClient, engine: Engine)
     assert missing.status_code == 404 and "there is no template named" in missing.text
 
 
+def test_a_copy_resolves_its_lines_against_the_template_it_was_copied_from_only(
+    client: TestClient, engine: Engine
+) -> None:
+    """The hidden `from` names the template a Copy page was for. Its shown lines stand for
+    that template's hooks only: with `from` changed to another template, one with a hook on
+    the same host, they resolve to nothing (a 422), never to the other template's hook and
+    secret; without `from` neither."""
+    hooks = {
+        n: {"url": f"https://hooks.slack.example/{n}/{n}-token", "secret": n[0] * 16}
+        for n in ("pets", "birds")
+    }
+    for n, hook in hooks.items():
+        make_template(client, name=n, webhooks=[hook])
+    form = browser_form(client.get("/templates/_new?from=pets").text, "/templates/_new")
+    assert form["from"] == "pets"
+    for source in ({"from": "birds"}, {"from": ""}):
+        r = client.post("/templates/_new", data={**form, **source, "name": "copy"})
+        assert r.status_code == 422 and "no webhook of the template is shown so" in r.text
+    r = client.post("/templates/_new", data={**form, "name": "copy"}, follow_redirects=False)
+    assert r.status_code == 303 and stored_version(engine, "copy", 1).webhooks == [hooks["pets"]]
+
+
 def test_field_errors_are_shown_beside_their_fields(client: TestClient, engine: Engine) -> None:
     r = created_template(
         client,
