@@ -98,7 +98,10 @@ class TimeEstimate(BaseModel):
         description="the longest one execution may run: the spec's time budget, or the "
         "dispatcher's cap (Cloud Run's task timeout less the margin) when shorter"
     )
-    segments: int = Field(description="executions needed, each at most one segment long")
+    segments: int = Field(
+        description="executions needed, each at most one segment long; 0: a segment is too "
+        "short to load the model and save a checkpoint"
+    )
     total_seconds: float
 
 
@@ -166,6 +169,13 @@ def estimate(spec: RunSpec, segment: timedelta, config: dict[str, Any] | None = 
         # The trainer would stop at its first batch (PromptTooLong): refuse it here instead.
         fits = False
         notes.append(too_short_note(spec, arch))
+    if time.segments == 0:
+        # Each execution would load the model and save, and train nothing: with the spec's own
+        # budget as the segment, refuse it (a longer budget fixes it); under the server's cap
+        # (a demo's TUNEPLANE_SEGMENT_SECONDS_MAX) the operator chose it, so only say so.
+        own_budget = segment >= timedelta(minutes=spec.time_budget_minutes)
+        fits = fits and not own_budget
+        notes.append(short_segment_note(time, own_budget))
     return Estimate(
         model_id=spec.model_id,
         gpu_type=spec.gpu_type,
@@ -288,8 +298,30 @@ def too_short_note(spec: RunSpec, arch: Arch) -> str:
     )
 
 
+def short_segment_note(time: TimeEstimate, own_budget: bool) -> str:
+    """Why no segment trains anything; `own_budget`: the segment is the spec's time budget."""
+    note = (
+        f"a segment ({time.segment_seconds:g} s) is shorter than loading the model "
+        f"({time.load_seconds:g} s) and a minute to save a checkpoint: no step would run"
+    )
+    if not own_budget:
+        return f"{note} (the server caps segments at that length)"
+    least = math.floor((time.load_seconds + 60) / 60) + 1
+    return f"{note}; raise time_budget_minutes to at least {least}"
+
+
 def _gib(value: float) -> float:
     return round(value / GIB, 1)
+
+
+# The spec fields a refusal that is not for memory names, in the order they are blamed.
+REFUSING_FIELDS = ("max_length", "time_budget_minutes")
+
+
+def culprit(notes: list[str]) -> str | None:
+    """The spec field to blame for a refusal when memory fits: the first of
+    `REFUSING_FIELDS` that a note names, or None."""
+    return next((f for f in REFUSING_FIELDS if any(f in n for n in notes)), None)
 
 
 def refusal_detail(spec: RunSpec, est: Estimate, segment: timedelta) -> str:
@@ -299,8 +331,8 @@ def refusal_detail(spec: RunSpec, est: Estimate, segment: timedelta) -> str:
     host, limit = est.memory.instance_gib, est.memory.instance_limit_gib
     if need <= have and host is not None and limit is not None and host > limit:
         return instance_note(spec, host, int(limit))  # the GPU is not the problem
-    if need <= have:  # refused for what max_length cannot hold, not for memory
-        return f"{spec.model_id}: " + "; ".join(n for n in est.notes if "max_length" in n)
+    if need <= have:  # refused for what max_length cannot hold or a segment too short
+        return f"{spec.model_id}: " + "; ".join(n for n in est.notes if culprit([n]))
     parts = [
         f"{spec.model_id} on {spec.gpu_type} needs about {need:g} GiB of GPU memory; "
         f"the GPU has {have:g} GiB"

@@ -295,3 +295,19 @@ def test_evaluation_follows_the_eval_mode() -> None:
     assert score < generate
     assert eval_seconds(eval_mode="score", max_new_tokens=64) == score
     assert eval_seconds(eval_mode="generate", max_new_tokens=64) > generate
+
+
+def test_a_segment_too_short_to_load_the_model_is_refused_not_counted_as_none() -> None:
+    """27B loads in about 3 minutes (download and quantize): a 2-minute budget leaves no
+    time to train, which is a refusal naming time_budget_minutes, not "0 executions"."""
+    short = spec(model_id="google/gemma-3-27b-it", gpu_type="nvidia-rtx-pro-6000")
+    short = short.model_copy(update={"time_budget_minutes": 2})
+    est = estimate(short)
+    assert est.time is not None and est.time.segments == 0 and est.fits is False
+    load = est.time.load_seconds
+    note = f"a segment (120 s) is shorter than loading the model ({load:g} s)"
+    assert any(note in n and "time_budget_minutes to at least 5" in n for n in est.notes)
+    assert note in refusal_detail(short, est)
+    # At the budget the note asks for, it runs.
+    fixed = estimate(short.model_copy(update={"time_budget_minutes": 5}))
+    assert fixed.time is not None and fixed.time.segments > 0 and fixed.fits is True
