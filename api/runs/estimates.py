@@ -240,13 +240,18 @@ def _one_eval(spec: RunSpec, gpu: Gpu, params: int, flops_rate: float) -> float:
     for 37 labels, trainer/label_tree.py) on the prompt's cache, inside the max_length bound
     counted here, so a sample costs about one prefill.
 
-    Measured on an H200, Gemma 3 4B architecture (bench/results/gpu_trainer_v3/README.md,
-    `4b-8steps/`, `python3 bench/gpu_trainer.py --config 4b --steps 8 --eval-size 256`):
-    scoring in batches of 32 ran 17.6 / 34.8 samples/s (baseline / final evaluation),
-    generation in batches of 1 (8 samples, 8 new tokens) 1.02 / 6.46, so 17x / 5.4x; the batch
-    size differs as well as the mode, so that ratio is not this model's to reproduce. Scoring
-    reached 296 TFLOP/s there against training's 147 (NF4): counted at the training rate, as
-    here, a scoring evaluation errs long."""
+    Measured on an H200, Gemma 3 4B architecture (bench/results/gpu_trainer_v4/4b-8steps/
+    bench.log, `python3 bench/gpu_trainer.py --config 4b --steps 8 --eval-size 256`; v3's
+    figures evaluated 148 samples, not 256, bench/results/gpu_trainer_v4/README.md): scoring
+    in batches of 32 over 256 samples ran 17.76 / 40.56 samples/s (baseline / final
+    evaluation) with NF4 weights, 23.16 / 58.27 in bf16; generation in batches of 1 (the
+    "original" setting: 8 samples, 8 new tokens, NF4) 0.77 / 4.28, so 23x / 9.5x. The batch
+    size differs as well as the mode, so that ratio is not this model's to reproduce (for
+    gemma-3-4b-it, eval_size 256, max_new_tokens 8 on an RTX PRO 6000 this function gives
+    78 s at batch 1 against scoring's 60 s at 32, 1.3x: it errs short for generation at
+    batch 1, which nothing defaults to). Scoring reached 345 TFLOP/s there against training's
+    164 (NF4; 210 bf16): counted at the training rate, as here, a scoring evaluation errs long
+    (about 2x)."""
     prefill = 2 * params * spec.max_length * spec.eval_size / flops_rate
     if spec.eval_mode == "score":
         return prefill

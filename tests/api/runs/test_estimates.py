@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from api.runs import estimates
 from api.runs.estimates import KNOWN, model_size
 from tests.api.runs.local_estimate import estimate, refusal_detail
 from trainer.contract.spec import RunSpec
@@ -311,3 +314,14 @@ def test_a_segment_too_short_to_load_the_model_is_refused_not_counted_as_none() 
     # At the budget the note asks for, it runs.
     fixed = estimate(short.model_copy(update={"time_budget_minutes": 5}))
     assert fixed.time is not None and fixed.time.segments > 0 and fixed.fits is True
+
+
+def test_the_evaluation_figures_cited_are_the_bench_logs() -> None:
+    """`_one_eval` cites the 4B's evaluation speeds: they are bench.log's own, to 2 decimals."""
+    log = Path(__file__).parents[3] / "bench/results/gpu_trainer_v4/4b-8steps/bench.log"
+    doc = " ".join((estimates._one_eval.__doc__ or "").split())
+    rows = [json.loads(line) for line in log.read_text().splitlines() if '"timings"' in line]
+    assert {r["setting"] for r in rows} == {"original", "auto", "auto-bf16"}
+    for r in rows:
+        pair = [r[f"{p}_eval_samples_per_second"] for p in ("baseline", "final")]
+        assert f"{pair[0]:.2f} / {pair[1]:.2f}" in doc, r["setting"]
