@@ -149,7 +149,37 @@ def estimate(spec: RunSpec, segment: timedelta, config: dict[str, Any] | None = 
             ],
         )
     memory, trainable = _memory(spec, arch, gpu)
+    host = instance_memory_gib(spec, memory, params)
+    memory = memory.model_copy(
+        update={"instance_gib": host, "instance_limit_gib": float(gpu.memory_gib_host)}
+    )
     time = _time(spec, arch, gpu, params, segment)
+    fits, notes = _verdict(spec, arch, gpu, memory, host, time, segment)
+    return Estimate(
+        model_id=spec.model_id,
+        gpu_type=spec.gpu_type,
+        parameters=params,
+        architecture=arch.name,
+        trainable_parameters=trainable,
+        memory=memory,
+        time=time,
+        cost_usd=round(time.total_seconds * usd_per_second, 2),
+        usd_per_hour=round(usd_per_second * 3600, 2),
+        fits=fits,
+        notes=notes,
+    )
+
+
+def _verdict(
+    spec: RunSpec,
+    arch: Arch,
+    gpu: Gpu,
+    memory: MemoryEstimate,
+    host: float,
+    time: TimeEstimate,
+    segment: timedelta,
+) -> tuple[bool, list[str]]:
+    """(whether the run fits: False refuses it, the notes that say why and what else to know)."""
     notes = []
     if not arch.exact:
         notes.append("architecture inferred from the parameter count: a rough estimate")
@@ -158,10 +188,6 @@ def estimate(spec: RunSpec, segment: timedelta, config: dict[str, Any] | None = 
             f"needs {time.segments} executions of at most {time.segment_seconds / 60:g} min; "
             "each resumes from the previous one's checkpoint and reloads the model"
         )
-    host = instance_memory_gib(spec, memory, params)
-    memory = memory.model_copy(
-        update={"instance_gib": host, "instance_limit_gib": float(gpu.memory_gib_host)}
-    )
     fits = memory.total_gib <= memory.gpu_gib and host <= gpu.memory_gib_host
     if host > gpu.memory_gib_host:
         notes.append(instance_note(spec, host, gpu.memory_gib_host))
@@ -176,19 +202,7 @@ def estimate(spec: RunSpec, segment: timedelta, config: dict[str, Any] | None = 
         own_budget = segment >= timedelta(minutes=spec.time_budget_minutes)
         fits = fits and not own_budget
         notes.append(short_segment_note(time, own_budget))
-    return Estimate(
-        model_id=spec.model_id,
-        gpu_type=spec.gpu_type,
-        parameters=params,
-        architecture=arch.name,
-        trainable_parameters=trainable,
-        memory=memory,
-        time=time,
-        cost_usd=round(time.total_seconds * usd_per_second, 2),
-        usd_per_hour=round(usd_per_second * 3600, 2),
-        fits=fits,
-        notes=notes,
-    )
+    return fits, notes
 
 
 def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:

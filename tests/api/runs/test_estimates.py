@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +328,13 @@ def test_the_evaluation_figures_cited_are_the_bench_logs() -> None:
     for r in rows:
         pair = [r[f"{p}_eval_samples_per_second"] for p in ("baseline", "final")]
         assert f"{pair[0]:.2f} / {pair[1]:.2f}" in doc, r["setting"]
+
+
+def test_importing_the_local_estimate_reads_no_environment() -> None:
+    """pytest imports test helpers while collecting, before any test sets the environment up:
+    a bad TUNEPLANE_ variable must fail the tests that build Settings, not the collection."""
+    root = Path(__file__).parents[3]
+    env = {**os.environ, "TUNEPLANE_DEFAULT_GPU_TYPE": "not-a-gpu", "PYTHONPATH": str(root)}
+    code = "import tests.api.runs.local_estimate"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
