@@ -46,6 +46,12 @@ class Problem(Exception):
         self.headers = headers
 
 
+def invalid(field: str, message: str, title: str = "Invalid request") -> Problem:
+    """A 422 for one field: `detail` and `errors` say the same thing, so a client that reads
+    either, and the dashboard that puts each error beside its input, agree."""
+    return Problem(422, title, f"{field}: {message}", errors=[{"field": field, "message": message}])
+
+
 class ProblemDocument(BaseModel):
     """The shape of every error response (for the OpenAPI document)."""
 

@@ -25,7 +25,7 @@ from sqlmodel import Session, col, select
 
 from api.auth.models import ApiToken, TokenCreate
 from api.db import session_scope, utcnow
-from api.errors import Problem
+from api.errors import Problem, invalid
 
 TOKEN_PREFIX = "tp_"
 SCOPES = ("runs:read", "runs:write", "admin")
@@ -63,12 +63,7 @@ def create_token(session: Session, body: TokenCreate, created_by: str = "") -> t
     try:
         scopes = check_scopes(body.scopes)
     except ValueError as exc:
-        raise Problem(
-            422,
-            "Invalid request",
-            str(exc),
-            errors=[{"field": "body.scopes", "message": str(exc)}],
-        ) from None
+        raise invalid("body.scopes", str(exc)) from None
     secret = new_token()
     token = ApiToken(
         name=body.name,

@@ -7,6 +7,8 @@ outbox shape, api/outbox.py).
 
 from __future__ import annotations
 
+import hashlib
+import re
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,7 +45,8 @@ def display_url(url: str) -> str:
     and `/…` where anything else was left out. Many receivers (Slack, Teams, Discord) put their
     credential in the path or query, and a user:password is one, so whoever reads a delivery
     list, a template or a log must not learn it; the template itself still holds the whole URL
-    (and a template body that sends a URL back in this form keeps it, api/templates/service.py).
+    (template views add the hook's tag, `template_url`, and a body that sends a URL back in that
+    form keeps it, api/templates/service.py).
     """
     parts = urlsplit(url)
     hidden = parts.path not in ("", "/") or parts.query or parts.fragment or parts.netloc.count("@")
@@ -55,9 +58,35 @@ def display_url(url: str) -> str:
 
 
 def is_display_form(url: str) -> bool:
-    """Whether `url` is what `display_url` shows of some URL with a part left out (so it
-    stands for a stored URL, and is never a URL to post to)."""
+    """Whether `url` is what `display_url` shows of some URL with a part left out (so it is
+    never a URL to post to; without a tag it cannot say which stored hook it means)."""
     return url.endswith(HIDDEN) and display_url(url) == url
+
+
+# A template's webhook as its views show it: `display_url`, then `#k=` and the hook's tag.
+_SHOWN = re.compile(r"^(?P<url>.+)#k=[0-9a-f]{8}$")
+
+
+def webhook_tag(url: str) -> str:
+    """8 hex digits of the URL's SHA-256: tells apart the webhooks of a template that
+    `display_url` shows alike (two on hooks.slack.com), and stays the same while the URL does.
+    Not a leak: 32 bits of a one-way hash say nothing a reader can use about a URL whose
+    credential is a long random path (Slack's has over 100 bits): checking a guess against the
+    tag needs the whole URL guessed first. A URL guessable as a whole carries no credential of
+    its own (its secret signs, and that is never shown)."""
+    return hashlib.sha256(url.encode()).hexdigest()[:8]
+
+
+def template_url(url: str) -> str:
+    """`url` as template views and forms show it: `display_url` and its tag
+    (`https://hooks.slack.com/…#k=1a2b3c4d`), so that a line sent back names one stored hook."""
+    return f"{display_url(url)}#k={webhook_tag(url)}"
+
+
+def is_template_form(url: str) -> bool:
+    """Whether `url` is in `template_url`'s form (it then stands for a stored webhook)."""
+    m = _SHOWN.match(url)
+    return m is not None and display_url(m["url"]) == m["url"]
 
 
 class WebhookDeliveryPublic(BaseModel):

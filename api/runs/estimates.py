@@ -98,7 +98,10 @@ class TimeEstimate(BaseModel):
         description="the longest one execution may run: the spec's time budget, or the "
         "dispatcher's cap (Cloud Run's task timeout less the margin) when shorter"
     )
-    segments: int = Field(description="executions needed, each at most one segment long")
+    segments: int = Field(
+        description="executions needed, each at most one segment long; 0: a segment is too "
+        "short to load the model and save a checkpoint"
+    )
     total_seconds: float
 
 
@@ -146,26 +149,12 @@ def estimate(spec: RunSpec, segment: timedelta, config: dict[str, Any] | None = 
             ],
         )
     memory, trainable = _memory(spec, arch, gpu)
-    time = _time(spec, arch, gpu, params, segment)
-    notes = []
-    if not arch.exact:
-        notes.append("architecture inferred from the parameter count: a rough estimate")
-    if time.segments > 1:
-        notes.append(
-            f"needs {time.segments} executions of at most {time.segment_seconds / 60:g} min; "
-            "each resumes from the previous one's checkpoint and reloads the model"
-        )
     host = instance_memory_gib(spec, memory, params)
     memory = memory.model_copy(
         update={"instance_gib": host, "instance_limit_gib": float(gpu.memory_gib_host)}
     )
-    fits = memory.total_gib <= memory.gpu_gib and host <= gpu.memory_gib_host
-    if host > gpu.memory_gib_host:
-        notes.append(instance_note(spec, host, gpu.memory_gib_host))
-    if arch.image_tokens and spec.max_length < arch.image_tokens + MIN_PROMPT_TOKENS:
-        # The trainer would stop at its first batch (PromptTooLong): refuse it here instead.
-        fits = False
-        notes.append(too_short_note(spec, arch))
+    time = _time(spec, arch, gpu, params, segment)
+    fits, notes = _verdict(spec, arch, gpu, memory, host, time, segment)
     return Estimate(
         model_id=spec.model_id,
         gpu_type=spec.gpu_type,
@@ -179,6 +168,41 @@ def estimate(spec: RunSpec, segment: timedelta, config: dict[str, Any] | None = 
         fits=fits,
         notes=notes,
     )
+
+
+def _verdict(
+    spec: RunSpec,
+    arch: Arch,
+    gpu: Gpu,
+    memory: MemoryEstimate,
+    host: float,
+    time: TimeEstimate,
+    segment: timedelta,
+) -> tuple[bool, list[str]]:
+    """(whether the run fits: False refuses it, the notes that say why and what else to know)."""
+    notes = []
+    if not arch.exact:
+        notes.append("architecture inferred from the parameter count: a rough estimate")
+    if time.segments > 1:
+        notes.append(
+            f"needs {time.segments} executions of at most {time.segment_seconds / 60:g} min; "
+            "each resumes from the previous one's checkpoint and reloads the model"
+        )
+    fits = memory.total_gib <= memory.gpu_gib and host <= gpu.memory_gib_host
+    if host > gpu.memory_gib_host:
+        notes.append(instance_note(spec, host, gpu.memory_gib_host))
+    if arch.image_tokens and spec.max_length < arch.image_tokens + MIN_PROMPT_TOKENS:
+        # The trainer would stop at its first batch (PromptTooLong): refuse it here instead.
+        fits = False
+        notes.append(too_short_note(spec, arch))
+    if time.segments == 0:
+        # Each execution would load the model and save, and train nothing: with the spec's own
+        # budget as the segment, refuse it (a longer budget fixes it); under the server's cap
+        # (a demo's TUNEPLANE_SEGMENT_SECONDS_MAX) the operator chose it, so only say so.
+        own_budget = segment >= timedelta(minutes=spec.time_budget_minutes)
+        fits = fits and not own_budget
+        notes.append(short_segment_note(time, own_budget))
+    return fits, notes
 
 
 def _memory(spec: RunSpec, arch: Arch, gpu: Gpu) -> tuple[MemoryEstimate, int]:
@@ -230,13 +254,18 @@ def _one_eval(spec: RunSpec, gpu: Gpu, params: int, flops_rate: float) -> float:
     for 37 labels, trainer/label_tree.py) on the prompt's cache, inside the max_length bound
     counted here, so a sample costs about one prefill.
 
-    Measured on an H200, Gemma 3 4B architecture (bench/results/gpu_trainer_v3/README.md,
-    `4b-8steps/`, `python3 bench/gpu_trainer.py --config 4b --steps 8 --eval-size 256`):
-    scoring in batches of 32 ran 17.6 / 34.8 samples/s (baseline / final evaluation),
-    generation in batches of 1 (8 samples, 8 new tokens) 1.02 / 6.46, so 17x / 5.4x; the batch
-    size differs as well as the mode, so that ratio is not this model's to reproduce. Scoring
-    reached 296 TFLOP/s there against training's 147 (NF4): counted at the training rate, as
-    here, a scoring evaluation errs long."""
+    Measured on an H200, Gemma 3 4B architecture (bench/results/gpu_trainer_v4/4b-8steps/
+    bench.log, `python3 bench/gpu_trainer.py --config 4b --steps 8 --eval-size 256`; v3's
+    figures evaluated 148 samples, not 256, bench/results/gpu_trainer_v4/README.md): scoring
+    in batches of 32 over 256 samples ran 17.76 / 40.56 samples/s (baseline / final
+    evaluation) with NF4 weights, 23.16 / 58.27 in bf16; generation in batches of 1 (the
+    "original" setting: 8 samples, 8 new tokens, NF4) 0.77 / 4.28, so 23x / 9.5x. The batch
+    size differs as well as the mode, so that ratio is not this model's to reproduce (for
+    gemma-3-4b-it, eval_size 256, max_new_tokens 8 on an RTX PRO 6000 this function gives
+    78 s at batch 1 against scoring's 60 s at 32, 1.3x: it errs short for generation at
+    batch 1, which nothing defaults to). Scoring reached 345 TFLOP/s there against training's
+    164 (NF4; 210 bf16): counted at the training rate, as here, a scoring evaluation errs long
+    (about 2x)."""
     prefill = 2 * params * spec.max_length * spec.eval_size / flops_rate
     if spec.eval_mode == "score":
         return prefill
@@ -288,8 +317,30 @@ def too_short_note(spec: RunSpec, arch: Arch) -> str:
     )
 
 
+def short_segment_note(time: TimeEstimate, own_budget: bool) -> str:
+    """Why no segment trains anything; `own_budget`: the segment is the spec's time budget."""
+    note = (
+        f"a segment ({time.segment_seconds:g} s) is shorter than loading the model "
+        f"({time.load_seconds:g} s) and a minute to save a checkpoint: no step would run"
+    )
+    if not own_budget:
+        return f"{note} (the server caps segments at that length)"
+    least = math.floor((time.load_seconds + 60) / 60) + 1
+    return f"{note}; raise time_budget_minutes to at least {least}"
+
+
 def _gib(value: float) -> float:
     return round(value / GIB, 1)
+
+
+# The spec fields a refusal that is not for memory names, in the order they are blamed.
+REFUSING_FIELDS = ("max_length", "time_budget_minutes")
+
+
+def culprit(notes: list[str]) -> str | None:
+    """The spec field to blame for a refusal when memory fits: the first of
+    `REFUSING_FIELDS` that a note names, or None."""
+    return next((f for f in REFUSING_FIELDS if any(f in n for n in notes)), None)
 
 
 def refusal_detail(spec: RunSpec, est: Estimate, segment: timedelta) -> str:
@@ -299,8 +350,8 @@ def refusal_detail(spec: RunSpec, est: Estimate, segment: timedelta) -> str:
     host, limit = est.memory.instance_gib, est.memory.instance_limit_gib
     if need <= have and host is not None and limit is not None and host > limit:
         return instance_note(spec, host, int(limit))  # the GPU is not the problem
-    if need <= have:  # refused for what max_length cannot hold, not for memory
-        return f"{spec.model_id}: " + "; ".join(n for n in est.notes if "max_length" in n)
+    if need <= have:  # refused for what max_length cannot hold or a segment too short
+        return f"{spec.model_id}: " + "; ".join(n for n in est.notes if culprit([n]))
     parts = [
         f"{spec.model_id} on {spec.gpu_type} needs about {need:g} GiB of GPU memory; "
         f"the GPU has {have:g} GiB"

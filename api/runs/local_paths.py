@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.config import Settings
-from api.errors import Problem
+from api.errors import invalid
 from trainer.contract.spec import RunSpec
 
 # The explicit local forms of `RunSpec.model_id` (trainer.contract.spec._MODEL_ID): anything
@@ -56,12 +56,7 @@ class LocalPaths:
         refused = self.refusal(spec) if self.refuse_outside else None
         if refused is not None:
             field, message = refused
-            raise Problem(
-                422,
-                "Path outside the data roots",
-                f"{where}.{field}: {message}",
-                errors=[{"field": f"{where}.{field}", "message": message}],
-            )
+            raise invalid(f"{where}.{field}", message, "Path outside the data roots")
 
     def refusal(self, spec: RunSpec) -> tuple[str, str] | None:
         """(field, why) for the first local path of `spec` outside the roots, or None. Asked at

@@ -19,7 +19,7 @@ from api.db import lock_row
 from api.dispatch.base import segment_length
 from api.errors import Problem
 from api.runs import idempotency, model_check
-from api.runs.estimates import estimate, refusal_detail
+from api.runs.estimates import culprit, estimate, refusal_detail
 from api.runs.finish import finish_run
 from api.runs.local_paths import LocalPaths
 from api.runs.models import RetrainRequest, Run, RunCreate, RunPublic, RunTag
@@ -249,13 +249,12 @@ def estimate_or_refuse(
     if est.fits is False:
         detail = refusal_detail(spec, est, segment)
         memory_fits = est.memory is not None and est.memory.total_gib <= est.memory.gpu_gib
-        too_short = memory_fits and any("max_length" in n for n in est.notes)
-        culprit = "max_length" if too_short else "gpu_type"
+        blamed = (culprit(est.notes) if memory_fits else None) or "gpu_type"
         raise Problem(
             422,
             "Run does not fit the GPU",
             detail,
             estimate=est.model_dump(mode="json"),
-            errors=[{"field": f"{field}.{culprit}", "message": detail}],
+            errors=[{"field": f"{field}.{blamed}", "message": detail}],
         )
     return est.model_dump(mode="json")

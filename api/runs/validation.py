@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from api.errors import Problem
+# `invalid` is imported from here by the runs' and events' queries.
+from api.errors import invalid as invalid
 from api.runs.models import TAG
 
 
@@ -41,12 +42,3 @@ def check_text(value: str, path: str, max_length: int | None = None) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise invalid(path, "contains an unpaired surrogate (not valid UTF-8)") from None
-
-
-def invalid(field: str, message: str) -> Problem:
-    return Problem(
-        422,
-        "Invalid request",
-        f"{field}: {message}",
-        errors=[{"field": field, "message": message}],
-    )

@@ -75,8 +75,8 @@ class WebhookIn(BaseModel):
         max_length=2000,
         pattern=r"^https?://[^\s/?#]+[^\s]*$",
         description="receives a signed JSON post when a run of this template ends; a URL as "
-        "the api shows it (`https://host/…`) keeps the current version's webhook shown so, its "
-        "whole URL and secret",
+        "the api shows it (`https://host/…#k=1a2b3c4d`) keeps the webhook shown so, its whole "
+        "URL and secret; a whole URL the template has keeps its secret",
     )
     secret: str | None = PField(
         None,
@@ -90,7 +90,8 @@ class WebhookIn(BaseModel):
 class WebhookOut(BaseModel):
     url: str = PField(
         description="scheme and host only, `/…` where the rest is left out (a receiver's "
-        "credential is often its path); send it back as it is to keep the webhook"
+        "credential is often its path), and `#k=` with the hook's tag (8 hex digits of its "
+        "URL's SHA-256); send it back as it is to keep that webhook"
     )
     has_own_secret: bool
 

@@ -15,9 +15,9 @@ from sqlmodel import Session, col, select
 
 from api.config import Settings
 from api.db import lock_row, utcnow
-from api.errors import Problem
+from api.errors import Problem, invalid
 from api.notify.address_guard import refuse_internal
-from api.notify.models import display_url, is_display_form
+from api.notify.models import is_display_form, is_template_form, template_url
 from api.runs import idempotency
 from api.runs import service as runs_service
 from api.runs.models import Run
@@ -59,9 +59,10 @@ def _version(session: Session, name: str, version: int) -> TemplateVersion:
 
 
 def _webhooks_out(hooks: list[dict[str, Any]]) -> list[WebhookOut]:
-    # Scheme and host only: a receiver's credential is often the URL's path (Slack, Teams).
+    # Scheme and host only: a receiver's credential is often the URL's path (Slack, Teams); the
+    # tag lets a body sent back name the hook it keeps (`_webhooks`).
     return [
-        WebhookOut(url=display_url(h["url"]), has_own_secret=bool(h.get("secret"))) for h in hooks
+        WebhookOut(url=template_url(h["url"]), has_own_secret=bool(h.get("secret"))) for h in hooks
     ]
 
 
@@ -88,13 +89,6 @@ def _public(session: Session, template: RunTemplate, version: TemplateVersion) -
         version_created_by=version.created_by,
         champion_run_id=champion.run_id if champion else None,
     )
-
-
-def webhook_secrets(session: Session, name: str, version: int) -> dict[str, str | None]:
-    """A version's webhook secrets by URL, for a form that keeps the secrets it does not show
-    (the public views never return them)."""
-    row = session.get(TemplateVersion, (name, version))
-    return {h["url"]: h.get("secret") for h in (row.webhooks if row else [])}
 
 
 def recent_runs(session: Session, name: str, limit: int) -> list[Run]:
@@ -149,20 +143,10 @@ def _content(body: TemplateBody, settings: Settings, kept: list[dict[str, Any]])
     for i, hook in enumerate(webhooks):
         refused = refuse_internal(hook["url"], settings.webhook_allowed_networks)
         if refused is not None:
-            raise Problem(
-                422,
-                "Invalid request",
-                f"body.webhooks.{i}.url: {refused}",
-                errors=[{"field": f"body.webhooks.{i}.url", "message": refused}],
-            )
+            raise invalid(f"body.webhooks.{i}.url", refused)
         if hook["secret"] is None and not webhook_secret_set:
             message = "needs a `secret` (the server has no TUNEPLANE_WEBHOOK_SECRET to sign with)"
-            raise Problem(
-                422,
-                "Invalid request",
-                f"body.webhooks.{i}.secret: {message}",
-                errors=[{"field": f"body.webhooks.{i}.secret", "message": message}],
-            )
+            raise invalid(f"body.webhooks.{i}.secret", message)
     content = {
         "description": body.description,
         "spec": spec.model_dump(mode="json"),
@@ -175,30 +159,28 @@ def _content(body: TemplateBody, settings: Settings, kept: list[dict[str, Any]])
 
 
 def _webhooks(hooks: list[WebhookIn], kept: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The webhooks to store. A URL in the form the api shows it (`display_url`, the path
-    left out) stands for the kept webhook shown so: its whole URL and its secret (a `secret`
-    sent with it replaces that one). So a body that sends back what GET returned, or the edit
-    form sent unchanged, keeps every URL and secret; the redacted form is never stored. Kept
-    webhooks that look alike (two on one host) are taken in their order."""
-    unused = list(kept)
+    """The webhooks to store. A URL in the form template views show it (`template_url`:
+    scheme and host, the hook's tag) stands for the kept webhook with that tag: its whole URL
+    and its secret. A whole URL that a kept webhook has keeps that one's secret too. Either
+    way a `secret` sent with it replaces the kept one. So a body that sends back what GET
+    returned, or the edit form sent unchanged, keeps every URL and secret, and the shown form
+    is never stored. A URL as logs show it (`display_url`, no tag) is refused: it cannot say
+    which of two hooks on one host it means."""
+    shown = {template_url(h["url"]): h for h in kept}
+    whole = {h["url"]: h for h in kept}
     out: list[dict[str, Any]] = []
     for i, hook in enumerate(hooks):
-        if not is_display_form(hook.url):
-            out.append(hook.model_dump(mode="json"))
-            continue
-        match = next((h for h in unused if display_url(h["url"]) == hook.url), None)
-        if match is None:
+        match = shown.get(hook.url) or whole.get(hook.url)
+        if match is None and (is_template_form(hook.url) or is_display_form(hook.url)):
             message = (
                 f"{hook.url!r} is a webhook URL as the api shows it (its path left out), and "
-                "no webhook of the template is left that it can stand for: give the whole URL"
+                "no webhook of the template is shown so: give the whole URL, or the line as "
+                "the template shows it (with its #k= tag)"
             )
-            raise Problem(
-                422,
-                "Invalid request",
-                f"body.webhooks.{i}.url: {message}",
-                errors=[{"field": f"body.webhooks.{i}.url", "message": message}],
-            )
-        unused.remove(match)
+            raise invalid(f"body.webhooks.{i}.url", message)
+        if match is None:
+            out.append(hook.model_dump(mode="json"))
+            continue
         secret = hook.secret if hook.secret is not None else match.get("secret")
         out.append({"url": match["url"], "secret": secret})
     return out
@@ -222,7 +204,8 @@ def create_template(
 ) -> TemplatePublic:
     """A new template at version 1 (or, for a name that was deleted, the next version number:
     a (name, version) pair never names two different specs). `copy_of`: the template the body
-    was copied from (the dashboard's Copy), whose webhooks its redacted URLs stand for."""
+    was copied from (the dashboard's Copy), whose webhooks its redacted URLs stand for; they
+    resolve against that template only (by tag), so a line shown for another is refused."""
     content = _content(body, settings, _current_webhooks(session, copy_of))
     existing = session.get(RunTemplate, body.name)
     if existing is not None and existing.deleted_at is None:

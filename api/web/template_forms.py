@@ -8,11 +8,12 @@ was typed and each error beside its field. With auth on, `dashboard_access` lets
 with `runs:write` (what the REST routes need) submit these forms.
 
 Webhooks are a list of URLs, one a line. Their secrets are never shown, and their URLs only as
-scheme and host (`display_url`: a receiver's credential is often the path). A line left as it
-is shown keeps that webhook's whole URL and own secret (the service resolves it, for an edit
-against the current version and for a Copy against the template copied); a URL typed whole
-that the current version already has keeps its own secret too; a new URL is signed with the
-server's TUNEPLANE_WEBHOOK_SECRET (a per-webhook secret is set over REST).
+scheme and host and the hook's tag (`template_url`: a receiver's credential is often the path).
+A line left as it is shown keeps that webhook's whole URL and own secret, and a URL typed whole
+that the template already has keeps its own secret too: the service resolves both
+(`service._webhooks`), for an edit against the current version and for a Copy against the
+template copied. A new URL is signed with the server's TUNEPLANE_WEBHOOK_SECRET (a per-webhook
+secret is set over REST).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
-from sqlmodel import Session
 from starlette.datastructures import FormData
 
 from api.auth.access import principal_of
@@ -121,7 +121,7 @@ def _form(
 
 
 def _read(
-    form: FormData, kept_secrets: dict[str, str | None], create: bool
+    form: FormData, create: bool
 ) -> tuple[dict[str, Any], TemplateBody | None, dict[str, str]]:
     """(values to show again, the template's content, errors by input) from a submitted form.
     Spec and gates are validated on their own first, so each error names its input."""
@@ -147,7 +147,8 @@ def _read(
         "gates": gates,
         "description": own["description"],
         "auto_promote": gates_in.get("auto_promote", False),
-        "webhooks": [{"url": u, "secret": kept_secrets.get(u)} for u in urls],
+        # No secret: the service keeps each stored hook's own (`service._webhooks`).
+        "webhooks": [{"url": u} for u in urls],
     }
     try:
         if create:
@@ -184,12 +185,6 @@ def _problem_errors(exc: Problem) -> dict[str, str]:
     return field_errors([e for e in listed if isinstance(e, dict)], nested=("gates",))
 
 
-def _kept_secrets(session: Session, t: TemplatePublic) -> dict[str, str | None]:
-    """The current version's webhook secrets by URL (read from the row: they are never
-    returned by the service's public views)."""
-    return service.webhook_secrets(session, t.name, t.version)
-
-
 # ---- create ------------------------------------------------------------------------------------
 
 
@@ -214,7 +209,10 @@ async def create_template_form(
     form = await checked_form(request)
     if isinstance(form, HTMLResponse):
         return form
-    shown, body, errors = _read(form, {}, create=True)
+    shown, body, errors = _read(form, create=True)
+    # The template the Copy page was for: its shown lines resolve against it alone (each names
+    # one of its hooks by tag). A `from` changed by hand reads nothing the caller cannot read:
+    # templates have no permissions of their own, and a dashboard session has runs:read.
     copy_of = str(form.get("from") or "") or None
     if body is None or errors:
         message = "Fix the fields marked below."
@@ -259,7 +257,7 @@ async def edit_template_form(
         t = service.get_template(session, name)
     except Problem as exc:
         return missing(request, exc)
-    shown, body, errors = _read(form, _kept_secrets(session, t), create=False)
+    shown, body, errors = _read(form, create=False)
     shown["name"] = name
     if body is None or errors:
         return _form(request, t, shown, errors, 422, "Fix the fields marked below.")

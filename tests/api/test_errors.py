@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from api.deps import SessionDep
+from api.errors import invalid
 from tests.conftest import LiveServer
 
 PROBLEM = "application/problem+json"
@@ -84,3 +85,11 @@ def test_a_value_the_database_refuses_is_a_422_not_a_500(app: FastAPI, db_kind: 
         r = c.get("/cast")
     assert r.status_code == 422 and r.headers["content-type"] == PROBLEM
     assert "out of the range" in r.json()["detail"]
+
+
+def test_one_field_problem_says_the_same_in_detail_and_errors() -> None:
+    # The one way a 422 for a single field is built (templates, local paths, tokens, queries).
+    problem = invalid("body.webhooks.0.url", "is refused", "Path outside the data roots")
+    assert (problem.status, problem.title) == (422, "Path outside the data roots")
+    assert problem.detail == "body.webhooks.0.url: is refused"
+    assert problem.extra == {"errors": [{"field": "body.webhooks.0.url", "message": "is refused"}]}

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from api.runs import estimates
 from api.runs.estimates import KNOWN, model_size
 from tests.api.runs.local_estimate import estimate, refusal_detail
 from trainer.contract.spec import RunSpec
@@ -295,3 +301,40 @@ def test_evaluation_follows_the_eval_mode() -> None:
     assert score < generate
     assert eval_seconds(eval_mode="score", max_new_tokens=64) == score
     assert eval_seconds(eval_mode="generate", max_new_tokens=64) > generate
+
+
+def test_a_segment_too_short_to_load_the_model_is_refused_not_counted_as_none() -> None:
+    """27B loads in about 3 minutes (download and quantize): a 2-minute budget leaves no
+    time to train, which is a refusal naming time_budget_minutes, not "0 executions"."""
+    short = spec(model_id="google/gemma-3-27b-it", gpu_type="nvidia-rtx-pro-6000")
+    short = short.model_copy(update={"time_budget_minutes": 2})
+    est = estimate(short)
+    assert est.time is not None and est.time.segments == 0 and est.fits is False
+    load = est.time.load_seconds
+    note = f"a segment (120 s) is shorter than loading the model ({load:g} s)"
+    assert any(note in n and "time_budget_minutes to at least 5" in n for n in est.notes)
+    assert note in refusal_detail(short, est)
+    # At the budget the note asks for, it runs.
+    fixed = estimate(short.model_copy(update={"time_budget_minutes": 5}))
+    assert fixed.time is not None and fixed.time.segments > 0 and fixed.fits is True
+
+
+def test_the_evaluation_figures_cited_are_the_bench_logs() -> None:
+    """`_one_eval` cites the 4B's evaluation speeds: they are bench.log's own, to 2 decimals."""
+    log = Path(__file__).parents[3] / "bench/results/gpu_trainer_v4/4b-8steps/bench.log"
+    doc = " ".join((estimates._one_eval.__doc__ or "").split())
+    rows = [json.loads(line) for line in log.read_text().splitlines() if '"timings"' in line]
+    assert {r["setting"] for r in rows} == {"original", "auto", "auto-bf16"}
+    for r in rows:
+        pair = [r[f"{p}_eval_samples_per_second"] for p in ("baseline", "final")]
+        assert f"{pair[0]:.2f} / {pair[1]:.2f}" in doc, r["setting"]
+
+
+def test_importing_the_local_estimate_reads_no_environment() -> None:
+    """pytest imports test helpers while collecting, before any test sets the environment up:
+    a bad TUNEPLANE_ variable must fail the tests that build Settings, not the collection."""
+    root = Path(__file__).parents[3]
+    env = {**os.environ, "TUNEPLANE_DEFAULT_GPU_TYPE": "not-a-gpu", "PYTHONPATH": str(root)}
+    code = "import tests.api.runs.local_estimate"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()

@@ -16,7 +16,7 @@ from sqlmodel import select
 
 from api.config import Settings
 from api.db import session_scope
-from api.notify.models import WebhookDelivery
+from api.notify.models import WebhookDelivery, webhook_tag
 from api.runs.models import Run
 from api.runs.states import RunStatus
 from api.templates.models import TemplateVersion
@@ -97,7 +97,8 @@ def test_webhook_secrets_and_url_paths_are_never_returned(client: TestClient) ->
     path = f"/services/T0/B0/{uuid.uuid4().hex}"
     url = f"https://hooks.slack.example{path}"
     body = make_template(client, webhooks=[{"url": url, "secret": secret}])
-    assert body["webhooks"] == [{"url": "https://hooks.slack.example/…", "has_own_secret": True}]
+    shown = f"https://hooks.slack.example/…#k={webhook_tag(url)}"
+    assert body["webhooks"] == [{"url": shown, "has_own_secret": True}]
     for p in ["/api/v1/templates/pets", "/api/v1/templates", "/api/v1/templates/pets/versions"]:
         text = client.get(p).text
         assert secret not in text and path not in text, p
@@ -124,7 +125,8 @@ def test_a_webhook_url_sent_back_as_shown_keeps_the_stored_url_and_secret(
     got["webhooks"] = [{"url": w["url"]} for w in shown["webhooks"]]
     r = client.put("/api/v1/templates/pets", json=got)
     assert r.status_code == 200 and r.headers["X-Tuneplane-Unchanged"] == "true", r.text
-    # Two that look alike are kept in their order, each with its own secret; one dropped goes.
+    # Two on one host are told apart by their tags, each kept with its own secret.
+    assert len({w["url"] for w in shown["webhooks"]}) == 2
     r = client.put("/api/v1/templates/pets", json={**got, "description": "edited"})
     assert r.status_code == 200 and r.json()["version"] == 2, r.text
     assert _stored_webhooks(engine, 2) == hooks
@@ -132,13 +134,58 @@ def test_a_webhook_url_sent_back_as_shown_keeps_the_stored_url_and_secret(
     one = {**got, "webhooks": [{"url": got["webhooks"][0]["url"], "secret": new_secret}]}
     assert client.put("/api/v1/templates/pets", json=one).json()["version"] == 3
     assert _stored_webhooks(engine, 3) == [{"url": hooks[0]["url"], "secret": new_secret}]
-    # A redacted URL that stands for no stored webhook is refused, never stored as a URL.
-    extra = {**one, "webhooks": [*one["webhooks"], *one["webhooks"]]}
+    # A redacted URL that stands for no stored webhook (the one just dropped) is refused, never
+    # stored as a URL.
+    extra = {**one, "webhooks": [*one["webhooks"], got["webhooks"][1]]}
     r = client.put("/api/v1/templates/pets", json=extra)
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body.webhooks.1.url"
     r = client.post("/api/v1/templates", json={**one, "name": "copy"})
     assert r.status_code == 422 and "give the whole URL" in r.json()["detail"]
     assert _stored_webhooks(engine, 3) == [{"url": hooks[0]["url"], "secret": new_secret}]
+
+
+def test_a_shown_line_keeps_the_hook_it_was_shown_for_not_the_first_alike(
+    client: TestClient, engine: Engine
+) -> None:
+    """Slack, Teams and Discord hooks share a host, so `display_url` shows them alike: keeping
+    only the second shown line must keep the second hook (its tag says which), not the first."""
+    hooks = [
+        {"url": f"https://hooks.slack.example/services/{i}/{uuid.uuid4().hex}", "secret": s}
+        for i, s in enumerate(["a" * 16, "b" * 16])
+    ]
+    shown = make_template(client, webhooks=hooks)
+    body = {k: shown[k] for k in ("spec", "gates", "auto_promote", "description")}
+    body["webhooks"] = [{"url": shown["webhooks"][1]["url"]}]
+    r = client.put("/api/v1/templates/pets", json=body)
+    assert r.status_code == 200 and r.json()["version"] == 2, r.text
+    assert _stored_webhooks(engine, 2) == [hooks[1]]
+    # The form logs and delivery lists show (no tag) cannot say which: refused.
+    body["webhooks"] = [{"url": "https://hooks.slack.example/…"}]
+    r = client.put("/api/v1/templates/pets", json=body)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body.webhooks.0.url"
+    assert _stored_webhooks(engine, 2) == [hooks[1]]
+
+
+def test_a_hook_display_url_normalises_is_kept_with_its_secret(
+    client: TestClient, engine: Engine
+) -> None:
+    """A URL with no path is shown with `/`, an upper-case host in lower case: sent back as
+    shown it still keeps the stored URL and its own secret
+    (the server here has no secret of its own, so one lost would be a 422). A whole URL sent
+    without a secret that a stored hook has keeps that hook's secret."""
+    hooks = [
+        {"url": "https://ci.example", "secret": "a" * 16},
+        {"url": "https://CI.example/", "secret": "b" * 16},
+        {"url": "https://hooks.example/t/" + uuid.uuid4().hex, "secret": "c" * 16},
+    ]
+    shown = make_template(client, webhooks=hooks)
+    assert [w["url"].split("#")[0] for w in shown["webhooks"]][:2] == ["https://ci.example/"] * 2
+    body = {k: shown[k] for k in ("spec", "gates", "auto_promote", "description")}
+    body["webhooks"] = [{"url": w["url"]} for w in reversed(shown["webhooks"][:2])]
+    body["webhooks"].append({"url": hooks[2]["url"]})
+    r = client.put("/api/v1/templates/pets", json=body)
+    assert r.status_code == 200 and r.json()["version"] == 2, r.text
+    assert _stored_webhooks(engine, 2) == [hooks[1], hooks[0], hooks[2]]
 
 
 # ---- triggering ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from api.auth.tokens import create_token
 from api.config import Settings
 from api.db import make_engine, migrate, session_scope
 from api.main import create_app
+from api.notify.models import template_url
 from api.runs.models import Run
 from api.templates.models import TemplateVersion
 from tests.api.templating import make_template
@@ -156,7 +157,8 @@ def test_copy_prefills_from_another_template(client: TestClient, engine: Engine)
     assert form["gates.min_macro_f1"] == "0.7"
     # The copy's webhook is shown redacted, and stands for the source's whole URL and secret,
     # also when the form comes back with an error first.
-    assert form["webhooks"] == "https://hooks.example.com/…" and "B0-token-path" not in page
+    assert form["webhooks"] == template_url(hook["url"]) and "B0-token-path" not in page
+    assert form["webhooks"].startswith("https://hooks.example.com/…#k=")
     bad = client.post("/templates/_new", data={**form, "name": "Bad Name"})
     assert bad.status_code == 422
     again = browser_form(bad.text, "/templates/_new")
@@ -165,6 +167,28 @@ def test_copy_prefills_from_another_template(client: TestClient, engine: Engine)
     assert stored_version(engine, "copy", 1).webhooks == [hook]
     missing = client.get("/templates/_new?from=nope")
     assert missing.status_code == 404 and "there is no template named" in missing.text
+
+
+def test_a_copy_resolves_its_lines_against_the_template_it_was_copied_from_only(
+    client: TestClient, engine: Engine
+) -> None:
+    """The hidden `from` names the template a Copy page was for. Its shown lines stand for
+    that template's hooks only: with `from` changed to another template, one with a hook on
+    the same host, they resolve to nothing (a 422), never to the other template's hook and
+    secret; without `from` neither."""
+    hooks = {
+        n: {"url": f"https://hooks.slack.example/{n}/{n}-token", "secret": n[0] * 16}
+        for n in ("pets", "birds")
+    }
+    for n, hook in hooks.items():
+        make_template(client, name=n, webhooks=[hook])
+    form = browser_form(client.get("/templates/_new?from=pets").text, "/templates/_new")
+    assert form["from"] == "pets"
+    for source in ({"from": "birds"}, {"from": ""}):
+        r = client.post("/templates/_new", data={**form, **source, "name": "copy"})
+        assert r.status_code == 422 and "no webhook of the template is shown so" in r.text
+    r = client.post("/templates/_new", data={**form, "name": "copy"}, follow_redirects=False)
+    assert r.status_code == 303 and stored_version(engine, "copy", 1).webhooks == [hooks["pets"]]
 
 
 def test_field_errors_are_shown_beside_their_fields(client: TestClient, engine: Engine) -> None:
@@ -233,13 +257,18 @@ def test_edit_saves_version_2_and_keeps_webhook_secrets(
 ) -> None:
     client = signing_client
     own = {"url": "https://own.example.com/hook/T0-credential", "secret": "x" * 20}
-    shown = "https://own.example.com/…"  # a receiver's path is often its credential
-    make_template(client, gates={"min_accuracy": 0.8}, webhooks=[own], auto_promote=True)
+    shown = template_url(own["url"])  # a receiver's path is often its credential
+    assert shown.startswith("https://own.example.com/…#k=")
+    # No path: shown as `https://ci.example/#k=...`, and still its own secret, not the server's.
+    bare = {"url": "https://ci.example", "secret": "y" * 20}
+    webhooks = [own, bare]
+    make_template(client, gates={"min_accuracy": 0.8}, webhooks=webhooks, auto_promote=True)
     page = client.get("/templates/pets/edit").text
     assert "Save as version 2" in page
     form = browser_form(page, "/templates/pets/edit")
     assert form["train_size"] == "100" and form["gates.min_accuracy"] == "0.8"
-    assert form["auto_promote"] == "on" and form["webhooks"] == shown
+    assert form["auto_promote"] == "on"
+    assert form["webhooks"] == f"{shown}\n{template_url(bare['url'])}"
     assert own["secret"] not in page and "T0-credential" not in page  # never shown
     assert "T0-credential" not in client.get("/templates/pets").text
 
@@ -258,7 +287,8 @@ def test_edit_saves_version_2_and_keeps_webhook_secrets(
         **form,
         "gates.min_accuracy": "0.85",
         "learning_rate": "0.0001",
-        "webhooks": f"{shown}\n{new_hook}",  # the shown line kept as it is
+        # The shown lines kept as they are (the bare one as a whole URL), one added.
+        "webhooks": f"{shown}\nhttps://ci.example\n{new_hook}",
     }
     r = client.post("/templates/pets/edit", data=changed, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/templates/pets?notice=template-saved"
@@ -267,9 +297,11 @@ def test_edit_saves_version_2_and_keeps_webhook_secrets(
     assert t["spec"]["learning_rate"] == 1e-4 and t["auto_promote"] is True
     assert t["webhooks"] == [
         {"url": shown, "has_own_secret": True},
-        {"url": "https://new.example.com/…", "has_own_secret": False},  # the server's secret
+        {"url": template_url(bare["url"]), "has_own_secret": True},
+        {"url": template_url(new_hook), "has_own_secret": False},  # the server's secret
     ]
-    assert stored_version(engine, "pets", 2).webhooks == [own, {"url": new_hook, "secret": None}]
+    new = {"url": new_hook, "secret": None}
+    assert stored_version(engine, "pets", 2).webhooks == [own, bare, new]
     v1 = stored_version(engine, "pets", 1)
     assert v1.gates["min_accuracy"] == 0.8 and v1.spec["learning_rate"] == 2e-4  # kept as it was
     page = client.get(r.headers["location"]).text
