@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from pydantic import Field as PField
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
@@ -85,6 +86,20 @@ class WebhookIn(BaseModel):
         description="HMAC-SHA256 key of `X-Tuneplane-Signature`; default: the server's "
         "TUNEPLANE_WEBHOOK_SECRET. Never returned",
     )
+
+    @field_validator("url")
+    @classmethod
+    def _splits(cls, value: str) -> str:
+        # The pattern admits what urllib cannot take apart ("http://a]b", a port over 65535);
+        # the guard and the notifier split every URL, so such a one is refused here.
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises for a port that is not one
+        except ValueError as exc:
+            raise ValueError(f"is not a URL that can be sent to ({exc})") from None
+        if not parts.hostname:
+            raise ValueError("names no host")
+        return value
 
 
 class WebhookOut(BaseModel):

@@ -418,3 +418,28 @@ def test_dashboard_pages_show_champions_history_and_gates(
     assert "✓ passed" in page.text and "✕ failed" in page.text
     assert failed["id"] in page.text and "abc1234" in page.text
     assert client.get("/templates/nope").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://\u00f1a]\u00db\u023a\u00fet0",
+        "http://[::1",
+        "https://a]b/x",
+        "https://h.example:99999/",
+    ],
+)
+def test_a_webhook_url_that_does_not_parse_is_a_422_naming_it(client: TestClient, url: str) -> None:
+    # Found by schemathesis: a URL that urllib cannot split was a 500.
+    assert (
+        client.post("/api/v1/templates", json={"name": "odd-url", "spec": SPEC}).status_code == 201
+    )
+    answer = client.put(
+        "/api/v1/templates/odd-url", json={"spec": SPEC, "webhooks": [{"url": url}]}
+    )
+    assert answer.status_code == 422, answer.text
+    assert "webhooks" in answer.text
+    made = client.post(
+        "/api/v1/templates", json={"name": "odd-2", "spec": SPEC, "webhooks": [{"url": url}]}
+    )
+    assert made.status_code == 422, made.text
