@@ -4,58 +4,39 @@ off altogether."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 from sqlalchemy import Engine
 
 from api.config import Settings
-from tests.api.cli.test_serve import _wait_ready, clean_env
 from tests.api.factories import insert_runs, token_for
-from tests.conftest import free_port
+from tests.faults.serve import Serve
 
 KEY = "access-log-signing-key-0123456789abcdef"
 
 
-def _serve_and_post(tmp_path: Path, db_url: str, engine: Engine, **env: str) -> tuple[str, str]:
+def _serve_and_post(
+    tmp_path: Path, db_url: str, engine: Engine, **settings: str
+) -> tuple[str, str]:
     """The server's output after a callback it takes, one it refuses, and a GET of the run."""
     (run_id,) = insert_runs(engine, 1)
     token = token_for(Settings(callback_signing_key=KEY, data_dir=tmp_path), run_id)
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api", "serve", "--port", str(port)],
-        env=clean_env(
-            TUNEPLANE_DATA_DIR=str(tmp_path / "data"),
-            TUNEPLANE_DATABASE_URL=db_url,
-            TUNEPLANE_RUN_WORKER="false",
-            TUNEPLANE_CALLBACK_SIGNING_KEY=KEY,
-            **env,
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    bearer = {"Authorization": f"Bearer {token}"}
+    server = Serve(
+        tmp_path / "data", db_url, run_worker="false", callback_signing_key=KEY, **settings
     )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(proc, base)
+    with server:
         event = {"type": "progress", "id": "e-1", "run_id": run_id, "seq": 1}
         event["data"] = {"step": 1, "total_steps": 2, "epoch": 0.5}
-        url = f"{base}/api/v1/runs/{run_id}/events"
-        taken = httpx.post(url, json=event, headers={"Authorization": f"Bearer {token}"})
+        url = f"{server.url}/api/v1/runs/{run_id}/events"
+        taken = httpx.post(url, json=event, headers=bearer)
         assert taken.status_code == 201, taken.text
-        batch = httpx.post(
-            url + ":batch", json={"events": [event]}, headers={"Authorization": f"Bearer {token}"}
-        )
+        batch = httpx.post(url + ":batch", json={"events": [event]}, headers=bearer)
         assert batch.status_code == 200, batch.text
         assert httpx.post(url, json=event, headers={"Authorization": "Bearer x"}).status_code == 401
-        assert httpx.get(f"{base}/api/v1/runs/{run_id}").status_code == 200
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    return out, run_id
+        assert httpx.get(f"{server.url}/api/v1/runs/{run_id}").status_code == 200
+    return server.log(), run_id
 
 
 def test_accepted_callbacks_are_left_out_of_the_access_log(
@@ -70,6 +51,6 @@ def test_accepted_callbacks_are_left_out_of_the_access_log(
 
 
 def test_the_access_log_can_be_turned_off(tmp_path: Path, db_url: str, engine: Engine) -> None:
-    out, _ = _serve_and_post(tmp_path, db_url, engine, TUNEPLANE_ACCESS_LOG="false")
+    out, _ = _serve_and_post(tmp_path, db_url, engine, access_log="false")
     assert "HTTP/1.1" not in out, out
     assert "Application startup complete" in out  # the rest of the log is still there
