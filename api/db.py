@@ -36,6 +36,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from pydantic_core import to_json
 from sqlalchemy import DateTime, Engine, bindparam, create_engine, event, inspect, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
@@ -91,6 +92,13 @@ class RequestSlots:
         self._semaphore().release()
 
 
+def _to_json(value: Any) -> str:
+    """JSON columns' serializer: pydantic-core's, in Rust, where SQLAlchemy's default is
+    `json.dumps` (a batch of 1,000 events writes 1,000 `data` values; `json.dumps` was a tenth of
+    its time). The same JSON for what the columns hold (NaN stays NaN, keys become strings)."""
+    return to_json(value).decode()
+
+
 def make_engine(url: str, request_slots: int = DEFAULT_REQUEST_SLOTS) -> Engine:
     """The engine for `url`, its pool sized for `request_slots` concurrent requests plus the
     background threads, with no overflow: a checkout never waits while slots are respected."""
@@ -102,7 +110,10 @@ def make_engine(url: str, request_slots: int = DEFAULT_REQUEST_SLOTS) -> Engine:
         else:
             pool = {}  # one in-memory database per connection: SQLAlchemy's own pool for it
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, **pool
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            json_serializer=_to_json,
+            **pool,
         )
 
         @event.listens_for(engine, "connect")
@@ -121,7 +132,7 @@ def make_engine(url: str, request_slots: int = DEFAULT_REQUEST_SLOTS) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_pre_ping=True, **pool)
+    return create_engine(url, pool_pre_ping=True, json_serializer=_to_json, **pool)
 
 
 def _alembic_config(engine: Engine) -> Config:
@@ -202,6 +213,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         # `isoformat` in C rather than by its %-format of seven fields: a batch of events binds
         # three times a row, and that format was the largest per-row cost of the INSERTs.
         def process(value: datetime | None) -> str | None:
+            if value is not None and value.tzinfo is UTC:  # nearly every value: one C call
+                return value.isoformat(" ", "microseconds")[:-6]  # without "+00:00"
             naive = to_naive(value, dialect)
             return None if naive is None else naive.isoformat(" ", "microseconds")
 

@@ -40,7 +40,7 @@ class LockedRun:
         self, session: Session, run_id: str, status: str, segment: int, last_step: int
     ) -> None:
         self.session, self.id = session, run_id
-        self._status, self._segment, self._last_step = status, segment, last_step
+        self._status, self._segment, self._last_step = RunStatus(status), segment, last_step
         self._orm: Run | None = None
 
     @classmethod
@@ -61,7 +61,7 @@ class LockedRun:
 
     @property
     def status(self) -> RunStatus:
-        return RunStatus(self._orm.status if self._orm is not None else self._status)
+        return RunStatus(self._orm.status) if self._orm is not None else self._status
 
     @property
     def segment(self) -> int:

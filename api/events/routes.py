@@ -26,8 +26,9 @@ from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, Field, ValidationError
+from pydantic_core import to_json
 
 from api.auth.oidc import require_callback_credential
 from api.deps import SessionDep, in_database_thread
@@ -145,7 +146,7 @@ async def _in_thread_if_large(size: int, fn: Any, *args: Any) -> Any:
 )
 async def post_event(
     run_id: RunId, body: Annotated[bytes, Depends(_event_body)], request: Request
-) -> JSONResponse:
+) -> Response:
     event = await _in_thread_if_large(len(body), _parse_one, body)
     outcome = await in_database_thread(request, service.ingest_with, run_id, [event])
     (result,) = outcome.results
@@ -158,8 +159,10 @@ async def post_event(
         outcome=result.outcome,
         run_status=result.run_status,
     )
-    return JSONResponse(
-        receipt.model_dump(mode="json"), status_code=200 if result.duplicate else 201
+    return Response(
+        receipt.model_dump_json(),
+        status_code=200 if result.duplicate else 201,
+        media_type="application/json",
     )
 
 
@@ -240,7 +243,7 @@ def _receipt(index: int, event: ev.Event, result: service.IngestResult | Problem
 )
 async def post_events(
     run_id: RunId, body: Annotated[bytes, Depends(_event_body)], request: Request
-) -> JSONResponse:
+) -> Response:
     events, receipts, total = await _in_thread_if_large(len(body), _parse_batch, body)
     outcome = await in_database_thread(request, service.ingest_with, run_id, events)
     applied = iter(zip(events, outcome.results, strict=True))
@@ -253,7 +256,8 @@ async def post_events(
         "refused": sum(s >= 400 for s in statuses),
         "receipts": ordered,
     }
-    return JSONResponse(answer)
+    # A thousand receipts: pydantic-core writes them in Rust, a fifth of `json.dumps`'s time.
+    return Response(to_json(answer), media_type="application/json")
 
 
 @router.get(

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, update
+from sqlalchemy import Connection, Float, Table, bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlmodel import Session
 
+from api.db import utcnow
 from api.events.locked_run import RUNS, LockedRun
 from api.events.models import ProgressPoint, RunEvent
 
@@ -56,10 +58,13 @@ class _Bulk:
                 dialect=dialect, column_keys=self._keys
             )
             names = list(compiled.positiontup) if compiled.positional else list(compiled.binds)
+            # Float columns bind as they are: their values come from validated models, floats
+            # already, and the driver's float() of a float was a third of a progress row's bind.
             procs = [
                 (i, name, proc)
                 for i, name in enumerate(names)
-                if (proc := compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
+                if not isinstance(type_ := compiled.binds[name].type, Float)
+                and (proc := type_.dialect_impl(dialect).bind_processor(dialect))
             ]
             prepared = _Prepared(compiled.string, names, procs, compiled.positional)
             self._prepared[dialect.name] = prepared
@@ -108,6 +113,8 @@ _SET_PROGRESS = (
 @dataclass
 class Writes:
     run_id: str
+    # When this request's events arrived: one time for all of them, as they came in one body.
+    received_at: datetime = field(default_factory=utcnow)
     events: list[dict[str, Any]] = field(default_factory=list)
     points: dict[int, dict[str, Any]] = field(default_factory=dict)  # by step: the last wins
     # The run's newest (step, total_steps) so far, set on the run at `flush`: setting a mapped
