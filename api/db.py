@@ -38,7 +38,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from pydantic_core import to_json
 from sqlalchemy import DateTime, Engine, bindparam, create_engine, event, inspect, update
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session, SQLModel
 
@@ -104,7 +104,7 @@ def make_engine(url: str, request_slots: int = DEFAULT_REQUEST_SLOTS) -> Engine:
     background threads, with no overflow: a checkout never waits while slots are respected."""
     pool = {"pool_size": request_slots + BACKGROUND_CONNECTIONS, "max_overflow": 0}
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
+        path = make_url(url).database  # none for `sqlite://`, SQLite's in-memory database too
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         else:

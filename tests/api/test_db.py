@@ -1,14 +1,16 @@
-"""What api/db.py's column handling stores comes back as it went in, on SQLite and PostgreSQL:
-JSON columns written by pydantic-core's serializer (not `json.dumps`), and UTC times through
-the SQLite processor's fast path for `datetime.UTC` values and its general path for others."""
+"""api/db.py: what its column handling stores comes back as it went in, on SQLite and
+PostgreSQL (JSON columns written by pydantic-core's serializer, not `json.dumps`; UTC times
+through the SQLite processor's fast path for `datetime.UTC` values and its general path for
+others), and every spelling of an in-memory SQLite URL makes an engine."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
-from sqlalchemy import Engine, select
+import pytest
+from sqlalchemy import Engine, select, text
 
-from api.db import session_scope
+from api.db import make_engine, migrate, session_scope
 from api.events.models import RunEvent
 from api.runs.seed import insert_runs
 
@@ -49,3 +51,13 @@ def test_other_offsets_are_stored_as_the_same_instant(engine: Engine) -> None:
     assert _store(engine, "plus-two", plus_two).time == WHEN
     zero_offset = WHEN.replace(tzinfo=timezone(timedelta(0), "Z"))
     assert _store(engine, "zero", zero_offset).time == WHEN
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_in_memory_sqlite_urls_make_an_engine(url: str) -> None:
+    # `sqlite://` (no path) once reached the file-pool arguments and raised a TypeError.
+    engine = make_engine(url)
+    migrate(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM runs")).scalar_one() == 0
+    engine.dispose()
