@@ -23,6 +23,7 @@ time (its session; an auth check's own short session closes before the endpoint 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from pydantic_core import to_json
+from pydantic_core import PydanticSerializationError, to_json
 from sqlalchemy import DateTime, Engine, bindparam, create_engine, event, inspect, update
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.types import TypeDecorator
@@ -95,8 +96,13 @@ class RequestSlots:
 def _to_json(value: Any) -> str:
     """JSON columns' serializer: pydantic-core's, in Rust, where SQLAlchemy's default is
     `json.dumps` (a batch of 1,000 events writes 1,000 `data` values; `json.dumps` was a tenth of
-    its time). The same JSON for what the columns hold (NaN stays NaN, keys become strings)."""
-    return to_json(value).decode()
+    its time). The same JSON for what the columns hold (NaN stays NaN, keys become strings).
+    A string UTF-8 cannot hold (a lone surrogate, as `surrogateescape` makes of a file name's
+    undecodable bytes) is `json.dumps`'s to write, escaped, as before."""
+    try:
+        return to_json(value).decode()
+    except PydanticSerializationError:
+        return json.dumps(value)
 
 
 def make_engine(url: str, request_slots: int = DEFAULT_REQUEST_SLOTS) -> Engine:

@@ -41,6 +41,17 @@ def test_json_column_round_trips(engine: Engine) -> None:
     assert _store(engine, "json", WHEN).data == DATA
 
 
+def test_a_string_that_utf8_cannot_hold_is_still_stored(engine: Engine) -> None:
+    # A lone surrogate: what `surrogateescape` makes of a file name's undecodable bytes.
+    data = {"label": b"caf\xe9".decode("utf-8", "surrogateescape")}
+    (run_id,) = insert_runs(engine)
+    with session_scope(engine) as session:
+        session.add(RunEvent(id="lone", run_id=run_id, seq=0, type="phase", time=WHEN, data=data))
+        session.commit()
+    with session_scope(engine) as session:
+        assert session.exec(select(RunEvent.data).where(RunEvent.id == "lone")).one() == (data,)
+
+
 def test_utc_times_round_trip_to_the_microsecond(engine: Engine) -> None:
     assert _store(engine, "utc", WHEN).time == WHEN
 

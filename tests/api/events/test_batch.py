@@ -147,6 +147,30 @@ def test_limits_and_the_order_of_checks(
     )
 
 
+def test_a_lone_surrogate_is_a_422_not_a_500(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    # JSON may spell "\ud800" (half of a UTF-16 pair), which no UTF-8 row or answer can hold:
+    # the batch once took it through `json.loads` and failed writing its receipts.
+    (run_id,) = insert_runs(engine, status=RunStatus.running)
+    token = token_for(settings, run_id)
+    items = [json.loads(e.model_dump_json()) for e in _progress(run_id, range(2))]
+    items[0]["id"] = "half-__S__"
+    items[1]["data"]["loss"] = "not a number"  # an invalid event: the event-by-event pass
+    body = json.dumps({"events": items}).replace("__S__", "\\ud800")
+    r = post_batch(client, run_id, body, token)
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["field"] == "(body)"
+    single = json.dumps(items[0]).replace("__S__", "\\ud800")
+    r = client.post(
+        f"/api/v1/runs/{run_id}/events",
+        content=single,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    assert count(engine, RunEvent, run_id) == 0
+
+
 # -- the trainer's reporter against the real api -----------------------------------------------
 
 
