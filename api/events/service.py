@@ -25,10 +25,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
 
-from pydantic_core import to_json
-from sqlalchemy import ARRAY, Engine, String, and_, any_, bindparam, column, func, or_
+from sqlalchemy import ARRAY, JSON, Engine, String, and_, any_, bindparam, column, func, or_
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -55,8 +53,9 @@ Place = tuple[int, int, int]  # (segment, attempt, seq)
 # (run, segment, attempt, seq): with the run alone, SQLite read every event the run had stored,
 # 0.5 ms a post at 5,000 events and growing with the log.
 _IDS_MATCH = {
+    # JSON-typed: the engine's own JSON serializer writes the list (api/db.py).
     "sqlite": EVENTS.c.id.in_(
-        sa_select(column("value")).select_from(func.json_each(bindparam("ids")))
+        sa_select(column("value")).select_from(func.json_each(bindparam("ids", type_=JSON)))
     ),
     "postgresql": EVENTS.c.id == any_(bindparam("ids", type_=ARRAY(String))),
 }
@@ -171,15 +170,12 @@ def _stored_and_taken(
     for event in events:
         groups.setdefault((event.segment, event.attempt), []).append(event)
     conn = session.connection()
-    dialect = conn.dialect.name
+    query = _STORED_OR_TAKEN[conn.dialect.name]
     for (segment, attempt), group in groups.items():
-        seqs, ids = [e.seq for e in group], list({e.id for e in group})
-        params: dict[str, Any] = {"run": run_id}
-        params["ids"] = to_json(ids).decode() if dialect == "sqlite" else ids
-        params |= {"lo": min(seqs), "hi": max(seqs), "segment": segment, "attempt": attempt}
-        for event_id, owner, seg, att, seq, state, outcome in conn.execute(
-            _STORED_OR_TAKEN[dialect], params
-        ):
+        seqs = [e.seq for e in group]
+        params = {"ids": list({e.id for e in group}), "run": run_id, "lo": min(seqs)}
+        params |= {"hi": max(seqs), "segment": segment, "attempt": attempt}
+        for event_id, owner, seg, att, seq, state, outcome in conn.execute(query, params):
             stored[event_id] = _Stored(owner, state, outcome)
             if owner == run_id:
                 taken[(seg, att, seq)] = event_id

@@ -6,6 +6,7 @@ others), and every spelling of an in-memory SQLite URL makes an engine."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select, text
@@ -24,12 +25,14 @@ DATA = {
 WHEN = datetime(2026, 12, 4, 18, 0, 0, 123456, tzinfo=UTC)
 
 
-def _store(engine: Engine, event_id: str, when: datetime) -> RunEvent:
+def _store(
+    engine: Engine, event_id: str, when: datetime = WHEN, data: dict[str, Any] = DATA
+) -> RunEvent:
     (run_id,) = insert_runs(engine)
     with session_scope(engine) as session:
         session.add(
             RunEvent(
-                id=event_id, run_id=run_id, seq=0, type="phase", time=when, data=DATA, state="x"
+                id=event_id, run_id=run_id, seq=0, type="phase", time=when, data=data, state="x"
             )
         )
         session.commit()
@@ -44,12 +47,7 @@ def test_json_column_round_trips(engine: Engine) -> None:
 def test_a_string_that_utf8_cannot_hold_is_still_stored(engine: Engine) -> None:
     # A lone surrogate: what `surrogateescape` makes of a file name's undecodable bytes.
     data = {"label": b"caf\xe9".decode("utf-8", "surrogateescape")}
-    (run_id,) = insert_runs(engine)
-    with session_scope(engine) as session:
-        session.add(RunEvent(id="lone", run_id=run_id, seq=0, type="phase", time=WHEN, data=data))
-        session.commit()
-    with session_scope(engine) as session:
-        assert session.exec(select(RunEvent.data).where(RunEvent.id == "lone")).one() == (data,)
+    assert _store(engine, "lone", data=data).data == data
 
 
 def test_utc_times_round_trip_to_the_microsecond(engine: Engine) -> None:
